@@ -157,6 +157,15 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class MethodConfig:
+    """One row of the results table: a pooling, and a miner when the row is trained."""
+
+    label: str
+    pooling: PoolingName
+    miner: MinerName | None = None  # None: off-the-shelf (k-means init only, no training)
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections of params.yaml."""
 
@@ -171,7 +180,7 @@ class Params:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
-    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    methods: dict[str, MethodConfig] = field(default_factory=dict)
 
 
 class ConfigError(ValueError):
@@ -203,10 +212,20 @@ def params_to_dict(params: Params) -> dict[str, Any]:
     return dataclasses.asdict(params)
 
 
+def method_params(params: Params, method: str) -> Params:
+    """Params of one results-table method: its pooling and miner replace model.pooling / miner.name."""
+    if method not in params.methods:
+        raise ConfigError(f"methods.{method}: unknown method; choose from {sorted(params.methods)}")
+    m = params.methods[method]
+    return with_overrides(params, model={"pooling": m.pooling}, miner={"name": m.miner or params.miner.name})
+
+
 def with_overrides(params: Params, **sections: dict[str, Any]) -> Params:
     """Copy of params with some keys of some sections replaced (validated)."""
     raw = params_to_dict(params)
     for section, values in sections.items():
+        if section not in raw:
+            raise ConfigError(f"overrides: {section}: unknown section")
         raw[section].update(values)
     return params_from_dict(raw, source="overrides")
 
@@ -225,7 +244,8 @@ def _build(cls: type, raw: Any, source: str, prefix: str, require_all: bool) -> 
     values = {}
     for name, f in fields.items():
         if name not in raw:
-            if require_all:
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if require_all or not has_default:
                 raise ConfigError(f"{source}: {prefix}{name}: missing key")
             continue
         tp = hints[name]
@@ -264,6 +284,8 @@ def _check(tp: Any, value: Any, source: str, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
+        if dataclasses.is_dataclass(args[1]):
+            return {str(k): _build(args[1], v, source, f"{key}.{k}.", False) for k, v in value.items()}
         return {str(k): _check(args[1], v, source, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):

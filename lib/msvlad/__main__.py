@@ -1,0 +1,5 @@
+"""`python -m msvlad <command>`."""
+
+from msvlad.cli import main
+
+raise SystemExit(main())
