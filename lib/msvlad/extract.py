@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from msvlad import functional as LF
-from msvlad.images import ImageLoadError, load_image, rotate_image
+from msvlad.images import ImageLoadError, clip_bbx, load_image, rotate_image
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def _batches(items: Sequence[ImageItem], size: int, policy: ResizePolicy, batch_
             with Image.open(item.path) as im:
                 w, h = im.size
             if item.bbx is not None:
-                x1, y1, x2, y2 = item.bbx
-                w, h = max(1, round(min(x2, w) - max(x1, 0))), max(1, round(min(y2, h) - max(y1, 0)))
+                x1, y1, x2, y2 = clip_bbx(item.bbx, w, h)
+                w, h = x2 - x1, y2 - y1
             if item.rotation in (90, 270):
                 w, h = h, w
             shape = target_size(w, h, size, policy)

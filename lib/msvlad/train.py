@@ -130,8 +130,8 @@ def _truncate_csv(path: Path, column: str, limit: float) -> None:
 def _rng_state() -> dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].astype(np.int64),
-        "python": random.getstate()[1],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -140,8 +140,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    np.random.set_state(("MT19937", np.asarray(state["numpy"]).astype(np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

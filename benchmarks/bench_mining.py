@@ -1,0 +1,294 @@
+"""Mining-round cost vs pool size: the difficulty miner's top-k and faiss paths vs a full sort.
+
+One mining round of `msvlad.mining.DifficultyMiner` (paper defaults: margin 0.1, delta 0.02,
+threshold 20, semi-hard probability 0.5, 256 triplets) on a synthetic class-balanced pool of N
+L2-normalised descriptors (`--images-per-class` images per class around a random centre, Gaussian
+noise scaled so that the loss window does catch triplets). Methods:
+
+- topk:      `topk_neighbors(backend="torch")`, chunked torch.topk; memory O(chunk * N + N * k);
+- faiss:     `topk_neighbors(backend="faiss")`, IndexFlatIP candidates (CPU), same re-scoring;
+- full_sort: the paper code's way and the baseline: the full N x N float32 similarity matrix,
+             every row fully sorted (torch.sort), then the same rule walked over the full lists.
+
+Speed and memory are reported as ratios to full_sort measured in the same process. Peak memory is
+`benchmarks.common.PeakMemory`: on CUDA the peak of `torch.cuda.max_memory_allocated` above the
+allocation at the start (the tensors the round creates); on the CPU the resident-set high-water mark
+(VmHWM reset through /proc/self/clear_refs) minus the resident set at the start, which covers torch,
+numpy and faiss allocations alike. `same_triplets` says whether the method mined exactly the
+triplets of topk (full_sort ranks float32 values, so a near-tie may rarely make it differ).
+
+    python -m benchmarks.bench_mining --sizes 1000 4000 16000 --dims 2048 \
+        --out results/bench/mining.json
+    python -m benchmarks.bench_mining --sizes 500 1000 --dims 64          # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    PeakMemory,
+    base_parser,
+    check_positive,
+    format_table,
+    new_figure,
+    plot_path,
+    ratio,
+    report,
+    save_figure,
+    setup_run,
+    time_interleaved,
+    write_results,
+)
+from msvlad.mining import DifficultyMiner, difficulty_candidates, first_per_class
+
+log = logging.getLogger(__name__)
+
+NAME = "bench_mining"
+METHODS = ("topk", "faiss", "full_sort")
+BASELINE = "full_sort"
+
+
+def make_pool(
+    n: int, dim: int, images_per_class: int, noise: float, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) unit descriptors, `images_per_class` per class around random unit centres; labels."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) // images_per_class
+    labels = labels[torch.randperm(n, generator=g)]
+    centres = torch.nn.functional.normalize(
+        torch.randn(int(labels.max()) + 1, dim, generator=g), dim=1
+    )
+    noise_vec = torch.randn(n, dim, generator=g) * (noise / math.sqrt(dim))
+    desc = torch.nn.functional.normalize(centres[labels] + noise_vec, dim=1)
+    return desc.to(device), labels.to(device)
+
+
+def auto_noise(dim: int) -> float:
+    """Noise at which the paper's loss window catches triplets: the within-class cosine
+    1 / (1 + noise^2) is then near the nearest other-class cosine, a few times 1 / sqrt(D)."""
+    return 0.6 * dim**0.25
+
+
+def full_sort_round(
+    desc: torch.Tensor, labels: torch.Tensor, miner: DifficultyMiner, seed: int, chunk: int = 1024
+) -> torch.Tensor:
+    """Baseline round: full similarity matrix, full row sort, the difficulty rule on the full lists.
+
+    Draws the same coins and anchor order as `DifficultyMiner(seed=seed)`; returns (3, T) a/p/n.
+    """
+    n = desc.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    coins = (torch.rand(n, generator=g) < miner.semi_hard_prob).to(desc.device)
+    order = torch.randperm(n, generator=g).to(desc.device)
+    sims = desc @ desc.T  # (N, N) float32
+    sims.fill_diagonal_(-math.inf)
+    sims, idx = torch.sort(sims, dim=1, descending=True, stable=True)  # (N, N) each
+    sims, idx = sims[:, :-1], idx[:, :-1]  # self sorted last
+    keep = torch.zeros(n, dtype=torch.bool, device=desc.device)
+    p_idx = torch.zeros(n, dtype=torch.long, device=desc.device)
+    n_idx = torch.zeros(n, dtype=torch.long, device=desc.device)
+    for start in range(0, n, chunk):  # walk in row blocks so the walk's temporaries stay small
+        rows = slice(start, min(n, start + chunk))
+        cand = difficulty_candidates(
+            sims[rows].double(),
+            idx[rows],
+            labels,
+            coins[rows],
+            anchor_labels=labels[rows],
+            margin=miner.margin,
+            delta=miner.delta,
+            threshold=miner.threshold,
+        )
+        keep[rows], p_idx[rows], n_idx[rows] = cand["keep"], cand["p_idx"], cand["n_idx"]
+    chosen = first_per_class(order, keep, labels, miner.triplets_per_round)
+    return torch.stack([chosen, p_idx[chosen], n_idx[chosen]]).cpu()
+
+
+def bench_pool(
+    n: int, dim: int, args: argparse.Namespace, device: torch.device
+) -> list[dict[str, Any]]:
+    """Rows for one (N, D): median round time, peak memory and triplets per method."""
+    noise = args.noise or auto_noise(dim)
+    desc, labels = make_pool(n, dim, args.images_per_class, noise, args.seed, device)
+    miners = {m: _miner(args, backend="faiss" if m == "faiss" else "torch") for m in args.methods}
+    mined: dict[str, torch.Tensor] = {}
+
+    def runner(method: str) -> Any:
+        if method == "full_sort":
+            return lambda: mined.__setitem__(
+                method, full_sort_round(desc, labels, miners[method], args.seed)
+            )
+        # a fresh miner per call: every repeat mines with the same seed, like full_sort
+        return lambda: mined.__setitem__(
+            method,
+            torch.stack(_miner(args, backend=miners[method].backend).mine(desc, labels).as_tuple()),
+        )
+
+    fns = {m: runner(m) for m in args.methods}
+    timings = time_interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device)
+    rows = []
+    for method in args.methods:
+        with PeakMemory(device) as mem:
+            fns[method]()
+        gc.collect()
+        ref = mined.get("topk")
+        rows.append(
+            {
+                "n": n,
+                "dim": dim,
+                "noise": noise,
+                "method": method,
+                "time_s": timings[method].median,
+                "timing": timings[method].to_json(),
+                "peak_mib": mem.peak_mib,
+                "triplets": int(mined[method].shape[1]),
+                "same_triplets": bool(ref is not None and torch.equal(mined[method], ref)),
+            }
+        )
+    base = next((r for r in rows if r["method"] == BASELINE), None)
+    for r in rows:
+        r["time_ratio"] = ratio(r["time_s"], base["time_s"]) if base else None
+        r["mem_ratio"] = ratio(r["peak_mib"], base["peak_mib"]) if base else None
+    return rows
+
+
+def _miner(args: argparse.Namespace, backend: str) -> DifficultyMiner:
+    return DifficultyMiner(
+        margin=args.margin,
+        delta=args.delta,
+        threshold=args.threshold,
+        semi_hard_prob=args.semi_hard_prob,
+        triplets_per_round=args.triplets,
+        seed=args.seed,
+        backend=backend,
+        chunk_size=args.chunk_size,
+    )
+
+
+def plot(rows: list[dict[str, Any]], path: Any) -> Any:
+    """Round time and peak memory vs pool size, one line per (method, D)."""
+    fig, axes = new_figure(ncols=2)
+    for method in METHODS:
+        for dim in sorted({r["dim"] for r in rows}):
+            sel = sorted(
+                (r for r in rows if r["method"] == method and r["dim"] == dim), key=lambda r: r["n"]
+            )
+            if not sel:
+                continue
+            label = f"{method} (D={dim})"
+            axes[0][0].plot(
+                [r["n"] for r in sel], [r["time_s"] for r in sel], marker="o", label=label
+            )
+            axes[0][1].plot(
+                [r["n"] for r in sel],
+                [max(r["peak_mib"], 1e-2) for r in sel],
+                marker="o",
+                label=label,
+            )
+    for ax, ylabel, title in (
+        (axes[0][0], "seconds", "mining round time"),
+        (axes[0][1], "MiB", "peak extra memory"),
+    ):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("pool size N")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options of this benchmark."""
+    p = base_parser(NAME, __doc__.splitlines()[0])
+    p.set_defaults(out=RESULTS_DIR / "mining.json", repeats=2, warmup=0)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000], help="pool sizes N")
+    p.add_argument("--dims", type=int, nargs="+", default=[2048], help="descriptor dimensions D")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--images-per-class", type=int, default=15)
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="noise norm relative to the unit centre (0: 0.6 * D ** 0.25, which yields triplets)",
+    )
+    p.add_argument("--margin", type=float, default=0.1)
+    p.add_argument("--delta", type=float, default=0.02)
+    p.add_argument("--threshold", type=int, default=20)
+    p.add_argument("--semi-hard-prob", type=float, default=0.5)
+    p.add_argument("--triplets", type=int, default=256, help="triplets per round (cap)")
+    p.add_argument("--chunk-size", type=int, default=4096, help="rows scored at once by topk")
+    args = p.parse_args(argv)
+    check_positive(p, args, "repeats", "images_per_class", "threshold", "triplets", "chunk_size")
+    if min(args.sizes) < 2 * args.images_per_class or min(args.dims) < 1:
+        p.error(
+            f"--sizes: need N >= 2 * images-per-class ({2 * args.images_per_class}); --dims: D >= 1"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the mining benchmark; print the table, write JSON + PNG, return the record."""
+    args = parse_args(argv)
+    device = setup_run(args)
+    warm_desc, warm_labels = make_pool(
+        200, 16, 5, 1.0, 0, device
+    )  # load faiss/BLAS outside the timings
+    for backend in ("torch", "faiss"):
+        DifficultyMiner(backend=backend).mine(warm_desc, warm_labels)
+    rows: list[dict[str, Any]] = []
+    for dim in args.dims:
+        for n in args.sizes:
+            log.info("pool N=%d D=%d", n, dim)
+            rows += bench_pool(n, dim, args, device)
+    columns = [
+        "n",
+        "dim",
+        "method",
+        "time_s",
+        "time_ratio",
+        "peak_mib",
+        "mem_ratio",
+        "triplets",
+        "same_triplets",
+    ]
+    report(
+        format_table(
+            rows,
+            columns,
+            headers={
+                "time_ratio": "time/full_sort",
+                "mem_ratio": "mem/full_sort",
+                "same_triplets": "same as topk",
+            },
+        ),
+        args,
+    )
+    record = write_results(
+        args.out,
+        NAME,
+        args,
+        device,
+        {
+            "rows": rows,
+            "baselines": {
+                "time_ratio": "median round time / full_sort's, same process and pool",
+                "mem_ratio": "this method's peak extra memory / full_sort's",
+                "same_triplets": "exactly the (anchor, positive, negative) triplets of topk",
+            },
+        },
+    )
+    plot(rows, plot_path(args.out))
+    return record
+
+
+if __name__ == "__main__":
+    main()

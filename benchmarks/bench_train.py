@@ -1,0 +1,330 @@
+"""Training-step throughput (triplets/s) and the mining round's share of a training round.
+
+Part 1: one optimiser step as `msvlad.train.Trainer.train_step` takes it (RetrievalNet in train mode
+with frozen BatchNorm, triplet loss on the (a, p, n) descriptors, gradients accumulated over
+micro-batches, Adam) on random images, per configuration: micro-batch 1 vs 6 triplets per forward
+(the step always holds --triplets triplets), fp32 vs AMP bf16, NCHW vs channels_last (the last two
+on CUDA only). Speed is a ratio to fp32 with micro-batch 1 (the paper's memory-saving habit).
+
+Part 2: one mining round = embed a pool of P images (eval, no grad, batches of extract.batch_size)
++ mine with `msvlad.mining.build_miner` (the profile's miner) vs the ceil(T / triplets) optimiser
+steps that consume the round's T triplets (timed with the profile's own micro-batch and AMP).
+Images are random tensors; labels give P / images_per_class classes.
+
+    python -m benchmarks.bench_train                                 # mini setting
+    python -m benchmarks.bench_train --settings mini,paper --rounds 480:48,8000:256
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    PeakMemory,
+    base_parser,
+    check_positive,
+    format_table,
+    int_list,
+    new_figure,
+    plot_path,
+    ratio,
+    report,
+    save_figure,
+    setup_run,
+    str_list,
+    synchronize,
+    time_interleaved,
+    write_results,
+)
+from msvlad.config import Params, load_params
+from msvlad.loss import triplet_loss
+from msvlad.model import RetrievalNet, build_model
+from msvlad.paths import ROOT
+
+log = logging.getLogger(__name__)
+
+NAME = "bench_train"
+SETTINGS = {"mini": "params.yaml", "paper": "params.paper.yaml"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """One way of taking a training step."""
+
+    micro_batch: int
+    amp: bool = False  # bf16 autocast (CUDA only)
+    channels_last: bool = False  # CUDA only
+
+    @property
+    def label(self) -> str:
+        """Short name for tables and plots."""
+        parts = [f"mb{self.micro_batch}", "bf16" if self.amp else "fp32"]
+        if self.channels_last:
+            parts.append("cl")
+        return " ".join(parts)
+
+
+def setting_params(setting: str, image_size: int | None = None) -> Params:
+    """Params of a profile (mini or paper), optionally at another training image size."""
+    if setting not in SETTINGS:
+        raise ValueError(f"--settings: unknown setting {setting!r}; choose from {sorted(SETTINGS)}")
+    params = load_params(ROOT / SETTINGS[setting])
+    if image_size:
+        params = dataclasses.replace(params, model=dataclasses.replace(params.model, image_size=image_size))
+    return params
+
+
+def step_configs(micro_batches: list[int], device: torch.device) -> list[StepConfig]:
+    """fp32 at each micro-batch; on CUDA also bf16, and bf16 + channels_last."""
+    configs = [StepConfig(mb) for mb in micro_batches]
+    if device.type == "cuda":
+        configs += [StepConfig(mb, amp=True) for mb in micro_batches]
+        configs += [StepConfig(mb, amp=True, channels_last=True) for mb in micro_batches]
+    return configs
+
+
+def prepare_model(params: Params, config: StepConfig, device: torch.device) -> RetrievalNet:
+    """Untrained network of the setting, on the device, in the step's memory format."""
+    model = build_model(params.model, pretrained=False).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.train()
+
+
+def train_step(
+    model: RetrievalNet,
+    optimizer: torch.optim.Optimizer,
+    triplets: torch.Tensor,
+    *,
+    micro_batch: int,
+    margin: float,
+    amp: bool,
+) -> float:
+    """One Adam step on triplet images (T, 3, 3, S, S), gradients accumulated over micro-batches."""
+    device = triplets.device
+    total = len(triplets)
+    loss_sum = 0.0
+    for start in range(0, total, micro_batch):
+        chunk = triplets[start : start + micro_batch]
+        x = chunk.flatten(0, 1)  # (3m, 3, S, S): a, p, n interleaved
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            d = model(x).float().view(len(chunk), 3, -1)
+            loss = triplet_loss(d[:, 0], d[:, 1], d[:, 2], margin)
+        (loss * len(chunk) / total).backward()
+        loss_sum += loss.item() * len(chunk)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / total
+
+
+def random_triplets(count: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Random images in [0, 1] shaped (count, 3, 3, size, size)."""
+    x = torch.rand(count * 3, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.view(count, 3, 3, size, size)
+
+
+def bench_steps(
+    setting: str, params: Params, configs: list[StepConfig], device: torch.device, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Rows per step configuration: seconds per step, triplets/s, peak memory, ratio to fp32 mb1."""
+    size = params.model.image_size
+    states = {}
+    for cfg in configs:
+        model = prepare_model(params, cfg, device)
+        opt = torch.optim.Adam(model.parameters(), lr=params.train.lr, weight_decay=0.0)
+        images = random_triplets(args.triplets, size, device, cfg.channels_last)
+        states[cfg.label] = (model, opt, images, cfg)
+
+    def step(label: str) -> Any:
+        model, opt, images, cfg = states[label]
+        return lambda: train_step(model, opt, images, micro_batch=cfg.micro_batch,
+                                  margin=params.miner.margin, amp=cfg.amp and device.type == "cuda")
+
+    # warm-up includes the first step, which allocates Adam's state
+    timings = time_interleaved({label: step(label) for label in states}, repeats=args.repeats,
+                               warmup=max(1, args.warmup), device=device)
+    rows = []
+    for label, (model, opt, images, cfg) in states.items():
+        with PeakMemory(device) as mem:
+            step(label)()
+        seconds = timings[label].median
+        rows.append({
+            "setting": setting, "backbone": params.model.backbone, "image_size": size,
+            "config": label, "micro_batch": cfg.micro_batch, "amp_bf16": cfg.amp,
+            "channels_last": cfg.channels_last, "triplets": args.triplets,
+            "seconds_per_step": seconds, "triplets_per_s": ratio(args.triplets, seconds),
+            "peak_mib": mem.peak_mib,
+        })
+    base = next((r for r in rows if r["micro_batch"] == 1 and not r["amp_bf16"] and not r["channels_last"]), rows[0])
+    for r in rows:
+        r["speedup_vs_base"] = ratio(base["seconds_per_step"], r["seconds_per_step"])
+        r["memory_vs_base"] = ratio(r["peak_mib"], base["peak_mib"])
+    states.clear()
+    return rows
+
+
+def profile_config(params: Params, device: torch.device, configs: list[StepConfig]) -> StepConfig:
+    """The step configuration the profile trains with (its micro-batch; bf16 when amp on CUDA)."""
+    want = StepConfig(params.train.micro_batch, amp=params.train.amp and device.type == "cuda")
+    return want if want in configs else configs[0]
+
+
+@torch.no_grad()
+def embed_pool(model: RetrievalNet, pool: int, size: int, batch: int, device: torch.device) -> torch.Tensor:
+    """Describe `pool` random images as describe_images does (eval, fp16 autocast on CUDA)."""
+    model.eval()
+    out = []
+    for start in range(0, pool, batch):
+        x = torch.rand(min(batch, pool - start), 3, size, size, device=device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            out.append(model(x).float())
+    model.train()
+    return torch.cat(out)
+
+
+def bench_rounds(
+    setting: str, params: Params, step_rows: list[dict[str, Any]], config: StepConfig,
+    rounds: list[tuple[int, int]], device: torch.device, args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Rows per (P, T): embed + mine seconds vs the steps of one round, and the mining share."""
+    from msvlad.mining import build_miner
+
+    m = params.miner
+    step_s = next(r["seconds_per_step"] for r in step_rows if r["config"] == config.label)
+    model = prepare_model(params, config, device)
+    embed_pool(model, min(4, rounds[0][0]), params.model.image_size, params.extract.batch_size, device)  # warm-up
+    rows = []
+    for pool, triplets in rounds:
+        synchronize(device)
+        t0 = time.perf_counter()
+        desc = embed_pool(model, pool, params.model.image_size, params.extract.batch_size, device)
+        synchronize(device)
+        t1 = time.perf_counter()
+        labels = torch.arange(pool, device=desc.device) // m.images_per_class
+        miner = build_miner(m.name, margin=m.margin, delta=m.delta, threshold=m.threshold,
+                            semi_hard_prob=m.semi_hard_prob, triplets_per_round=triplets, seed=args.seed,
+                            backend=m.backend)
+        mined = miner.mine(desc, labels)
+        synchronize(device)
+        t2 = time.perf_counter()
+        steps = math.ceil(triplets / args.triplets)
+        embed_s, mine_s, train_s = t1 - t0, t2 - t1, steps * step_s
+        rows.append({
+            "setting": setting, "pool": pool, "round_triplets": triplets, "mined": len(mined),
+            "miner": m.name, "backend": m.backend, "step_config": config.label, "steps": steps,
+            "embed_s": embed_s, "mine_s": mine_s, "train_s": train_s,
+            "mining_share": ratio(embed_s + mine_s, embed_s + mine_s + train_s),
+            "mining_vs_training": ratio(embed_s + mine_s, train_s),
+        })
+        log.info("%s P=%d T=%d: embed %.2fs, mine %.2fs, %d steps %.2fs", setting, pool, triplets,
+                 embed_s, mine_s, steps, train_s)
+    return rows
+
+
+def parse_rounds(text: str) -> list[tuple[int, int]]:
+    """argparse type: "480:48,8000:256" -> [(480, 48), (8000, 256)] (pool size P : triplets T)."""
+    out = []
+    for part in text.split(","):
+        try:
+            p, t = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--rounds: expected P:T pairs like 480:48, got {part!r}") from None
+        if p < 2 or t < 1:
+            raise argparse.ArgumentTypeError(f"--rounds: need P >= 2 and T >= 1, got {part!r}")
+        out.append((p, t))
+    return out
+
+
+def plot(steps: list[dict[str, Any]], rounds: list[dict[str, Any]], path: Any) -> Any:
+    """Triplets/s and peak memory per step configuration; mining vs training seconds per round."""
+    fig, axes = new_figure(ncols=3)
+    labels = [f"{r['setting']}\n{r['config']}" for r in steps]
+    axes[0][0].bar(range(len(steps)), [r["triplets_per_s"] for r in steps])
+    axes[0][0].set_ylabel("triplets / s")
+    axes[0][0].set_title("training step throughput")
+    axes[0][1].bar(range(len(steps)), [r["peak_mib"] for r in steps], color="tab:orange")
+    axes[0][1].set_ylabel("peak MiB")
+    axes[0][1].set_title("training step memory")
+    for ax in axes[0][:2]:
+        ax.set_xticks(range(len(steps)), labels, fontsize=7)
+    ax = axes[0][2]
+    if rounds:
+        names = [f"{r['setting']}\nP={r['pool']} T={r['round_triplets']}" for r in rounds]
+        embed = [r["embed_s"] for r in rounds]
+        mine = [r["mine_s"] for r in rounds]
+        train = [r["train_s"] for r in rounds]
+        xs = range(len(rounds))
+        ax.bar(xs, embed, label="embed pool")
+        ax.bar(xs, mine, bottom=embed, label="mine")
+        ax.bar(xs, train, bottom=[e + m for e, m in zip(embed, mine, strict=True)], label="train steps")
+        ax.set_xticks(xs, names, fontsize=7)
+        ax.set_ylabel("seconds per round")
+        ax.legend(fontsize=8)
+    ax.set_title("mining round vs training")
+    return save_figure(fig, path)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """Command-line options of this benchmark."""
+    p = base_parser(NAME, __doc__.splitlines()[0])
+    p.add_argument("--settings", type=str_list, default=["mini"], help="mini and/or paper")
+    p.add_argument("--micro-batches", type=int_list, default=[1, 6], help="triplets per forward")
+    p.add_argument("--triplets", type=int, default=6, help="triplets per optimiser step (train.batch_triplets)")
+    p.add_argument("--mini-size", type=int, default=None, help="override the mini image size (224)")
+    p.add_argument("--paper-size", type=int, default=None, help="override the paper image size (512)")
+    p.add_argument("--rounds", type=parse_rounds, default=None,
+                   help="P:T pairs (pool size : triplets per round); default: each profile's miner values")
+    p.add_argument("--no-rounds", action="store_true", help="skip the mining-share part")
+    args = p.parse_args(argv)
+    check_positive(p, args, "repeats", "triplets")
+    return args, p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the training benchmark; print the tables, write JSON + PNG, return the record."""
+    args, parser = parse_args(argv)
+    device = setup_run(args)
+    step_rows: list[dict[str, Any]] = []
+    round_rows: list[dict[str, Any]] = []
+    for s in args.settings:
+        if s not in SETTINGS:
+            parser.error(f"--settings: unknown setting {s!r}; choose from {sorted(SETTINGS)}")
+        params = setting_params(s, args.mini_size if s == "mini" else args.paper_size)
+        configs = step_configs(args.micro_batches, device)
+        rows = bench_steps(s, params, configs, device, args)
+        step_rows += rows
+        if not args.no_rounds:
+            rounds = args.rounds or [(params.miner.pool_size, params.miner.triplets_per_round)]
+            round_rows += bench_rounds(s, params, rows, profile_config(params, device, configs), rounds,
+                                       device, args)
+    report(format_table(step_rows, ["setting", "config", "image_size", "seconds_per_step", "triplets_per_s",
+                                    "speedup_vs_base", "peak_mib", "memory_vs_base"]), args)
+    if round_rows:
+        report("\n" + format_table(round_rows, ["setting", "pool", "round_triplets", "mined", "step_config",
+                                                "steps", "embed_s", "mine_s", "train_s", "mining_share"]),
+               args)
+    record = write_results(args.out, NAME, args, device, {
+        "steps": step_rows,
+        "rounds": round_rows,
+        "baselines": {
+            "speedup_vs_base": "seconds per step of fp32, micro-batch 1 / this configuration's",
+            "memory_vs_base": "peak memory of this configuration / fp32, micro-batch 1",
+            "mining_share": "(embed + mine) / (embed + mine + ceil(T / triplets) steps)",
+        },
+    })
+    plot(step_rows, round_rows, plot_path(args.out))
+    return record
+
+
+if __name__ == "__main__":
+    main()

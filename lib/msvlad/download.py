@@ -1,0 +1,356 @@
+"""Verified, resumable downloads and safe archive extraction.
+
+- `download_file` streams to ``<dest>.part`` and resumes it with an HTTP ``Range`` request (a
+  server that ignores Range restarts the file from zero), checks size and checksums, then renames
+  onto `dest`: nothing unverified ever sits under the final name.
+- Offline, it fails with one line saying which URL could not be fetched and which file to place
+  where; a file already at `dest` is used as is (after verification), so copying the files by hand
+  is always a way through.
+- Trust on first use: the official hosts publish no checksums for the Oxford/Paris/Holidays/
+  SfM-120k/R1M files (only GLDv2 ships md5 files), and we could not fetch them to pre-compute
+  hashes. `ChecksumRegistry` therefore records the sha256 of each file the first time it is
+  downloaded or found, and every later use is checked against that record. This detects a
+  changed or corrupted copy; it cannot prove the first copy was the official one.
+- `extract_archive` refuses members that would land outside the target folder (absolute names,
+  ``..``, links pointing out, device files) and extracts into a temporary folder that is renamed
+  into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from msvlad.storage import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+USER_AGENT = "msvlad/0.1 (python urllib)"
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched (offline, refused, HTTP error or interrupted transfer)."""
+
+
+class ChecksumError(ValueError):
+    """A file's size or checksum differs from the expected one."""
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_file(
+    path: Path,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    size: int | None = None,
+    name: str | None = None,
+) -> str | None:
+    """Raise ChecksumError (file, expected, got) on a mismatch; return the sha256 if computed."""
+    label = name or str(path)
+    if size is not None:
+        got_size = path.stat().st_size
+        if got_size != size:
+            raise ChecksumError(f"{label}: size expected {size} bytes, got {got_size}")
+    got_sha = None
+    for algorithm, expected in (("sha256", sha256), ("md5", md5)):
+        if expected is None:
+            continue
+        got = file_digest(path, algorithm)
+        if algorithm == "sha256":
+            got_sha = got
+        if got.lower() != expected.strip().lower():
+            raise ChecksumError(
+                f"{label}: {algorithm} expected {expected.strip().lower()}, got {got}"
+            )
+    return got_sha
+
+
+class ChecksumRegistry:
+    """JSON file of sha256 per downloaded file (trust on first use; see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def entries(self) -> dict[str, str]:
+        """All recorded key -> sha256 pairs."""
+        if not self.path.is_file():
+            return {}
+        data = read_json(self.path)
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise ValueError(
+                f"{self.path}: expected a JSON object of file key -> sha256 hex string"
+            )
+        return data
+
+    def get(self, key: str) -> str | None:
+        """The recorded sha256 of `key`, or None if never seen."""
+        return self.entries().get(key)
+
+    def record(self, key: str, sha256: str) -> None:
+        """Record `key`'s sha256 (an existing, different record is an error: use `forget` first)."""
+        with self._lock:
+            data = self.entries()
+            old = data.get(key)
+            if old is not None and old != sha256:
+                raise ChecksumError(
+                    f"{key}: sha256 expected {old} (recorded in {self.path}), got {sha256}"
+                )
+            if old is None:
+                data[key] = sha256
+                write_json(self.path, data)
+
+    def forget(self, key: str) -> None:
+        """Drop the record of `key` (after a deliberate re-release of a file upstream)."""
+        with self._lock:
+            data = self.entries()
+            if data.pop(key, None) is not None:
+                write_json(self.path, data)
+
+    def check(self, key: str, path: Path, digest: str | None = None) -> str:
+        """Check `path` (or its sha256 `digest`) against the record of `key`; record it if new."""
+        digest = digest or file_digest(path)
+        self.record(key, digest)
+        return digest
+
+
+# ----------------------------------------------------------------------------- download
+
+
+def part_path(dest: Path) -> Path:
+    """Where a download of `dest` is staged until verified: ``<dest>.part``."""
+    return dest.with_suffix(dest.suffix + ".part")
+
+
+def _offline_error(url: str, dest: Path, err: BaseException) -> DownloadError:
+    reason = getattr(err, "reason", None) or err
+    if isinstance(err, urllib.error.HTTPError):
+        reason = f"HTTP {err.code} {err.reason}"
+    reason = " ".join(str(reason).split()) or type(err).__name__
+    return DownloadError(
+        f"cannot fetch {url} ({reason}); "
+        f"to proceed offline, place that file at {dest} and run again"
+    )
+
+
+def _content_range_start(value: str | None) -> int | None:
+    match = re.match(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)", value or "")
+    return int(match.group(1)) if match else None
+
+
+def _fetch(url: str, part: Path, *, timeout: float, desc: str, expected_size: int | None) -> None:
+    """One transfer attempt into `part`, resuming from its current length when possible."""
+    offset = part.stat().st_size if part.is_file() else 0
+    if expected_size is not None and offset == expected_size:
+        return  # the previous attempt finished; verification decides
+    if expected_size is not None and offset > expected_size:
+        part.unlink()
+        offset = 0
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code != 416 or not offset:
+            raise
+        # nothing left past `offset`: complete if the server's length equals it, else start over
+        total = re.match(r"\s*bytes\s+\*/(\d+)", err.headers.get("Content-Range", "") or "")
+        if total and int(total.group(1)) == offset:
+            log.info("%s: all %d bytes already received; verifying", url, offset)
+            return
+        part.unlink()
+        return _fetch(url, part, timeout=timeout, desc=desc, expected_size=expected_size)
+    with response:
+        status = getattr(response, "status", None)
+        start = (
+            _content_range_start(response.headers.get("Content-Range")) if status == 206 else None
+        )
+        if offset and start == offset:
+            mode = "ab"
+            log.info("%s: resuming at byte %d", url, offset)
+        else:
+            if offset:
+                log.info("%s: server ignored the Range request; restarting from zero", url)
+            mode, offset = "wb", 0
+        length = response.headers.get("Content-Length")
+        remaining = int(length) if length is not None and length.isdigit() else None
+        total = offset + remaining if remaining is not None else expected_size
+        received = 0
+        with (
+            open(part, mode) as out,
+            tqdm(
+                total=total, initial=offset, unit="B", unit_scale=True, desc=desc, leave=False
+            ) as bar,
+        ):
+            while True:
+                block = response.read(CHUNK)
+                if not block:
+                    break
+                out.write(block)
+                received += len(block)
+                bar.update(len(block))
+        if remaining is not None and received < remaining:
+            raise http.client.IncompleteRead(b"", remaining - received)
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    size: int | None = None,
+    desc: str | None = None,
+    timeout: float = 30.0,
+    retries: int = 3,
+    registry: ChecksumRegistry | None = None,
+    key: str | None = None,
+) -> Path:
+    """Download `url` to `dest`: resumable, verified, renamed atomically; skipped if present.
+
+    Args:
+        sha256, md5, size: expected values; a mismatch deletes the partial file and raises
+            ChecksumError.
+        retries: how many times an interrupted transfer is resumed before DownloadError (the
+            ``.part`` file is kept, so running again resumes too).
+        registry, key: trust-on-first-use record; `key` defaults to the file name.
+    """
+    dest = Path(dest)
+    key = key or dest.name
+    if sha256 is None and registry is not None:
+        sha256 = registry.get(key)
+    if dest.is_file():
+        digest = verify_file(dest, sha256=sha256, md5=md5, size=size, name=str(dest))
+        if registry is not None:
+            registry.check(key, dest, digest)
+        log.debug("%s: present and verified", dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = part_path(dest)
+    label = desc or dest.name
+    attempt = 0
+    while True:
+        try:
+            _fetch(url, part, timeout=timeout, desc=label, expected_size=size)
+            break
+        except urllib.error.HTTPError as err:
+            raise _offline_error(url, dest, err) from None
+        except (http.client.IncompleteRead, ConnectionError, TimeoutError) as err:
+            have = part.stat().st_size if part.is_file() else 0
+            if attempt < retries and have > 0:
+                attempt += 1
+                log.warning(
+                    "%s: transfer interrupted at byte %d (%s); resuming (%d/%d)",
+                    url,
+                    have,
+                    type(err).__name__,
+                    attempt,
+                    retries,
+                )
+                continue
+            if have > 0:
+                raise DownloadError(
+                    f"transfer of {url} interrupted after {have} bytes ({type(err).__name__}); "
+                    f"run again to resume {part}, or place the complete file at {dest}"
+                ) from None
+            raise _offline_error(url, dest, err) from None
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise _offline_error(url, dest, err) from None
+    try:
+        digest = verify_file(part, sha256=sha256, md5=md5, size=size, name=str(dest))
+        if registry is not None:
+            registry.check(key, part, digest)
+    except ChecksumError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, dest)
+    log.info("downloaded %s -> %s", url, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------- archives
+
+
+def _is_within(root: str, target: str) -> bool:
+    return target == root or target.startswith(root.rstrip("/") + "/")
+
+
+def check_archive_members(archive: Path, members: list[tarfile.TarInfo]) -> None:
+    """Raise ValueError naming the archive and member if a member could escape the target folder."""
+    root = "/__root__"
+    for m in members:
+        name = m.name
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+            raise ValueError(f"{archive}: member {name!r} has an absolute path (refused)")
+        target = posixpath.normpath(posixpath.join(root, name))
+        if ".." in name.replace("\\", "/").split("/") or not _is_within(root, target):
+            raise ValueError(
+                f"{archive}: member {name!r} points outside the extraction folder (refused)"
+            )
+        if m.issym() or m.islnk():
+            link = m.linkname
+            if link.startswith("/"):
+                raise ValueError(f"{archive}: link {name!r} -> {link!r} is absolute (refused)")
+            base = posixpath.dirname(target) if m.issym() else root
+            resolved = posixpath.normpath(posixpath.join(base, link))
+            if not _is_within(root, resolved):
+                raise ValueError(
+                    f"{archive}: link {name!r} -> {link!r} escapes the extraction folder (refused)"
+                )
+        elif not (m.isfile() or m.isdir()):
+            raise ValueError(f"{archive}: member {name!r} is a device or fifo (refused)")
+
+
+def extract_archive(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
+    """Extract a .tar/.tgz/.tar.gz into `dest_dir` (which must not exist) safely and atomically."""
+    archive, dest_dir = Path(archive), Path(dest_dir)
+    if dest_dir.exists():
+        raise FileExistsError(
+            f"{dest_dir}: already exists; remove it to extract {archive.name} again"
+        )
+    dest_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".tmp", dir=dest_dir.parent))
+    try:
+        try:
+            tar = tarfile.open(archive, "r:*")
+        except (tarfile.TarError, OSError) as err:
+            raise ValueError(f"{archive}: not a readable tar archive ({err})") from None
+        kwargs: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        with tar:
+            # one sequential pass; a refused member aborts and the temp folder is removed
+            for m in tqdm(tar, desc=f"extract {archive.name}", unit=" files", leave=False):
+                check_archive_members(archive, [m])
+                tar.extract(m, tmp, **kwargs)
+        os.replace(tmp, dest_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest_dir
