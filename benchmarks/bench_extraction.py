@@ -1,4 +1,4 @@
-"""Extraction throughput and peak memory: backbone alone vs + GeM, + NetVLAD, + multi-scale pooled NetVLAD.
+"""Extraction speed and peak memory: backbone alone vs + GeM, + NetVLAD, + multi-scale NetVLAD.
 
 Part 1 (model forward on synthetic tensors): for each setting (mini: EfficientNet-Lite0 at 224 from
 params.yaml; paper: ResNet-101 at 512, K=64, split 512 from params.paper.yaml) and batch size, times
@@ -72,8 +72,13 @@ def setting_config(setting: str, image_size: int | None = None) -> ModelConfig:
 
 def build_poolings(cfg: ModelConfig, channels: int) -> dict[str, nn.Module]:
     """GeM, single-scale NetVLAD and the multi-scale pooled NetVLAD of a setting."""
-    common = dict(num_clusters=cfg.num_clusters, pool_sizes=cfg.pool_sizes, split=cfg.split,
-                  alpha=cfg.alpha, gem_p=cfg.gem_p)
+    common = dict(
+        num_clusters=cfg.num_clusters,
+        pool_sizes=cfg.pool_sizes,
+        split=cfg.split,
+        alpha=cfg.alpha,
+        gem_p=cfg.gem_p,
+    )
     return {name: build_pooling(name, channels, **common) for name in ("gem", "netvlad", "msvlad")}
 
 
@@ -102,10 +107,10 @@ def bench_forward(
         x = torch.rand(bs, 3, cfg.image_size, cfg.image_size, device=device)
         with torch.inference_mode(), _autocast(device, amp):
             fmap = backbone(x)
-            fns = {"backbone": lambda: backbone(x)}
+            fns = {"backbone": lambda x=x: backbone(x)}
             for name, pool in pools.items():
-                fns[f"pool:{name}"] = lambda p=pool: p(fmap)
-                fns[f"full:{name}"] = lambda p=pool: p(backbone(x))
+                fns[f"pool:{name}"] = lambda p=pool, f=fmap: p(f)
+                fns[f"full:{name}"] = lambda p=pool, x=x: p(backbone(x))
             t = time_interleaved(fns, repeats=repeats, warmup=warmup, device=device)
             t_backbone = t["backbone"].median
             with PeakMemory(device) as mem:
@@ -114,8 +119,17 @@ def bench_forward(
             for name, pool in pools.items():
                 with PeakMemory(device) as mem_full:
                     desc = pool(backbone(x))
-                row = _row(setting, cfg, bs, name, t[f"full:{name}"].median, t_backbone,
-                           t[f"pool:{name}"].median, mem_full, fmap)
+                row = _row(
+                    setting,
+                    cfg,
+                    bs,
+                    name,
+                    t[f"full:{name}"].median,
+                    t_backbone,
+                    t[f"pool:{name}"].median,
+                    mem_full,
+                    fmap,
+                )
                 row["dim"] = int(desc.shape[1])
                 rows.append(row)
         log.info("%s batch %d done (feature map %s)", setting, bs, tuple(fmap.shape[1:]))
@@ -124,8 +138,15 @@ def bench_forward(
 
 
 def _row(
-    setting: str, cfg: ModelConfig, bs: int, variant: str, t_full: float, t_backbone: float,
-    t_pool: float | None, mem: PeakMemory, fmap: torch.Tensor,
+    setting: str,
+    cfg: ModelConfig,
+    bs: int,
+    variant: str,
+    t_full: float,
+    t_backbone: float,
+    t_pool: float | None,
+    mem: PeakMemory,
+    fmap: torch.Tensor,
 ) -> dict[str, Any]:
     return {
         "setting": setting,
@@ -180,14 +201,24 @@ def bench_end_to_end(
     from msvlad.extract import ImageItem, describe_images
     from msvlad.model import build_model
 
-    model = build_model(dataclasses.replace(cfg, pooling="msvlad"), pretrained=False).to(device).eval()
+    model = (
+        build_model(dataclasses.replace(cfg, pooling="msvlad"), pretrained=False).to(device).eval()
+    )
     items = [ImageItem(p) for p in paths]
     modes = [("square", batch_size), ("max_side", batch_size), ("max_side", 1)]
     configs = [(policy, bs, nw) for nw in workers for policy, bs in modes]
 
     def run(policy: str, bs: int, nw: int, subset: list) -> None:
-        describe_images(model, subset, image_size=cfg.image_size, resize=policy, batch_size=bs,
-                        device=device, num_workers=nw, desc="bench")
+        describe_images(
+            model,
+            subset,
+            image_size=cfg.image_size,
+            resize=policy,
+            batch_size=bs,
+            device=device,
+            num_workers=nw,
+            desc="bench",
+        )
 
     # warm-up on a few images per configuration, then time the whole set round-robin
     for policy, bs, nw in configs:
@@ -198,9 +229,21 @@ def bench_end_to_end(
     rows = []
     for policy, bs, nw in configs:
         seconds = timings[f"{policy}/{bs}/{nw}"].median
-        rows.append({"policy": policy, "batch": bs, "workers": nw, "images": len(items),
-                     "seconds": seconds, "images_per_s": ratio(len(items), seconds)})
-    base = next(r for r in rows if r["policy"] == "max_side" and r["batch"] == 1 and r["workers"] == min(workers))
+        rows.append(
+            {
+                "policy": policy,
+                "batch": bs,
+                "workers": nw,
+                "images": len(items),
+                "seconds": seconds,
+                "images_per_s": ratio(len(items), seconds),
+            }
+        )
+    base = next(
+        r
+        for r in rows
+        if r["policy"] == "max_side" and r["batch"] == 1 and r["workers"] == min(workers)
+    )
     for r in rows:
         r["speedup_vs_peer"] = ratio(base["seconds"], r["seconds"])
     return rows
@@ -210,7 +253,7 @@ def bench_end_to_end(
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per setting: worst (largest) pooling share of the multi-scale NetVLAD and whether it meets the goal."""
+    """Per setting: largest pooling share of each pooling; does MS-NetVLAD meet the goal."""
     out: dict[str, Any] = {}
     for setting in sorted({r["setting"] for r in rows}):
         shares = {
@@ -226,14 +269,16 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], e2e: list[dict[str, Any]], path: Path) -> Path:
-    """Images/s vs batch size per variant and setting, pooling share, and the end-to-end speed-ups."""
+    """Images/s vs batch size per variant and setting, pooling share, end-to-end speed-ups."""
     settings = sorted({r["setting"] for r in rows})
     ncols = len(settings) + 1 + (1 if e2e else 0)
     fig, axes = new_figure(ncols=ncols)
     for ax, setting in zip(axes[0], settings, strict=False):
         for v in VARIANTS:
             sel = [r for r in rows if r["setting"] == setting and r["variant"] == v]
-            ax.plot([r["batch"] for r in sel], [r["images_per_s"] for r in sel], marker="o", label=v)
+            ax.plot(
+                [r["batch"] for r in sel], [r["images_per_s"] for r in sel], marker="o", label=v
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_ylabel("images / s")
@@ -243,8 +288,12 @@ def plot(rows: list[dict[str, Any]], e2e: list[dict[str, Any]], path: Path) -> P
     for setting in settings:
         for v in ("gem", "netvlad", "msvlad"):
             sel = [r for r in rows if r["setting"] == setting and r["variant"] == v]
-            ax.plot([r["batch"] for r in sel], [100 * r["pool_share"] for r in sel], marker="o",
-                    label=f"{setting} {v}")
+            ax.plot(
+                [r["batch"] for r in sel],
+                [100 * r["pool_share"] for r in sel],
+                marker="o",
+                label=f"{setting} {v}",
+            )
     ax.axhline(100 * POOL_SHARE_GOAL, color="grey", ls="--", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
@@ -268,18 +317,35 @@ def plot(rows: list[dict[str, Any]], e2e: list[dict[str, Any]], path: Path) -> P
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     """Command-line options of this benchmark."""
     p = base_parser(NAME, __doc__.splitlines()[0])
-    p.add_argument("--settings", type=str_list, default=None,
-                   help="mini and/or paper (default: mini on CPU, mini,paper on CUDA)")
+    p.add_argument(
+        "--settings",
+        type=str_list,
+        default=None,
+        help="mini and/or paper (default: mini on CPU, mini,paper on CUDA)",
+    )
     p.add_argument("--batch-sizes", type=int_list, default=[1, 2, 4, 8, 16, 32])
-    p.add_argument("--paper-batch-sizes", type=int_list, default=None,
-                   help="batch sizes of the paper setting (default: --batch-sizes on CUDA, 1,2 on CPU)")
+    p.add_argument(
+        "--paper-batch-sizes",
+        type=int_list,
+        default=None,
+        help="batch sizes of the paper setting (default: --batch-sizes on CUDA, 1,2 on CPU)",
+    )
     p.add_argument("--mini-size", type=int, default=None, help="override the mini image size (224)")
-    p.add_argument("--paper-size", type=int, default=None, help="override the paper image size (512)")
+    p.add_argument(
+        "--paper-size", type=int, default=None, help="override the paper image size (512)"
+    )
     p.add_argument("--no-amp", action="store_true", help="no float16 autocast on CUDA")
-    p.add_argument("--e2e-images", type=int, default=64, help="generated JPEGs for the end-to-end part (0: skip)")
+    p.add_argument(
+        "--e2e-images",
+        type=int,
+        default=64,
+        help="generated JPEGs for the end-to-end part (0: skip)",
+    )
     p.add_argument("--e2e-side", type=int, default=640, help="long side of the generated JPEGs")
     p.add_argument("--e2e-batch", type=int, default=16, help="batch size of the batched policies")
-    p.add_argument("--e2e-workers", type=int_list_or_zero, default=[0, 2], help="DataLoader worker counts")
+    p.add_argument(
+        "--e2e-workers", type=int_list_or_zero, default=[0, 2], help="DataLoader worker counts"
+    )
     args = p.parse_args(argv)
     check_positive(p, args, "repeats", "e2e_side", "e2e_batch")
     return args, p
@@ -290,7 +356,9 @@ def int_list_or_zero(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 0:
         raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
     return values
@@ -313,9 +381,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         configs[s] = dataclasses.asdict(cfg)
         sizes = args.batch_sizes
         if s == "paper":
-            sizes = args.paper_batch_sizes or (args.batch_sizes if device.type == "cuda" else [1, 2])
-        rows += bench_forward(s, cfg, sizes, device, repeats=args.repeats, warmup=args.warmup, amp=amp)
-    columns = ["setting", "batch", "variant", "dim", "images_per_s", "speed_vs_backbone", "pool_share", "peak_mib"]
+            sizes = args.paper_batch_sizes or (
+                args.batch_sizes if device.type == "cuda" else [1, 2]
+            )
+        rows += bench_forward(
+            s, cfg, sizes, device, repeats=args.repeats, warmup=args.warmup, amp=amp
+        )
+    columns = [
+        "setting",
+        "batch",
+        "variant",
+        "dim",
+        "images_per_s",
+        "speed_vs_backbone",
+        "pool_share",
+        "peak_mib",
+    ]
     report(format_table(rows, columns), args)
 
     e2e: list[dict[str, Any]] = []
@@ -323,27 +404,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = setting_config("mini", args.mini_size)
         with tempfile.TemporaryDirectory(prefix="bench_jpegs_") as tmp:
             paths = make_jpegs(Path(tmp), args.e2e_images, args.e2e_side, args.seed)
-            e2e = bench_end_to_end(cfg, paths, device, batch_size=args.e2e_batch, workers=args.e2e_workers,
-                                   repeats=args.repeats, warmup=args.warmup)
-        report("\n" + format_table(e2e, ["policy", "batch", "workers", "images", "images_per_s", "speedup_vs_peer"]),
-               args)
+            e2e = bench_end_to_end(
+                cfg,
+                paths,
+                device,
+                batch_size=args.e2e_batch,
+                workers=args.e2e_workers,
+                repeats=args.repeats,
+                warmup=args.warmup,
+            )
+        report(
+            "\n"
+            + format_table(
+                e2e, ["policy", "batch", "workers", "images", "images_per_s", "speedup_vs_peer"]
+            ),
+            args,
+        )
 
     summary = summarise(rows)
-    record = write_results(args.out, NAME, args, device, {
-        "amp": amp and device.type == "cuda",
-        "model_configs": configs,
-        "forward": rows,
-        "end_to_end": e2e,
-        "summary": summary,
-        "baselines": {
-            "pool_share": "pooling time on the cached feature map / backbone forward time, same batch",
-            "speed_vs_backbone": "backbone-only forward time / backbone+pooling forward time",
-            "speedup_vs_peer": "describe_images time of max_side, batch 1, fewest workers / this configuration",
+    record = write_results(
+        args.out,
+        NAME,
+        args,
+        device,
+        {
+            "amp": amp and device.type == "cuda",
+            "model_configs": configs,
+            "forward": rows,
+            "end_to_end": e2e,
+            "summary": summary,
+            "baselines": {
+                "pool_share": "pooling time on the cached feature map / backbone forward time",
+                "speed_vs_backbone": "backbone-only forward time / backbone+pooling forward time",
+                "speedup_vs_peer": "seconds of max_side, batch 1, fewest workers / this one's",
+            },
         },
-    })
+    )
     plot(rows, e2e, plot_path(args.out))
     return record
 
 
 if __name__ == "__main__":
+    from msvlad.runtime import setup_logging
+
+    setup_logging()
     main()

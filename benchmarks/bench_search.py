@@ -53,14 +53,21 @@ METHODS = ("numpy", "flat", "ivf", "ivfpq", "hnsw")
 
 
 def clustered_descriptors(
-    n: int, dim: int, centres: np.ndarray, noise: float, rng: np.random.Generator, chunk: int = 65536
+    n: int,
+    dim: int,
+    centres: np.ndarray,
+    noise: float,
+    rng: np.random.Generator,
+    chunk: int = 65536,
 ) -> np.ndarray:
-    """(n, dim) float32 rows: a random centre + noise * N(0, I/dim), L2-normalised (built in chunks)."""
+    """(n, dim) float32 rows: a random centre + noise * N(0, I/dim), L2-normalised, in chunks."""
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         assign = rng.integers(0, len(centres), size=stop - start)
-        block = rng.standard_normal((stop - start, dim), dtype=np.float32) * np.float32(noise / np.sqrt(dim))
+        block = rng.standard_normal((stop - start, dim), dtype=np.float32) * np.float32(
+            noise / np.sqrt(dim)
+        )
         block += centres[assign]
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         out[start:stop] = block
@@ -82,12 +89,15 @@ def numpy_search(q: np.ndarray, db: np.ndarray, k: int) -> np.ndarray:
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean over queries of |found ∩ exact| / k, with found and exact (n_q, k)."""
     k = exact.shape[1]
-    hits = [len(np.intersect1d(f[f >= 0], e, assume_unique=False)) for f, e in zip(found, exact, strict=True)]
+    hits = [
+        len(np.intersect1d(f[f >= 0], e, assume_unique=False))
+        for f, e in zip(found, exact, strict=True)
+    ]
     return float(np.mean(hits) / k)
 
 
 def index_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Build options for msvlad.search.build_index from the command line (unset: library defaults)."""
+    """Options for msvlad.search.build_index from the command line (unset: library defaults)."""
     opts: dict[str, Any] = {}
     if method in ("ivf", "ivfpq"):
         if args.nlist:
@@ -118,7 +128,9 @@ def bench_size(
             continue
         opts = index_options(method, args)
         if method == "ivfpq" and "nbits" not in opts and n < 256:
-            opts["nbits"] = max(1, int(np.log2(n)))  # tiny databases: fewer PQ centroids than vectors
+            opts["nbits"] = max(
+                1, int(np.log2(n))
+            )  # tiny databases: fewer PQ centroids than vectors
         gc.collect()
         rss0 = resident_bytes()
         t0 = time.perf_counter()
@@ -128,16 +140,20 @@ def bench_size(
             log.warning("N=%d: %s skipped (%s)", n, method, err)
             continue
         build_s = time.perf_counter() - t0
-        rows[method] = {"build_s": build_s, "index_mib": max(0, resident_bytes() - rss0) / MIB,
-                        "options": dict(built[method].options)}
+        rows[method] = {
+            "build_s": build_s,
+            "index_mib": max(0, resident_bytes() - rss0) / MIB,
+            "options": dict(built[method].options),
+        }
         log.info("N=%d: built %s in %.1fs", n, method, build_s)
 
     results: dict[str, np.ndarray] = {}
 
-    def runner(method: str) -> Any:
+    def runner(method: str, q: np.ndarray = q, db: np.ndarray = db) -> Any:
         if method == "numpy":
             return lambda: results.__setitem__(method, numpy_search(q, db, k))
-        return lambda: results.__setitem__(method, search_index(built[method], q, k)[0].T)
+        index = built[method]
+        return lambda: results.__setitem__(method, search_index(index, q, k)[0].T)
 
     fns = {m: runner(m) for m in rows}
     timings = time_interleaved(fns, repeats=args.repeats, warmup=args.warmup)
@@ -147,23 +163,27 @@ def bench_size(
         with PeakMemory(device) as mem:
             fns[method]()
         seconds = timings[method].median
-        out.append({
-            "n": n, "dim": args.dim, "method": method, "queries": args.queries, "k": k,
-            "build_s": row["build_s"],
-            "ms_per_query": 1000.0 * seconds / args.queries,
-            "search_s": seconds,
-            "index_mib": row["index_mib"],
-            "search_peak_mib": mem.peak_mib,
-            "recall": recall_at_k(results[method], exact),
-            "options": row.get("options", {}),
-        })
+        out.append(
+            {
+                "n": n,
+                "dim": args.dim,
+                "method": method,
+                "queries": args.queries,
+                "k": k,
+                "build_s": row["build_s"],
+                "ms_per_query": 1000.0 * seconds / args.queries,
+                "search_s": seconds,
+                "index_mib": row["index_mib"],
+                "search_peak_mib": mem.peak_mib,
+                "recall": recall_at_k(results[method], exact),
+                "options": row.get("options", {}),
+            }
+        )
     base = next((r for r in out if r["method"] == "numpy"), None)
     flat = next((r for r in out if r["method"] == "flat"), None)
     for r in out:
         r["speedup_vs_numpy"] = ratio(base["search_s"], r["search_s"]) if base else None
         r["speedup_vs_flat"] = ratio(flat["search_s"], r["search_s"]) if flat else None
-    del built, db, q
-    gc.collect()
     return out
 
 
@@ -173,8 +193,12 @@ def plot(rows: list[dict[str, Any]], path: Any, k: int) -> Any:
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     for m in methods:
         sel = sorted((r for r in rows if r["method"] == m), key=lambda r: r["n"])
-        axes[0][0].plot([r["n"] for r in sel], [r["ms_per_query"] for r in sel], marker="o", label=m)
-        axes[0][1].plot([r["n"] for r in sel], [max(r["index_mib"], 1e-3) for r in sel], marker="o", label=m)
+        axes[0][0].plot(
+            [r["n"] for r in sel], [r["ms_per_query"] for r in sel], marker="o", label=m
+        )
+        axes[0][1].plot(
+            [r["n"] for r in sel], [max(r["index_mib"], 1e-3) for r in sel], marker="o", label=m
+        )
         axes[0][2].scatter([r["ms_per_query"] for r in sel], [r["recall"] for r in sel], label=m)
     for ax, ylabel, title in (
         (axes[0][0], "ms / query", "search latency"),
@@ -198,13 +222,19 @@ def plot(rows: list[dict[str, Any]], path: Any, k: int) -> Any:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     """Command-line options of this benchmark."""
     p = base_parser(NAME, __doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int_list, default=[10_000, 30_000, 100_000], help="database sizes N")
+    p.add_argument(
+        "--sizes", type=int_list, default=[10_000, 30_000, 100_000], help="database sizes N"
+    )
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--k", type=int, default=100, help="neighbours per query (recall@k)")
     p.add_argument("--methods", type=str_list, default=list(METHODS), help=",".join(METHODS))
-    p.add_argument("--centres", type=int, default=0, help="cluster centres (0: N / 200, at least 10)")
-    p.add_argument("--noise", type=float, default=1.0, help="noise norm relative to the unit centre")
+    p.add_argument(
+        "--centres", type=int, default=0, help="cluster centres (0: N / 200, at least 10)"
+    )
+    p.add_argument(
+        "--noise", type=float, default=1.0, help="noise norm relative to the unit centre"
+    )
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: library default 4 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=0, help="IVF lists probed (0: library default 16)")
     p.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers (0: library default D/8)")
@@ -229,20 +259,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for n in args.sizes:
         rows += bench_size(n, args, rng, device)
-    columns = ["n", "method", "build_s", "ms_per_query", "speedup_vs_numpy", "speedup_vs_flat", "recall",
-               "index_mib", "search_peak_mib"]
+    columns = [
+        "n",
+        "method",
+        "build_s",
+        "ms_per_query",
+        "speedup_vs_numpy",
+        "speedup_vs_flat",
+        "recall",
+        "index_mib",
+        "search_peak_mib",
+    ]
     report(format_table(rows, columns, headers={"recall": f"recall@{args.k}"}), args)
-    record = write_results(args.out, NAME, args, device, {
-        "rows": rows,
-        "baselines": {
-            "speedup_vs_numpy": "numpy q @ db.T + full argsort time / this method's search time",
-            "speedup_vs_flat": "faiss IndexFlatIP search time / this method's search time",
-            "recall": "mean |top-k ∩ exact top-k| / k, exact = faiss flat",
+    record = write_results(
+        args.out,
+        NAME,
+        args,
+        device,
+        {
+            "rows": rows,
+            "baselines": {
+                "speedup_vs_numpy": "numpy q @ db.T + full argsort time / this method's",
+                "speedup_vs_flat": "faiss IndexFlatIP search time / this method's search time",
+                "recall": "mean |top-k ∩ exact top-k| / k, exact = faiss flat",
+            },
         },
-    })
+    )
     plot(rows, plot_path(args.out), args.k)
     return record
 
 
 if __name__ == "__main__":
+    from msvlad.runtime import setup_logging
+
+    setup_logging()
     main()

@@ -46,7 +46,11 @@ from msvlad.search import search
 from msvlad.storage import load_npz, save_npz
 
 NAME = "bench_storage"
-LEVELS = {"easy": (0.6, 1.2), "hard": (1.2, 2.2), "junk": (2.2, 3.5)}  # noise norm ranges per gnd label
+LEVELS = {
+    "easy": (0.6, 1.2),
+    "hard": (1.2, 2.2),
+    "junk": (2.2, 3.5),
+}  # noise norm ranges per gnd label
 LEVEL_PROBS = (0.45, 0.35, 0.20)
 
 
@@ -74,14 +78,18 @@ def synthetic_revisited(
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """(q (n_q, D), db (n_db, D), gnd): clustered float32 descriptors with revisitop-style gnd."""
     if n_landmarks < 1 or n_queries < 1 or n_db < n_landmarks:
-        raise ValueError(f"synthetic benchmark: need n_db >= landmarks >= 1 and queries >= 1, "
-                         f"got n_db={n_db}, landmarks={n_landmarks}, queries={n_queries}")
+        raise ValueError(
+            f"synthetic benchmark: need n_db >= landmarks >= 1 and queries >= 1, "
+            f"got n_db={n_db}, landmarks={n_landmarks}, queries={n_queries}"
+        )
     centres = _unit(rng.standard_normal((n_landmarks, dim)))
     n_land = max(n_landmarks, round(n_db * landmark_fraction))
     n_conf = min(n_db - n_land, round(n_db * confuser_fraction))
     n_other = n_db - n_land - n_conf
     # landmark images: every landmark gets at least one
-    land_of = np.concatenate([np.arange(n_landmarks), rng.integers(0, n_landmarks, n_land - n_landmarks)])
+    land_of = np.concatenate(
+        [np.arange(n_landmarks), rng.integers(0, n_landmarks, n_land - n_landmarks)]
+    )
     level = rng.choice(len(LEVELS), size=n_land, p=LEVEL_PROBS)
     bounds = np.array(list(LEVELS.values()), dtype=np.float64)
     scale = rng.uniform(bounds[level, 0], bounds[level, 1])
@@ -113,7 +121,7 @@ def to_float16_and_back(x: np.ndarray) -> np.ndarray:
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> int:
-    """Size of an .npz holding the arrays (written with msvlad.storage.save_npz to a temp folder)."""
+    """Bytes of an .npz holding the arrays (msvlad.storage.save_npz into a temp folder)."""
     with tempfile.TemporaryDirectory(prefix="bench_storage_") as tmp:
         return save_npz(Path(tmp) / "features.npz", **arrays).stat().st_size
 
@@ -151,23 +159,38 @@ def compare(q: np.ndarray, db: np.ndarray, gnd: Any, protocol: str, k_agree: int
     rows = []
     for setup, s32 in m32.setups.items():
         v32, v16 = 100.0 * s32.mAP, 100.0 * m16.setups[setup].mAP  # unrounded percent
-        rows.append({"setup": setup, "map_fp32": v32, "map_fp16": v16, "delta_points": v16 - v32,
-                     "map_ratio": ratio(v16, v32)})
+        rows.append(
+            {
+                "setup": setup,
+                "map_fp32": v32,
+                "map_fp16": v16,
+                "delta_points": v16 - v32,
+                "map_ratio": ratio(v16, v32),
+            }
+        )
     bytes32 = int(q.nbytes + db.nbytes)
     bytes16 = int(q.astype(np.float16).nbytes + db.astype(np.float16).nbytes)
     file32 = npz_bytes({"q": q, "db": db})
     file16 = npz_bytes({"q": q.astype(np.float16), "db": db.astype(np.float16)})
     return {
         "protocol": protocol,
-        "n_queries": int(q.shape[0]), "n_db": int(db.shape[0]), "dim": int(q.shape[1]),
+        "n_queries": int(q.shape[0]),
+        "n_db": int(db.shape[0]),
+        "dim": int(q.shape[1]),
         "map": rows,
         "mp_at_k": {"fp32": m32.to_json()["mP@k"], "fp16": m16.to_json()["mP@k"]},
         "max_abs_value_error": float(np.abs(db16 - db).max()),
         "max_abs_score_error": float(np.abs(scores16[0] - scores32[0]).max()),
         "agree_k": k,
         "same_topk_fraction": float(same_topk),
-        "bytes": {"memory_fp32": bytes32, "memory_fp16": bytes16, "npz_fp32": file32, "npz_fp16": file16,
-                  "memory_ratio": ratio(bytes16, bytes32), "npz_ratio": ratio(file16, file32)},
+        "bytes": {
+            "memory_fp32": bytes32,
+            "memory_fp16": bytes16,
+            "npz_fp32": file32,
+            "npz_fp16": file16,
+            "memory_ratio": ratio(bytes16, bytes32),
+            "npz_ratio": ratio(file16, file32),
+        },
     }
 
 
@@ -195,7 +218,9 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     """Command-line options of this benchmark."""
     p = base_parser(NAME, __doc__.splitlines()[0])
-    p.add_argument("--db-size", type=int, default=5000, help="synthetic database images (ROxf: 4993)")
+    p.add_argument(
+        "--db-size", type=int, default=5000, help="synthetic database images (ROxf: 4993)"
+    )
     p.add_argument("--queries", type=int, default=70, help="synthetic queries (ROxf: 70)")
     p.add_argument("--landmarks", type=int, default=11, help="synthetic landmarks (ROxf: 11)")
     p.add_argument("--dim", type=int, default=2048)
@@ -222,26 +247,64 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         protocol, source = "revisited", "synthetic"
     result = {"source": source, **compare(q, db, gnd, protocol, args.agree_k)}
     b = result["bytes"]
-    report(format_table(result["map"], headers={"map_fp32": "mAP fp32", "map_fp16": "mAP fp16",
-                                                "delta_points": "delta (points)", "map_ratio": "fp16/fp32"}), args)
-    report("\n" + format_table([
-        {"storage": "memory", "float32_bytes": b["memory_fp32"], "float16_bytes": b["memory_fp16"],
-         "ratio": b["memory_ratio"]},
-        {"storage": "npz file", "float32_bytes": b["npz_fp32"], "float16_bytes": b["npz_fp16"],
-         "ratio": b["npz_ratio"]},
-    ]), args)
-    report(f"\nmax |fp16 - fp32| value {result['max_abs_value_error']:.2e}, top-1 score "
-           f"{result['max_abs_score_error']:.2e}; identical top-{result['agree_k']} rankings: "
-           f"{100 * result['same_topk_fraction']:.1f}% of queries", args)
+    report(
+        format_table(
+            result["map"],
+            headers={
+                "map_fp32": "mAP fp32",
+                "map_fp16": "mAP fp16",
+                "delta_points": "delta (points)",
+                "map_ratio": "fp16/fp32",
+            },
+        ),
+        args,
+    )
+    report(
+        "\n"
+        + format_table(
+            [
+                {
+                    "storage": "memory",
+                    "float32_bytes": b["memory_fp32"],
+                    "float16_bytes": b["memory_fp16"],
+                    "ratio": b["memory_ratio"],
+                },
+                {
+                    "storage": "npz file",
+                    "float32_bytes": b["npz_fp32"],
+                    "float16_bytes": b["npz_fp16"],
+                    "ratio": b["npz_ratio"],
+                },
+            ]
+        ),
+        args,
+    )
+    report(
+        f"\nmax |fp16 - fp32| value {result['max_abs_value_error']:.2e}, top-1 score "
+        f"{result['max_abs_score_error']:.2e}; identical top-{result['agree_k']} rankings: "
+        f"{100 * result['same_topk_fraction']:.1f}% of queries",
+        args,
+    )
     # device is irrelevant here (numpy + faiss-cpu) but recorded like everywhere else
-    record = write_results(args.out, NAME, args, device, {
-        **result,
-        "baselines": {"map_ratio": "mAP from float16-stored descriptors / from float32",
-                      "memory_ratio": "float16 bytes / float32 bytes"},
-    })
+    record = write_results(
+        args.out,
+        NAME,
+        args,
+        device,
+        {
+            **result,
+            "baselines": {
+                "map_ratio": "mAP from float16-stored descriptors / from float32",
+                "memory_ratio": "float16 bytes / float32 bytes",
+            },
+        },
+    )
     plot(result, plot_path(args.out))
     return record
 
 
 if __name__ == "__main__":
+    from msvlad.runtime import setup_logging
+
+    setup_logging()
     main()

@@ -6,9 +6,10 @@ micro-batches, Adam) on random images, per configuration: micro-batch 1 vs 6 tri
 (the step always holds --triplets triplets), fp32 vs AMP bf16, NCHW vs channels_last (the last two
 on CUDA only). Speed is a ratio to fp32 with micro-batch 1 (the paper's memory-saving habit).
 
-Part 2: one mining round = embed a pool of P images (eval, no grad, batches of extract.batch_size)
-+ mine with `msvlad.mining.build_miner` (the profile's miner) vs the ceil(T / triplets) optimiser
-steps that consume the round's T triplets (timed with the profile's own micro-batch and AMP).
+Part 2: one mining round = embed a pool of P images (eval, no grad, batches of extract.batch_size;
+bf16 on CUDA) + mine with `msvlad.mining.build_miner` (the profile's miner) vs the
+ceil(T / triplets) optimiser steps that consume the round's T triplets (timed with the
+profile's own micro-batch and AMP).
 Images are random tensors; labels give P / images_per_class classes.
 
     python -m benchmarks.bench_train                                 # mini setting
@@ -22,7 +23,6 @@ import dataclasses
 import logging
 import math
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -78,7 +78,9 @@ def setting_params(setting: str, image_size: int | None = None) -> Params:
         raise ValueError(f"--settings: unknown setting {setting!r}; choose from {sorted(SETTINGS)}")
     params = load_params(ROOT / SETTINGS[setting])
     if image_size:
-        params = dataclasses.replace(params, model=dataclasses.replace(params.model, image_size=image_size))
+        params = dataclasses.replace(
+            params, model=dataclasses.replace(params.model, image_size=image_size)
+        )
     return params
 
 
@@ -125,7 +127,9 @@ def train_step(
     return loss_sum / total
 
 
-def random_triplets(count: int, size: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+def random_triplets(
+    count: int, size: int, device: torch.device, channels_last: bool
+) -> torch.Tensor:
     """Random images in [0, 1] shaped (count, 3, 3, size, size)."""
     x = torch.rand(count * 3, 3, size, size, device=device)
     if channels_last:
@@ -134,7 +138,11 @@ def random_triplets(count: int, size: int, device: torch.device, channels_last: 
 
 
 def bench_steps(
-    setting: str, params: Params, configs: list[StepConfig], device: torch.device, args: argparse.Namespace
+    setting: str,
+    params: Params,
+    configs: list[StepConfig],
+    device: torch.device,
+    args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
     """Rows per step configuration: seconds per step, triplets/s, peak memory, ratio to fp32 mb1."""
     size = params.model.image_size
@@ -147,25 +155,46 @@ def bench_steps(
 
     def step(label: str) -> Any:
         model, opt, images, cfg = states[label]
-        return lambda: train_step(model, opt, images, micro_batch=cfg.micro_batch,
-                                  margin=params.miner.margin, amp=cfg.amp and device.type == "cuda")
+        return lambda: train_step(
+            model,
+            opt,
+            images,
+            micro_batch=cfg.micro_batch,
+            margin=params.miner.margin,
+            amp=cfg.amp and device.type == "cuda",
+        )
 
     # warm-up includes the first step, which allocates Adam's state
-    timings = time_interleaved({label: step(label) for label in states}, repeats=args.repeats,
-                               warmup=max(1, args.warmup), device=device)
+    timings = time_interleaved(
+        {label: step(label) for label in states},
+        repeats=args.repeats,
+        warmup=max(1, args.warmup),
+        device=device,
+    )
     rows = []
-    for label, (model, opt, images, cfg) in states.items():
+    for label, (_, _, _, cfg) in states.items():
         with PeakMemory(device) as mem:
             step(label)()
         seconds = timings[label].median
-        rows.append({
-            "setting": setting, "backbone": params.model.backbone, "image_size": size,
-            "config": label, "micro_batch": cfg.micro_batch, "amp_bf16": cfg.amp,
-            "channels_last": cfg.channels_last, "triplets": args.triplets,
-            "seconds_per_step": seconds, "triplets_per_s": ratio(args.triplets, seconds),
-            "peak_mib": mem.peak_mib,
-        })
-    base = next((r for r in rows if r["micro_batch"] == 1 and not r["amp_bf16"] and not r["channels_last"]), rows[0])
+        rows.append(
+            {
+                "setting": setting,
+                "backbone": params.model.backbone,
+                "image_size": size,
+                "config": label,
+                "micro_batch": cfg.micro_batch,
+                "amp_bf16": cfg.amp,
+                "channels_last": cfg.channels_last,
+                "triplets": args.triplets,
+                "seconds_per_step": seconds,
+                "triplets_per_s": ratio(args.triplets, seconds),
+                "peak_mib": mem.peak_mib,
+            }
+        )
+    base = next(
+        (r for r in rows if r["micro_batch"] == 1 and not r["amp_bf16"] and not r["channels_last"]),
+        rows[0],
+    )
     for r in rows:
         r["speedup_vs_base"] = ratio(base["seconds_per_step"], r["seconds_per_step"])
         r["memory_vs_base"] = ratio(r["peak_mib"], base["peak_mib"])
@@ -180,21 +209,33 @@ def profile_config(params: Params, device: torch.device, configs: list[StepConfi
 
 
 @torch.no_grad()
-def embed_pool(model: RetrievalNet, pool: int, size: int, batch: int, device: torch.device) -> torch.Tensor:
-    """Describe `pool` random images as describe_images does (eval, fp16 autocast on CUDA)."""
+def embed_pool(
+    model: RetrievalNet, pool: int, size: int, batch: int, device: torch.device
+) -> torch.Tensor:
+    """Describe `pool` random images in eval mode, batched like describe_images.
+
+    On CUDA the autocast is bf16 where describe_images uses fp16: an untrained network's
+    activations overflow fp16 (NaN descriptors) while pretrained ones do not; both run at the
+    same tensor-core rate.
+    """
     model.eval()
     out = []
     for start in range(0, pool, batch):
         x = torch.rand(min(batch, pool - start), 3, size, size, device=device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(model(x).float())
     model.train()
     return torch.cat(out)
 
 
 def bench_rounds(
-    setting: str, params: Params, step_rows: list[dict[str, Any]], config: StepConfig,
-    rounds: list[tuple[int, int]], device: torch.device, args: argparse.Namespace,
+    setting: str,
+    params: Params,
+    step_rows: list[dict[str, Any]],
+    config: StepConfig,
+    rounds: list[tuple[int, int]],
+    device: torch.device,
+    args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
     """Rows per (P, T): embed + mine seconds vs the steps of one round, and the mining share."""
     from msvlad.mining import build_miner
@@ -202,7 +243,9 @@ def bench_rounds(
     m = params.miner
     step_s = next(r["seconds_per_step"] for r in step_rows if r["config"] == config.label)
     model = prepare_model(params, config, device)
-    embed_pool(model, min(4, rounds[0][0]), params.model.image_size, params.extract.batch_size, device)  # warm-up
+    embed_pool(
+        model, min(4, rounds[0][0]), params.model.image_size, params.extract.batch_size, device
+    )  # warm-up
     rows = []
     for pool, triplets in rounds:
         synchronize(device)
@@ -211,23 +254,48 @@ def bench_rounds(
         synchronize(device)
         t1 = time.perf_counter()
         labels = torch.arange(pool, device=desc.device) // m.images_per_class
-        miner = build_miner(m.name, margin=m.margin, delta=m.delta, threshold=m.threshold,
-                            semi_hard_prob=m.semi_hard_prob, triplets_per_round=triplets, seed=args.seed,
-                            backend=m.backend)
+        miner = build_miner(
+            m.name,
+            margin=m.margin,
+            delta=m.delta,
+            threshold=m.threshold,
+            semi_hard_prob=m.semi_hard_prob,
+            triplets_per_round=triplets,
+            seed=args.seed,
+            backend=args.miner_backend or m.backend,
+        )
         mined = miner.mine(desc, labels)
         synchronize(device)
         t2 = time.perf_counter()
         steps = math.ceil(triplets / args.triplets)
         embed_s, mine_s, train_s = t1 - t0, t2 - t1, steps * step_s
-        rows.append({
-            "setting": setting, "pool": pool, "round_triplets": triplets, "mined": len(mined),
-            "miner": m.name, "backend": m.backend, "step_config": config.label, "steps": steps,
-            "embed_s": embed_s, "mine_s": mine_s, "train_s": train_s,
-            "mining_share": ratio(embed_s + mine_s, embed_s + mine_s + train_s),
-            "mining_vs_training": ratio(embed_s + mine_s, train_s),
-        })
-        log.info("%s P=%d T=%d: embed %.2fs, mine %.2fs, %d steps %.2fs", setting, pool, triplets,
-                 embed_s, mine_s, steps, train_s)
+        rows.append(
+            {
+                "setting": setting,
+                "pool": pool,
+                "round_triplets": triplets,
+                "mined": len(mined),
+                "miner": m.name,
+                "backend": args.miner_backend or m.backend,
+                "step_config": config.label,
+                "steps": steps,
+                "embed_s": embed_s,
+                "mine_s": mine_s,
+                "train_s": train_s,
+                "mining_share": ratio(embed_s + mine_s, embed_s + mine_s + train_s),
+                "mining_vs_training": ratio(embed_s + mine_s, train_s),
+            }
+        )
+        log.info(
+            "%s P=%d T=%d: embed %.2fs, mine %.2fs, %d steps %.2fs",
+            setting,
+            pool,
+            triplets,
+            embed_s,
+            mine_s,
+            steps,
+            train_s,
+        )
     return rows
 
 
@@ -238,7 +306,9 @@ def parse_rounds(text: str) -> list[tuple[int, int]]:
         try:
             p, t = (int(v) for v in part.split(":"))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--rounds: expected P:T pairs like 480:48, got {part!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"--rounds: expected P:T pairs like 480:48, got {part!r}"
+            ) from None
         if p < 2 or t < 1:
             raise argparse.ArgumentTypeError(f"--rounds: need P >= 2 and T >= 1, got {part!r}")
         out.append((p, t))
@@ -266,7 +336,9 @@ def plot(steps: list[dict[str, Any]], rounds: list[dict[str, Any]], path: Any) -
         xs = range(len(rounds))
         ax.bar(xs, embed, label="embed pool")
         ax.bar(xs, mine, bottom=embed, label="mine")
-        ax.bar(xs, train, bottom=[e + m for e, m in zip(embed, mine, strict=True)], label="train steps")
+        ax.bar(
+            xs, train, bottom=[e + m for e, m in zip(embed, mine, strict=True)], label="train steps"
+        )
         ax.set_xticks(xs, names, fontsize=7)
         ax.set_ylabel("seconds per round")
         ax.legend(fontsize=8)
@@ -279,12 +351,26 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     p = base_parser(NAME, __doc__.splitlines()[0])
     p.add_argument("--settings", type=str_list, default=["mini"], help="mini and/or paper")
     p.add_argument("--micro-batches", type=int_list, default=[1, 6], help="triplets per forward")
-    p.add_argument("--triplets", type=int, default=6, help="triplets per optimiser step (train.batch_triplets)")
+    p.add_argument(
+        "--triplets", type=int, default=6, help="triplets per optimiser step (train.batch_triplets)"
+    )
     p.add_argument("--mini-size", type=int, default=None, help="override the mini image size (224)")
-    p.add_argument("--paper-size", type=int, default=None, help="override the paper image size (512)")
-    p.add_argument("--rounds", type=parse_rounds, default=None,
-                   help="P:T pairs (pool size : triplets per round); default: each profile's miner values")
+    p.add_argument(
+        "--paper-size", type=int, default=None, help="override the paper image size (512)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=parse_rounds,
+        default=None,
+        help="P:T pairs (pool size : triplets per round); default: each profile's miner values",
+    )
     p.add_argument("--no-rounds", action="store_true", help="skip the mining-share part")
+    p.add_argument(
+        "--miner-backend",
+        choices=("torch", "faiss"),
+        default=None,
+        help="override the profile's miner.backend",
+    )
     args = p.parse_args(argv)
     check_positive(p, args, "repeats", "triplets")
     return args, p
@@ -305,26 +391,66 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step_rows += rows
         if not args.no_rounds:
             rounds = args.rounds or [(params.miner.pool_size, params.miner.triplets_per_round)]
-            round_rows += bench_rounds(s, params, rows, profile_config(params, device, configs), rounds,
-                                       device, args)
-    report(format_table(step_rows, ["setting", "config", "image_size", "seconds_per_step", "triplets_per_s",
-                                    "speedup_vs_base", "peak_mib", "memory_vs_base"]), args)
+            round_rows += bench_rounds(
+                s, params, rows, profile_config(params, device, configs), rounds, device, args
+            )
+    report(
+        format_table(
+            step_rows,
+            [
+                "setting",
+                "config",
+                "image_size",
+                "seconds_per_step",
+                "triplets_per_s",
+                "speedup_vs_base",
+                "peak_mib",
+                "memory_vs_base",
+            ],
+        ),
+        args,
+    )
     if round_rows:
-        report("\n" + format_table(round_rows, ["setting", "pool", "round_triplets", "mined", "step_config",
-                                                "steps", "embed_s", "mine_s", "train_s", "mining_share"]),
-               args)
-    record = write_results(args.out, NAME, args, device, {
-        "steps": step_rows,
-        "rounds": round_rows,
-        "baselines": {
-            "speedup_vs_base": "seconds per step of fp32, micro-batch 1 / this configuration's",
-            "memory_vs_base": "peak memory of this configuration / fp32, micro-batch 1",
-            "mining_share": "(embed + mine) / (embed + mine + ceil(T / triplets) steps)",
+        report(
+            "\n"
+            + format_table(
+                round_rows,
+                [
+                    "setting",
+                    "pool",
+                    "round_triplets",
+                    "mined",
+                    "step_config",
+                    "steps",
+                    "embed_s",
+                    "mine_s",
+                    "train_s",
+                    "mining_share",
+                ],
+            ),
+            args,
+        )
+    record = write_results(
+        args.out,
+        NAME,
+        args,
+        device,
+        {
+            "steps": step_rows,
+            "rounds": round_rows,
+            "baselines": {
+                "speedup_vs_base": "seconds per step of fp32, micro-batch 1 / this configuration's",
+                "memory_vs_base": "peak memory of this configuration / fp32, micro-batch 1",
+                "mining_share": "(embed + mine) / (embed + mine + ceil(T / triplets) steps)",
+            },
         },
-    })
+    )
     plot(step_rows, round_rows, plot_path(args.out))
     return record
 
 
 if __name__ == "__main__":
+    from msvlad.runtime import setup_logging
+
+    setup_logging()
     main()

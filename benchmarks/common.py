@@ -49,18 +49,25 @@ MIB = 1024.0 * 1024.0
 
 
 def base_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """Parser with the options every benchmark shares (--out, --device, --repeats, --warmup, ...)."""
+    """Parser with the options every benchmark shares (--out, --device, --repeats, ...)."""
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
     parser.add_argument(
-        "--out", type=Path, default=RESULTS_DIR / f"{name}.json",
+        "--out",
+        type=Path,
+        default=RESULTS_DIR / f"{name}.json",
         help="JSON result file; the plot is written next to it with a .png suffix",
     )
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CUDA when available, else CPU")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when available, else CPU",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (0: leave torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
     return parser
@@ -71,7 +78,9 @@ def int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -89,7 +98,8 @@ def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *n
     """Exit with a one-line usage error when one of the named integer options is < 1."""
     for name in names:
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag}: expected a positive integer, got {getattr(args, name)}")
 
 
 def setup_run(args: argparse.Namespace) -> torch.device:
@@ -372,7 +382,10 @@ def format_table(
     widths = [max(len(r[j]) for r in cells) for j in range(len(columns))]
 
     def render(line: list[str]) -> str:
-        parts = [v.rjust(w) if numeric[j] else v.ljust(w) for j, (v, w) in enumerate(zip(line, widths, strict=True))]
+        parts = [
+            v.rjust(w) if numeric[j] else v.ljust(w)
+            for j, (v, w) in enumerate(zip(line, widths, strict=True))
+        ]
         return "  ".join(parts).rstrip()
 
     out = [render(cells[0]), "  ".join("-" * w for w in widths)]
@@ -388,14 +401,18 @@ def plot_path(out: Path) -> Path:
     return Path(out).with_suffix(".png")
 
 
-def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 3.8)) -> tuple[Any, Any]:
+def new_figure(
+    ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 3.8)
+) -> tuple[Any, Any]:
     """A matplotlib (figure, axes array) on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False
+    )
     return fig, axes
 
 
@@ -424,8 +441,10 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_results(out: Path, name: str, args: argparse.Namespace, device: torch.device, results: dict[str, Any]) -> dict[str, Any]:
-    """Assemble the result record (benchmark, arguments, environment, results) and write it atomically."""
+def write_results(
+    out: Path, name: str, args: argparse.Namespace, device: torch.device, results: dict[str, Any]
+) -> dict[str, Any]:
+    """Assemble the record (benchmark, arguments, environment, results); write it atomically."""
     record = {
         "benchmark": name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -24,6 +24,7 @@ from PIL import Image
 from msvlad.config import load_params, params_to_dict
 from msvlad.evaluation import evaluate
 from msvlad.storage import save_npz, write_json
+from msvlad.train import LOG_FIELDS, ROUND_FIELDS, TRIPLET_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "tiny-test"
@@ -48,34 +49,6 @@ QUALITY = {
 }  # how strongly positives are ranked up
 VARIANT_BONUS = {"plain": 0.0, "qe": 0.5, "dba": 0.8}
 NUM_SCENES = 4
-LOG_HEADER = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map", "seconds"]
-ROUND_HEADER = [
-    "round",
-    "step",
-    "pool",
-    "candidates",
-    "triplets",
-    "semi_hard",
-    "hard",
-    "mean_loss",
-    "describe_seconds",
-    "mine_seconds",
-]
-TRIPLET_HEADER = [
-    "round",
-    "step",
-    "anchor",
-    "positive",
-    "negative",
-    "anchor_label",
-    "negative_label",
-    "pos_rank",
-    "neg_rank",
-    "pos_sim",
-    "neg_sim",
-    "loss",
-    "kind",
-]
 TRAIN_CLASSES = ("bridge", "church", "tower")
 
 
@@ -205,7 +178,7 @@ def _write_runs(runs_dir: Path, train_images: list[str], rng: np.random.Generato
     for key, m in METHODS.items():
         out = runs_dir / key / "train"
         if m["miner"] is None:
-            _write_csv(out / "log.csv", LOG_HEADER, [])
+            _write_csv(out / "log.csv", LOG_FIELDS, [])
             continue
         logs, rounds, triplets = [], [], []
         for r in range(4):
@@ -281,9 +254,9 @@ def _write_runs(runs_dir: Path, train_images: list[str], rng: np.random.Generato
                     "seconds": 2.0 * e,
                 }
             )
-        _write_csv(out / "log.csv", LOG_HEADER, logs)
-        _write_csv(out / "rounds.csv", ROUND_HEADER, rounds)
-        _write_csv(out / "triplets.csv", TRIPLET_HEADER, triplets)
+        _write_csv(out / "log.csv", LOG_FIELDS, logs)
+        _write_csv(out / "rounds.csv", ROUND_FIELDS, rounds)
+        _write_csv(out / "triplets.csv", TRIPLET_FIELDS, triplets)
 
 
 def make_run_tree(root: Path, seed: int = 0) -> RunTree:

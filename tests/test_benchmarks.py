@@ -1,4 +1,4 @@
-"""Benchmark scripts: each main() runs at tiny sizes, writes its JSON + PNG, and reports sane ratios.
+"""Benchmark scripts: each main() runs at tiny sizes, writes JSON + PNG, and reports sane ratios.
 
 Timings are not asserted (house rule: speed is reported as ratios by the scripts, never tested);
 the tests check the record's structure, that ratios are finite and positive, and the helpers.
@@ -61,7 +61,9 @@ def test_time_interleaved_runs_round_robin():
     from benchmarks.common import time_interleaved
 
     order = []
-    t = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=2, warmup=1)
+    t = time_interleaved(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=2, warmup=1
+    )
     assert order == ["a", "b"] * 3
     assert set(t) == {"a", "b"} and all(len(v.times) == 2 for v in t.values())
 
@@ -111,14 +113,38 @@ def test_bench_extraction_tiny(tmp_path):
     from benchmarks import bench_extraction
 
     out = tmp_path / "bench" / "extraction.json"
-    record = bench_extraction.main([
-        "--out", str(out), "--device", "cpu", "--quiet", "--threads", "1", "--batch-sizes", "1,2", "--mini-size", "64",
-        "--repeats", "1", "--warmup", "0", "--e2e-images", "4", "--e2e-side", "80", "--e2e-batch", "2",
-        "--e2e-workers", "0",
-    ])
+    record = bench_extraction.main(
+        [
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--threads",
+            "1",
+            "--batch-sizes",
+            "1,2",
+            "--mini-size",
+            "64",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--e2e-images",
+            "4",
+            "--e2e-side",
+            "80",
+            "--e2e-batch",
+            "2",
+            "--e2e-workers",
+            "0",
+        ]
+    )
     on_disk = _check_outputs(record, out, "bench_extraction")
     rows = on_disk["forward"]
-    assert {(r["batch"], r["variant"]) for r in rows} == {(b, v) for b in (1, 2) for v in bench_extraction.VARIANTS}
+    assert {(r["batch"], r["variant"]) for r in rows} == {
+        (b, v) for b in (1, 2) for v in bench_extraction.VARIANTS
+    }
     for r in rows:
         assert _finite_positive(r["images_per_s"]) and _finite_positive(r["speed_vs_backbone"])
         assert r["peak_mib"] >= 0
@@ -128,19 +154,26 @@ def test_bench_extraction_tiny(tmp_path):
             assert _finite_positive(r["pool_share"])
     dims = {r["variant"]: r["dim"] for r in rows if r["batch"] == 1}
     cfg = bench_extraction.setting_config("mini")
-    assert dims == {"backbone": 320, "gem": 320, "netvlad": cfg.num_clusters * 320,
-                    "msvlad": cfg.num_clusters * cfg.split}
+    assert dims == {
+        "backbone": 320,
+        "gem": 320,
+        "netvlad": cfg.num_clusters * 320,
+        "msvlad": cfg.num_clusters * cfg.split,
+    }
     e2e = on_disk["end_to_end"]
-    assert [(r["policy"], r["batch"]) for r in e2e] == [("square", 2), ("max_side", 2), ("max_side", 1)]
+    assert [(r["policy"], r["batch"]) for r in e2e] == [
+        ("square", 2),
+        ("max_side", 2),
+        ("max_side", 1),
+    ]
     assert all(_finite_positive(r["speedup_vs_peer"]) for r in e2e)
     assert [r["speedup_vs_peer"] for r in e2e][2] == 1.0
     assert set(on_disk["summary"]["mini"]["max_pool_share"]) == {"gem", "netvlad", "msvlad"}
 
 
 def test_bench_extraction_jpegs_have_mixed_aspects(tmp_path):
-    from PIL import Image
-
     from benchmarks.bench_extraction import make_jpegs
+    from PIL import Image
 
     paths = make_jpegs(tmp_path, 6, 60, seed=0)
     sizes = {Image.open(p).size for p in paths}
@@ -151,13 +184,34 @@ def test_bench_search_tiny(tmp_path):
     from benchmarks import bench_search
 
     out = tmp_path / "search.json"
-    record = bench_search.main([
-        "--out", str(out), "--device", "cpu", "--quiet", "--threads", "1", "--sizes", "400,1200", "--dim", "32",
-        "--queries", "8", "--k", "10", "--repeats", "1", "--warmup", "0",
-    ])
+    record = bench_search.main(
+        [
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--threads",
+            "1",
+            "--sizes",
+            "400,1200",
+            "--dim",
+            "32",
+            "--queries",
+            "8",
+            "--k",
+            "10",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ]
+    )
     on_disk = _check_outputs(record, out, "bench_search")
     rows = on_disk["rows"]
-    assert {(r["n"], r["method"]) for r in rows} == {(n, m) for n in (400, 1200) for m in bench_search.METHODS}
+    assert {(r["n"], r["method"]) for r in rows} == {
+        (n, m) for n in (400, 1200) for m in bench_search.METHODS
+    }
     for r in rows:
         assert _finite_positive(r["ms_per_query"]) and _finite_positive(r["speedup_vs_numpy"])
         assert _finite_positive(r["speedup_vs_flat"]) and 0 <= r["recall"] <= 1
@@ -167,7 +221,12 @@ def test_bench_search_tiny(tmp_path):
 
 
 def test_search_helpers_against_brute_force():
-    from benchmarks.bench_search import clustered_descriptors, make_centres, numpy_search, recall_at_k
+    from benchmarks.bench_search import (
+        clustered_descriptors,
+        make_centres,
+        numpy_search,
+        recall_at_k,
+    )
 
     rng = np.random.default_rng(0)
     centres = make_centres(5, 16, rng)
@@ -183,10 +242,29 @@ def test_bench_train_tiny(tmp_path):
     from benchmarks import bench_train
 
     out = tmp_path / "train.json"
-    record = bench_train.main([
-        "--out", str(out), "--device", "cpu", "--quiet", "--threads", "1", "--mini-size", "64", "--triplets", "2",
-        "--micro-batches", "1,2", "--repeats", "1", "--warmup", "1", "--rounds", "8:2",
-    ])
+    record = bench_train.main(
+        [
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--threads",
+            "1",
+            "--mini-size",
+            "64",
+            "--triplets",
+            "2",
+            "--micro-batches",
+            "1,2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--rounds",
+            "8:2",
+        ]
+    )
     on_disk = _check_outputs(record, out, "bench_train")
     steps = on_disk["steps"]
     assert [r["config"] for r in steps] == ["mb1 fp32", "mb2 fp32"]
@@ -201,8 +279,9 @@ def test_bench_train_tiny(tmp_path):
 
 
 def test_train_step_matches_one_big_batch():
-    """Accumulating over micro-batches of 1 gives the same gradients as one forward of all triplets."""
+    """Accumulating over micro-batches of 1 gives the gradients of one forward of all triplets."""
     from benchmarks.bench_train import setting_params, train_step
+
     from msvlad.model import build_model
 
     params = setting_params("mini", 64)
@@ -215,7 +294,8 @@ def test_train_step_matches_one_big_batch():
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         captured = {}
         opt.step = lambda m=model, c=captured: c.update(
-            {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+            {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        )
         loss = train_step(model, opt, images, micro_batch=micro, margin=1.0, amp=False)
         grads.append((loss, captured))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
@@ -228,10 +308,25 @@ def test_bench_storage_tiny(tmp_path):
     from benchmarks import bench_storage
 
     out = tmp_path / "storage.json"
-    record = bench_storage.main([
-        "--out", str(out), "--device", "cpu", "--quiet", "--db-size", "200", "--queries", "6",
-        "--landmarks", "3", "--dim", "32", "--agree-k", "20",
-    ])
+    record = bench_storage.main(
+        [
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--db-size",
+            "200",
+            "--queries",
+            "6",
+            "--landmarks",
+            "3",
+            "--dim",
+            "32",
+            "--agree-k",
+            "20",
+        ]
+    )
     on_disk = _check_outputs(record, out, "bench_storage")
     assert [r["setup"] for r in on_disk["map"]] == ["easy", "medium", "hard"]
     for r in on_disk["map"]:
@@ -252,11 +347,16 @@ def test_synthetic_revisited_gnd_is_consistent():
         lists = [set(g[k].tolist()) for k in ("easy", "hard", "junk")]
         assert not (lists[0] & lists[1]) and not (lists[0] & lists[2]) and not (lists[1] & lists[2])
         assert all(0 <= j < 1000 for s in lists for j in s)
-        assert gnd[i]["easy"].tolist() == gnd[i % 4]["easy"].tolist()  # queries of one landmark share gnd
+        assert (
+            gnd[i]["easy"].tolist() == gnd[i % 4]["easy"].tolist()
+        )  # queries of one landmark share gnd
     labelled = np.concatenate([g[k] for g in gnd[:4] for k in ("easy", "hard", "junk")])
     assert len(np.unique(labelled)) == len(labelled) == 200  # 20% of the database, each once
     # easy images are closer to their query than hard ones, hard than junk, junk than the rest
-    mean_sim = {k: np.mean([(db[g[k]] @ q[i]).mean() for i, g in enumerate(gnd)]) for k in ("easy", "hard", "junk")}
+    mean_sim = {
+        k: np.mean([(db[g[k]] @ q[i]).mean() for i, g in enumerate(gnd)])
+        for k in ("easy", "hard", "junk")
+    }
     rest = np.setdiff1d(np.arange(1000), labelled)
     assert mean_sim["easy"] > mean_sim["hard"] > mean_sim["junk"] > (db[rest] @ q.T).mean()
 
@@ -266,15 +366,25 @@ def test_bench_storage_reads_real_features(tmp_path):
 
     from benchmarks import bench_storage
     from benchmarks.bench_storage import synthetic_revisited
+
     from msvlad.storage import save_npz
 
     q, db, gnd = synthetic_revisited(120, 4, 2, 16, np.random.default_rng(1))
     save_npz(tmp_path / "ds" / "features.npz", q=q, db=db)
     (tmp_path / "gnd.pkl").write_bytes(pickle.dumps({"gnd": gnd, "imlist": [], "qimlist": []}))
-    record = bench_storage.main([
-        "--out", str(tmp_path / "s.json"), "--device", "cpu", "--quiet",
-        "--features", str(tmp_path / "ds" / "features.npz"), "--gnd", str(tmp_path / "gnd.pkl"),
-    ])
+    record = bench_storage.main(
+        [
+            "--out",
+            str(tmp_path / "s.json"),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--features",
+            str(tmp_path / "ds" / "features.npz"),
+            "--gnd",
+            str(tmp_path / "gnd.pkl"),
+        ]
+    )
     assert record["source"] == "ds" and record["protocol"] == "revisited"
     assert record["n_db"] == 120 and record["dim"] == 16
     with pytest.raises(SystemExit):

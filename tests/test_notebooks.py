@@ -148,3 +148,16 @@ def test_notebook_executes(name: str, tree, tmp_path: Path) -> None:
         if "image/png" in o.get("data", {})
     ]
     assert images, f"{name}: no figure shown in the executed notebook"
+
+
+def test_paths_are_anchored_at_the_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from msvlad import paths
+
+    monkeypatch.chdir(tmp_path)  # the cwd must not matter
+    assert paths.ROOT == ROOT and (paths.ROOT / "pyproject.toml").is_file()
+    assert paths.resolve("params.yaml") == ROOT / "params.yaml"
+    assert paths.resolve(tmp_path / "x") == tmp_path / "x"
+    assert (
+        paths.FIGURES == ROOT / "reports" / "figures"
+        and paths.TABLES == ROOT / "reports" / "tables"
+    )

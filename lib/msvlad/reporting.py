@@ -5,7 +5,7 @@ Reads what the pipeline writes (see `msvlad.cli`):
   results/evaluate/<method>/<dataset>/per_query*.csv  query, setup, AP, P@k per query, fractions
   results/evaluate/<method>/<dataset>/ranks.npy       (n_db, n_q) int32, one column per query
   runs/<method>/train/{log,rounds,triplets}.csv       per epoch, per mining round, per mined triplet
-Every value these functions return is in percent (AP, mAP, mP@k), as the paper's tables are.
+AP, mAP and mP@k values returned here are in percent, as in the paper's tables.
 Paired bootstrap confidence intervals come from `msvlad.stats.paired_bootstrap`.
 """
 
@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,9 @@ import pandas as pd
 from msvlad import paths
 from msvlad.config import Params
 from msvlad.storage import read_json, write_text
+
+if TYPE_CHECKING:
+    from msvlad.datasets import RetrievalDataset
 
 log = logging.getLogger(__name__)
 
@@ -483,7 +486,7 @@ def select_triplets(
 
 
 def query_ground_truth(
-    dataset: Any, query_index: int, setup: str = "medium"
+    dataset: RetrievalDataset, query_index: int, setup: str = "medium"
 ) -> tuple[str, np.ndarray, np.ndarray]:
     """(setup used, positive db indices, junk db indices) of one query under the dataset's protocol.
 
@@ -508,7 +511,9 @@ def query_ground_truth(
     return "all", ok, junk
 
 
-def query_ap(dataset: Any, ranks: np.ndarray, query_index: int, setup: str = "medium") -> float:
+def query_ap(
+    dataset: RetrievalDataset, ranks: np.ndarray, query_index: int, setup: str = "medium"
+) -> float:
     """AP (percent) of one query from its ranking column, with msvlad.evaluation's exact rules."""
     from msvlad.evaluation import compute_map
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 
 @contextmanager
@@ -61,13 +60,17 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     """torch.save atomically (checkpoints survive a kill mid-write)."""
+    import torch  # lazy: notebooks that only read JSON/CSV should not pay for importing torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return write_bytes(path, buf.getvalue())
 
 
-def load_torch(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """torch.load restricted to tensors and plain containers (weights_only=True)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")

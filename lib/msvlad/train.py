@@ -146,6 +146,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _run_signature(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a checkpoint must share with the run resuming it (the step budget may grow)."""
+    sig = {k: params.get(k) for k in ("model", "miner", "train", "data")}
+    sig["seed"] = params.get("base", {}).get("seed")
+    if isinstance(sig["train"], dict):
+        sig["train"] = {k: v for k, v in sig["train"].items() if k not in ("epochs", "checkpoint_every", "val_every")}
+    return sig
+
+
 class Trainer:
     """Holds everything a training run needs; `run()` trains until the step budget or a stop."""
 
@@ -166,7 +175,10 @@ class Trainer:
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=params.train.lr_start, weight_decay=0.0)
+        self.frozen = params.train.frozen_stages
+        trainable = self.model.freeze_stages(self.frozen)
+        self.optimizer = torch.optim.Adam(trainable, lr=params.train.lr_start, weight_decay=0.0)
+        self.trunk_cache: torch.Tensor | None = None
         m = params.miner
         self.pool = ClassBalancedPool(self.train_set.labels, m.pool_size, m.images_per_class, params.base.seed)
         self.step = 0
@@ -206,6 +218,14 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return False
         state = load_torch(self.checkpoint_path, self.device)
+        if _run_signature(state.get("params", {})) != _run_signature(params_to_dict(self.params)):
+            stale = self.checkpoint_path.with_name("checkpoint.stale.pt")
+            self.checkpoint_path.replace(stale)
+            for name in ("log.csv", "rounds.csv", "triplets.csv"):
+                (self.out_dir / name).unlink(missing_ok=True)
+            log.warning("%s was written with other parameters: moved to %s, training from scratch",
+                        self.checkpoint_path, stale.name)
+            return False
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.round = int(state["step"]), int(state["round"])
@@ -222,8 +242,40 @@ class Trainer:
         log.info("resumed from %s at step %d (round %d)", self.checkpoint_path, self.step, self.round)
         return True
 
+    # ------------------------------------------------------------------ frozen-trunk cache
+    @torch.no_grad()
+    def build_trunk_cache(self) -> None:
+        """Frozen stages never change: compute their output for every training image once."""
+        size, bs = self.params.model.image_size, self.params.extract.batch_size
+        self.model.eval()
+        chunks = []
+        for start in tqdm(range(0, len(self.train_set.paths), bs), desc="train: frozen-trunk cache", leave=False):
+            batch = []
+            for path in self.train_set.paths[start : start + bs]:
+                try:
+                    batch.append(load_resized(ImageItem(path), size, "square"))
+                except ImageLoadError as err:
+                    log.warning("frozen-trunk cache: %s (zero features)", err)
+                    batch.append(torch.zeros(3, size, size))
+            chunks.append(self.model.backbone.trunk(torch.stack(batch).to(self.device), self.frozen).cpu())
+        self.trunk_cache = torch.cat(chunks)
+        log.info("frozen-trunk cache: %d images, %s each, %.0f MB", len(self.trunk_cache),
+                 tuple(self.trunk_cache.shape[1:]), self.trunk_cache.numel() * 4 / 2**20)
+
+    @torch.no_grad()
+    def _describe_cached(self, pool_idx: np.ndarray) -> torch.Tensor:
+        self.model.eval()
+        bs = self.params.extract.batch_size
+        out = [
+            self.model.forward_from(self.trunk_cache[pool_idx[i : i + bs]].to(self.device), self.frozen).float()
+            for i in range(0, len(pool_idx), bs)
+        ]
+        return torch.cat(out)
+
     # ------------------------------------------------------------------ mining
     def _describe_pool(self, pool_idx: np.ndarray) -> torch.Tensor:
+        if self.trunk_cache is not None and self.dist.world == 1:
+            return self._describe_cached(pool_idx)
         items = [ImageItem(self.train_set.paths[i]) for i in pool_idx]
         shard = np.array_split(np.arange(len(items)), self.dist.world)[self.dist.rank]
         desc, ok = describe_images(
@@ -292,6 +344,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ optimisation
     def _load_triplet(self, triplet: torch.Tensor) -> torch.Tensor | None:
+        if self.trunk_cache is not None:
+            return self.trunk_cache[triplet]
         size = self.params.model.image_size
         try:
             return torch.stack([load_resized(ImageItem(self.train_set.paths[i]), size, "square") for i in triplet.tolist()])
@@ -317,7 +371,8 @@ class Trainer:
             sync = j == len(micro) - 1 or not isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
             ctx = nullcontext() if sync else self.net.no_sync()
             with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                d = self.net(x).float().view(len(chunk), 3, -1)
+                d = self.model.forward_from(x, self.frozen) if self.trunk_cache is not None else self.net(x)
+                d = d.float().view(len(chunk), 3, -1)
                 loss = triplet_loss(d[:, 0], d[:, 1], d[:, 2], self.params.miner.margin)
                 scaled = loss * len(chunk) / total * self.dist.world
             scaled.backward()
@@ -360,6 +415,8 @@ class Trainer:
         """Train up to the configured steps (or `max_steps` more), checkpointing; returns model.pt."""
         cfg = self.params.train
         resumed = self.resume()
+        if self.frozen and self.trunk_cache is None and self.dist.world == 1:
+            self.build_trunk_cache()
         if not resumed and self.step == 0:
             self._log_epoch(self.validate())  # epoch 0: the k-means-initialised model
         stop_at = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
