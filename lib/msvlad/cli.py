@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import yaml
 
 from msvlad.config import ConfigError, Params, load_params, method_params
@@ -107,6 +105,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     """Build the network and initialise NetVLAD centroids by k-means (other poolings: saved as is)."""
+    import numpy as np
+    import torch
+
     from msvlad.cluster import init_netvlad, kmeans_centroids, sample_local_features
     from msvlad.datasets import load_training_set
     from msvlad.extract import ImageItem
@@ -158,6 +159,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_whiten(args: argparse.Namespace) -> int:
     """Learn PCA-whitening on single-scale training-set descriptors and save the whitened model."""
+    import numpy as np
+    import torch
+
     from msvlad.datasets import load_training_set
     from msvlad.extract import ImageItem, describe_images
     from msvlad.model import load_model, save_model
@@ -187,6 +191,9 @@ def cmd_whiten(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Extract, rank and score test sets; writes metrics.json, features.npz, ranks.npy, per-query CSV."""
+    import numpy as np
+    import torch
+
     from msvlad.datasets import load_dataset
     from msvlad.evaluation import format_table
     from msvlad.model import build_model, load_model

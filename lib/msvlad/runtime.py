@@ -7,11 +7,12 @@ import os
 import random
 
 import numpy as np
-import torch
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto") -> "torch.device":  # noqa: F821 - torch imported lazily
     """'auto' picks CUDA when present, else CPU; 'cuda' without a GPU is a clear error."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -21,6 +22,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) RNGs."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -30,3 +33,4 @@ def seed_everything(seed: int) -> None:
 def setup_logging(level: int = logging.INFO) -> None:
     """One stderr handler with timestamps; called once by the CLI."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its AVX probing is noise
