@@ -254,7 +254,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     _params(args)  # validate params before spending minutes in notebooks
     names = args.notebook or list(NOTEBOOKS)
-    for path in run_reports(names, Path(args.out), params_file=str(Path(args.params).resolve())):
+    extra = {"params_file": str(Path(args.params).resolve())}
+    if args.results:
+        extra["results_dir"] = str(Path(args.results).resolve())
+    if args.runs:
+        extra["runs_dir"] = str(Path(args.runs).resolve())
+    for path in run_reports(names, Path(args.out), **extra):
         log.info("report -> %s (+ .html)", path)
     return 0
 
@@ -322,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--notebook", action="append", help="Notebook name (repeatable; default all).")
     p.add_argument("--out", default="reports", help="Output folder (notebooks/, figures/, tables/).")
+    p.add_argument("--results", help="Evaluation results folder (default results/evaluate).")
+    p.add_argument("--runs", help="Training runs folder (default runs).")
     p.set_defaults(func=cmd_report)
     return parser
 

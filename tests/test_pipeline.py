@@ -1,0 +1,95 @@
+"""End to end through the command line on tiny generated data: cluster -> train -> whiten -> evaluate -> report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from msvlad.cli import main
+from tinydata import make_retrieval_set, make_train_set
+
+
+@pytest.fixture
+def tiny_params(tmp_path, repo_root):
+    data = tmp_path / "data"
+    make_train_set(data / "train", num_classes=6, per_class=5)
+    make_retrieval_set(data, "val", num_scenes=3)
+    make_retrieval_set(data, "test", num_scenes=4, seed=7)
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["base"]["device"] = "cpu"
+    raw["data"].update(root=str(data), train_set="train", val_set="val", test_sets=["test"])
+    raw["model"].update(image_size=64, num_clusters=4)
+    raw["cluster"].update(num_images=20, max_locals=2000)
+    raw["miner"].update(pool_size=24, images_per_class=4, triplets_per_round=6, delta=0.5)
+    raw["train"].update(steps_per_epoch=2, epochs=2, checkpoint_every=2, warmup_steps=1)
+    raw["whiten"].update(num_images=30, dim=8)
+    raw["extract"].update(scales=[1.0, 0.75])
+    raw["report"].update(bootstrap=50, top_k=3, num_queries=2)
+    raw["methods"] = {k: raw["methods"][k] for k in ("msvlad", "msvlad-hardest", "msvlad-ots")}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, tmp_path
+
+
+@pytest.mark.slow
+def test_cli_pipeline_end_to_end(tiny_params):
+    params, tmp = tiny_params
+    p = ["--params", str(params)]
+    for method in ("msvlad", "msvlad-hardest", "msvlad-ots"):
+        run = tmp / "runs" / method
+        assert main(["cluster", *p, "--method", method, "--out", str(run / "init.pt")]) == 0
+        assert main(["train", *p, "--method", method, "--init", str(run / "init.pt"), "--out", str(run / "train")]) == 0
+        assert main(["whiten", *p, "--method", method, "--checkpoint", str(run / "train" / "model.pt"), "--out", str(run / "model.pt")]) == 0
+        out = tmp / "results" / "evaluate" / method
+        assert main(["evaluate", *p, "--method", method, "--checkpoint", str(run / "model.pt"), "--out", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        plain = metrics["test"]["plain"]
+        assert set(plain["mAP"]) == {"easy", "medium", "hard"}
+        assert all(0 <= v <= 100 for v in plain["mAP"].values())
+        assert set(metrics["test"]) == {"plain", "qe", "dba"}
+        feats = np.load(out / "test" / "features.npz")
+        assert feats["q"].shape == (4, 8) and feats["db"].shape == (12, 8) and feats["q"].dtype == np.float32
+        assert np.load(out / "test" / "ranks.npy").shape == (12, 4)
+        assert (out / "test" / "per_query.csv").exists()
+    trained = tmp / "runs" / "msvlad" / "train"
+    assert (trained / "triplets.csv").read_text().count("\n") > 1
+    # a second train call finds the finished checkpoint and does not train again
+    before = (trained / "log.csv").read_text()
+    assert main(["train", *p, "--method", "msvlad", "--init", str(tmp / "runs" / "msvlad" / "init.pt"), "--out", str(trained)]) == 0
+    assert (trained / "log.csv").read_text() == before
+    # the report notebooks run on these results
+    reports = tmp / "reports"
+    assert main(["report", *p, "--out", str(reports), "--results", str(tmp / "results" / "evaluate"), "--runs", str(tmp / "runs")]) == 0
+    for name in ("results", "rankings", "triplets", "training"):
+        assert (reports / "notebooks" / f"{name}.html").stat().st_size > 10_000
+        assert list((reports / "figures" / name).glob("*.png")), name
+    table = (reports / "tables" / "results.md").read_text()
+    assert "MS-NetVLAD + difficulty miner (paper)" in table and "+QE" in table
+
+
+def test_cli_errors_are_one_line(tiny_params, capsys):
+    params, tmp = tiny_params
+    assert main(["info", "--params", str(params), "--set", "model.num_cluster=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.num_cluster: unknown key" in err
+    assert main(["evaluate", "--params", str(params), "--checkpoint", str(tmp / "nope.pt"), "--out", str(tmp / "o")]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+
+
+def test_info_prints_dimensions(repo_root):
+    out = subprocess.run([sys.executable, "-m", "msvlad", "info", "--params", str(repo_root / "params.paper.yaml")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "raw dim       32768" in out and "1684 descriptors of 512-d" in out and "whitened dim  2048" in out
+
+
+def test_dvc_pipeline_graph(repo_root):
+    dvc = [sys.executable, "-m", "dvc"]
+    out = subprocess.run([*dvc, "dag", "--md"], cwd=repo_root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for stage in ("prepare", "cluster@msvlad", "train@msvlad", "whiten@msvlad", "evaluate@msvlad", "report"):
+        assert stage in out.stdout
