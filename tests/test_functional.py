@@ -74,11 +74,13 @@ def test_multiscale_no_split_when_channels_small(gen):
     assert LF.multiscale_local_features(fmap, (2, 3), 512).shape == (1, 16 + 9, 320)
 
 
-def test_multiscale_bad_split_and_tiny_map(gen):
+def test_multiscale_bad_split_and_tiny_map(gen):  # noqa: ARG001
     with pytest.raises(ValueError, match="split=300"):
         LF.multiscale_local_features(torch.randn(1, 1024, 4, 4), (2, 3), 300)
-    with pytest.raises(ValueError, match="smaller than every pool size"):
-        LF.multiscale_local_features(torch.randn(1, 8, 1, 1), (2, 3), None)
+    # a map smaller than every window falls back to the largest window that fits (here 1x1, i.e. 1x4 cells)
+    tiny = torch.randn(1, 8, 1, 4)
+    assert torch.allclose(LF.multiscale_local_features(tiny, (2, 3), None)[0], LF.l2n(tiny[0, :, 0].t()))
+    assert LF.bag_size(8, 1, 4, (2, 3), None) == 4
     # a 2x2 map keeps the 2x2 scale only
     assert LF.multiscale_local_features(torch.randn(1, 8, 2, 2), (2, 3), None).shape == (1, 1, 8)
 

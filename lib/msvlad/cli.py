@@ -198,11 +198,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from msvlad.evaluation import format_table
     from msvlad.model import build_model, load_model
     from msvlad.retrieval import describe_dataset, score
-    from msvlad.storage import save_npz, write_bytes, write_json
+    from msvlad.runtime import init_distributed
+    from msvlad.storage import save_npy, save_npz, write_json
 
     params = _params(args)
     seed_everything(params.base.seed)
     device = resolve_device(params.base.device)
+    dist_info = init_distributed()  # under torchrun every rank extracts a slice of each image list
+    if dist_info.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     if args.checkpoint:
         model = load_model(args.checkpoint)
     else:  # off-the-shelf: ImageNet backbone with the chosen pooling (NetVLAD needs k-means: use `cluster`)
@@ -214,6 +218,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     variants = [v for v in args.variants.split(",") if v]
     summary: dict[str, Any] = {}
     tables = {}
+    distractors = _distractor_descriptors(args, model, params, root, out, device) if args.distractors else None
     for name in names:
         dataset = load_dataset(root, name)
         t0 = time.time()
@@ -222,30 +227,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             num_workers=params.base.num_workers,
         )
         seconds = time.time() - t0
+        if not dist_info.main:
+            continue
+        if distractors is not None:
+            name = f"{name}+{args.distractors}"
         ddir = out / name if len(names) > 1 or not args.flat else out
         save_npz(ddir / "features.npz", q=desc.q, db=desc.db, qimlist=np.array(dataset.qimlist), imlist=np.array(dataset.imlist))
+        if distractors is not None:  # ranks past the dataset's images are distractors: never ok, never junk
+            desc.db = np.concatenate([desc.db, distractors])
         per_dataset: dict[str, Any] = {}
         for variant in variants:
             metrics, ranks = score(desc, dataset, params.evaluate, variant=variant)
             suffix = "" if variant == "plain" else f"+{variant.upper()}"
             js = metrics.to_json()
             js.update({"dataset": name, "protocol": dataset.protocol, "variant": variant,
-                       "num_queries": len(dataset.qimlist), "num_db": len(dataset.imlist),
+                       "num_queries": len(dataset.qimlist), "num_db": int(desc.db.shape[0]),
                        "dim": int(desc.db.shape[1]), "extract_seconds": round(seconds, 2),
                        "failed_images": len(desc.failed_queries) + len(desc.failed_db)})
             tag = "" if variant == "plain" else f"_{variant}"
             write_json(ddir / f"metrics{tag}.json", js)
             metrics.write_per_query_csv(ddir / f"per_query{tag}.csv", dataset.qimlist)
             if variant == "plain":
-                buf = __import__("io").BytesIO()
-                np.save(buf, ranks.astype(np.int32))
-                write_bytes(ddir / "ranks.npy", buf.getvalue())
+                save_npy(ddir / "ranks.npy", ranks.astype(np.int32))
             per_dataset[variant] = js
             tables[f"{name}{suffix}"] = metrics
         summary[name] = per_dataset
-    write_json(out / "metrics.json", summary if not args.flat else summary[names[0]]["plain"])
-    print(format_table(tables))
+    if dist_info.main:
+        write_json(out / "metrics.json", summary if not args.flat else next(iter(summary.values()))["plain"])
+        print(format_table(tables))
     return 0
+
+
+def _distractor_descriptors(args: argparse.Namespace, model: Any, params: Params, root: Path, out: Path, device: Any) -> Any:
+    """Descriptors of a distractor set (e.g. revisitop1m), cached in OUT/<name>_features.npz."""
+    import numpy as np
+
+    from msvlad.datasets import load_distractors
+    from msvlad.extract import ImageItem, extract_descriptors
+    from msvlad.storage import load_npz, save_npz
+
+    cache = out / f"{args.distractors}_features.npz"
+    if cache.exists():
+        return load_npz(cache)["db"]
+    paths = load_distractors(root, args.distractors)
+    log.info("describing %d distractors of %s", len(paths), args.distractors)
+    db, _ = extract_descriptors(
+        model, [ImageItem(p) for p in paths], image_size=params.model.image_size, scales=params.extract.scales,
+        resize=params.model.resize, batch_size=params.extract.batch_size, device=device,
+        num_workers=params.base.num_workers, desc=args.distractors,
+    )
+    save_npz(cache, db=db.astype(np.float16) if params.extract.float16 else db)
+    return db.astype(np.float32)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -321,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone", help="Off-the-shelf ImageNet backbone with the configured pooling.")
     p.add_argument("--variants", default="plain,qe,dba", help="Comma list of plain, qe (alpha-QE), dba (alpha-DBA).")
     p.add_argument("--flat", action="store_true", help="Single dataset: write files directly in --out.")
+    p.add_argument("--distractors", help="Append a distractor set to every database (e.g. revisitop1m: the +1M rows).")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="Run the report notebooks (papermill) and export HTML.")

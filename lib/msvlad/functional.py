@@ -96,15 +96,18 @@ def multiscale_local_features(
         pooled = fmap if s == 1 else F.max_pool2d(fmap, kernel_size=s, stride=1)
         local = pooled.flatten(2).transpose(1, 2)  # (B, H'W', C)
         bags.append(local.reshape(b, -1, dim))  # (B, H'W' * C/dim, dim)
-    if not bags:
-        raise ValueError(f"feature map {h}x{w} is smaller than every pool size {tuple(pool_sizes)}")
+    if not bags:  # a tiny or extremely elongated image: fall back to the largest window that fits
+        s = min(h, w)
+        pooled = F.max_pool2d(fmap, kernel_size=s, stride=1)
+        bags.append(pooled.flatten(2).transpose(1, 2).reshape(b, -1, dim))
     return l2n(torch.cat(bags, dim=1), eps=eps)
 
 
 def bag_size(channels: int, height: int, width: int, pool_sizes: Sequence[int], split: int | None) -> int:
     """Number of local descriptors `multiscale_local_features` yields for one map."""
     chunks = 1 if split is None or channels <= split else channels // split
-    return chunks * sum((height - s + 1) * (width - s + 1) for s in pool_sizes if s <= min(height, width))
+    sizes = [s for s in pool_sizes if s <= min(height, width)] or [min(height, width)]
+    return chunks * sum((height - s + 1) * (width - s + 1) for s in sizes)
 
 
 # ----------------------------------------------------------------------------- NetVLAD

@@ -87,6 +87,13 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return write_bytes(path, buf.getvalue())
 
 
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """np.save atomically."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return write_bytes(path, buf.getvalue())
+
+
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Load an .npz without allowing pickled objects."""
     path = Path(path)

@@ -35,7 +35,7 @@ from msvlad.loss import triplet_loss
 from msvlad.mining import build_miner
 from msvlad.model import RetrievalNet, load_model, save_model
 from msvlad.retrieval import describe_dataset, score
-from msvlad.runtime import resolve_device, seed_everything
+from msvlad.runtime import Dist, init_distributed, resolve_device, seed_everything
 from msvlad.sampler import ClassBalancedPool
 from msvlad.schedule import lr_at
 from msvlad.storage import atomic_path, load_torch, save_torch
@@ -51,31 +51,6 @@ TRIPLET_FIELDS = [
     "round", "step", "anchor", "positive", "negative", "anchor_label", "negative_label",
     "pos_rank", "neg_rank", "pos_sim", "neg_sim", "loss", "kind",
 ]
-
-
-@dataclass
-class Dist:
-    """Process-group facts (a single process when not launched by torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    return Dist(rank, dist.get_world_size())
 
 
 class _Stop:
