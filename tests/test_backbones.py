@@ -13,7 +13,10 @@ from torchvision.models._meta import _IMAGENET_CATEGORIES as CATEGORIES
 from msvlad.backbones import BACKBONES, _load_trunk, build_backbone, build_classifier
 
 
-@pytest.mark.parametrize(("name", "channels", "stride"), [("resnet50", 2048, 32), ("vgg16", 512, 16), ("efficientnet_lite0", 320, 32)])
+@pytest.mark.parametrize(
+    ("name", "channels", "stride"),
+    [("resnet50", 2048, 32), ("vgg16", 512, 16), ("efficientnet_lite0", 320, 32)],
+)
 def test_untrained_cut_points(name, channels, stride, gen):
     net = build_backbone(name, pretrained=False).eval()
     with torch.no_grad():
@@ -24,7 +27,9 @@ def test_untrained_cut_points(name, channels, stride, gen):
 
 def test_resnet101_registered():
     assert BACKBONES["resnet101"].out_channels == 2048
-    assert "cirtorch" in BACKBONES["resnet101"].urls and "torchvision" in BACKBONES["resnet101"].urls
+    assert (
+        "cirtorch" in BACKBONES["resnet101"].urls and "torchvision" in BACKBONES["resnet101"].urls
+    )
 
 
 def test_torchvision_resnet_weights_map_onto_trunk(gen):
@@ -64,4 +69,6 @@ def test_efficientnet_lite0_backbone_uses_package_weights(gen):
     untrained = build_backbone("efficientnet_lite0", pretrained=False)
     k = "conv_stem.weight"
     assert not torch.equal(trained.body.state_dict()[k], untrained.body.state_dict()[k])
-    assert torch.equal(trained.body.state_dict()[k], build_classifier("efficientnet_lite0").state_dict()[k])
+    assert torch.equal(
+        trained.body.state_dict()[k], build_classifier("efficientnet_lite0").state_dict()[k]
+    )

@@ -17,7 +17,18 @@ from tinydata import make_retrieval_set, make_train_set
 
 def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "msvlad", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "msvlad",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -32,7 +43,9 @@ def test_sharded_evaluation_and_ddp_training(tmp_path, repo_root):
     raw["model"].update(image_size=64, num_clusters=4)
     raw["cluster"].update(num_images=20, max_locals=2000)
     raw["miner"].update(pool_size=24, images_per_class=4, triplets_per_round=6, delta=0.5)
-    raw["train"].update(steps_per_epoch=2, epochs=1, checkpoint_every=2, warmup_steps=1, frozen_stages=0)
+    raw["train"].update(
+        steps_per_epoch=2, epochs=1, checkpoint_every=2, warmup_steps=1, frozen_stages=0
+    )
     raw["extract"].update(scales=[1.0], query_scale=1.0)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
@@ -40,17 +53,48 @@ def test_sharded_evaluation_and_ddp_training(tmp_path, repo_root):
     init = tmp_path / "init.pt"
     assert main(["cluster", *p, "--method", "msvlad", "--out", str(init)]) == 0
 
-    assert main(["evaluate", *p, "--checkpoint", str(init), "--out", str(tmp_path / "single"), "--variants", "plain"]) == 0
-    res = _torchrun(["evaluate", *p, "--checkpoint", str(init), "--out", str(tmp_path / "multi"), "--variants", "plain"], repo_root)
+    assert (
+        main(
+            [
+                "evaluate",
+                *p,
+                "--checkpoint",
+                str(init),
+                "--out",
+                str(tmp_path / "single"),
+                "--variants",
+                "plain",
+            ]
+        )
+        == 0
+    )
+    res = _torchrun(
+        [
+            "evaluate",
+            *p,
+            "--checkpoint",
+            str(init),
+            "--out",
+            str(tmp_path / "multi"),
+            "--variants",
+            "plain",
+        ],
+        repo_root,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     one = np.load(tmp_path / "single" / "test" / "features.npz")
     two = np.load(tmp_path / "multi" / "test" / "features.npz")
-    assert np.allclose(one["db"], two["db"], atol=1e-5) and np.allclose(one["q"], two["q"], atol=1e-5)
+    assert np.allclose(one["db"], two["db"], atol=1e-5) and np.allclose(
+        one["q"], two["q"], atol=1e-5
+    )
     m1 = json.loads((tmp_path / "single" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "multi" / "metrics.json").read_text())
     assert m1["test"]["plain"]["mAP"] == m2["test"]["plain"]["mAP"]
 
-    res = _torchrun(["train", *p, "--method", "msvlad", "--init", str(init), "--out", str(tmp_path / "ddp")], repo_root)
+    res = _torchrun(
+        ["train", *p, "--method", "msvlad", "--init", str(init), "--out", str(tmp_path / "ddp")],
+        repo_root,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "ddp" / "model.pt").exists()
     log = (tmp_path / "ddp" / "log.csv").read_text().splitlines()

@@ -9,7 +9,13 @@ from PIL import Image
 
 from msvlad import functional as LF
 from msvlad.config import ModelConfig
-from msvlad.extract import ImageItem, describe_images, extract_descriptors, load_resized, target_size
+from msvlad.extract import (
+    ImageItem,
+    describe_images,
+    extract_descriptors,
+    load_resized,
+    target_size,
+)
 from msvlad.model import build_model
 from msvlad.whitening import Whitening
 
@@ -53,7 +59,9 @@ def test_query_crop_before_resize(model, images):
     item = ImageItem(images[0], bbx=(10.0, 5.0, 50.0, 45.0))
     x = load_resized(item, 64, "max_side")
     assert x.shape == (3, 64, 64)  # the 40x40 crop, resized
-    full = np.asarray(Image.open(images[0]).convert("RGB").crop((10, 5, 50, 45)).resize((64, 64), Image.BILINEAR))
+    full = np.asarray(
+        Image.open(images[0]).convert("RGB").crop((10, 5, 50, 45)).resize((64, 64), Image.BILINEAR)
+    )
     assert torch.allclose(x, torch.from_numpy(full.copy()).permute(2, 0, 1).float() / 255)
 
 
@@ -76,7 +84,12 @@ def test_multiscale_sum_then_whiten(model, images):
 def test_broken_image_is_logged_and_skipped(model, images, tmp_path, caplog):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(images[0].read_bytes()[:200])  # truncated JPEG
-    items = [ImageItem(images[0]), ImageItem(broken), ImageItem(tmp_path / "missing.jpg"), ImageItem(images[1])]
+    items = [
+        ImageItem(images[0]),
+        ImageItem(broken),
+        ImageItem(tmp_path / "missing.jpg"),
+        ImageItem(images[1]),
+    ]
     out, failed = extract_descriptors(model, items, image_size=64, resize="max_side")
     assert failed == [1, 2]
     assert np.all(out[1] == 0) and np.all(out[2] == 0)

@@ -79,7 +79,9 @@ def test_multiscale_bad_split_and_tiny_map(gen):  # noqa: ARG001
         LF.multiscale_local_features(torch.randn(1, 1024, 4, 4), (2, 3), 300)
     # a map smaller than every window falls back to the largest window that fits (here 1x1, i.e. 1x4 cells)
     tiny = torch.randn(1, 8, 1, 4)
-    assert torch.allclose(LF.multiscale_local_features(tiny, (2, 3), None)[0], LF.l2n(tiny[0, :, 0].t()))
+    assert torch.allclose(
+        LF.multiscale_local_features(tiny, (2, 3), None)[0], LF.l2n(tiny[0, :, 0].t())
+    )
     assert LF.bag_size(8, 1, 4, (2, 3), None) == 4
     # a 2x2 map keeps the 2x2 scale only
     assert LF.multiscale_local_features(torch.randn(1, 8, 2, 2), (2, 3), None).shape == (1, 1, 8)
@@ -151,10 +153,14 @@ def test_alpha_v1_ratio(gen):
 
 def test_gradcheck_netvlad_double(gen):
     local = LF.l2n(torch.randn(1, 4, 3, generator=gen, dtype=torch.float64))
-    params = [torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    params = [
+        torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2)
+    ]
     bias = torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True)
     local.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, c, w, b: LF.netvlad(x, c, w, b), (local, params[0], params[1], bias))
+    assert torch.autograd.gradcheck(
+        lambda x, c, w, b: LF.netvlad(x, c, w, b), (local, params[0], params[1], bias)
+    )
 
 
 def test_gradcheck_gem_double(gen):

@@ -13,7 +13,9 @@ from msvlad.whitening import Whitening
 
 
 def _cfg(**kw) -> ModelConfig:
-    base = dict(backbone="efficientnet_lite0", pooling="msvlad", split=160, num_clusters=4, image_size=96)
+    base = dict(
+        backbone="efficientnet_lite0", pooling="msvlad", split=160, num_clusters=4, image_size=96
+    )
     base.update(kw)
     return ModelConfig(**base)
 

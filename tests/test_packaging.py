@@ -44,7 +44,9 @@ def test_profiles_have_identical_keys_and_validate(repo_root):
 def test_bad_params_are_one_line_errors(repo_root, tmp_path):
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
     raw["model"]["num_cluster"] = 3
-    with pytest.raises(ConfigError, match=r"model\.num_cluster: unknown key \(did you mean num_clusters\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"model\.num_cluster: unknown key \(did you mean num_clusters\?\)"
+    ):
         params_from_dict(raw)
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
     raw["miner"]["name"] = "hardest"

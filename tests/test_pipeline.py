@@ -43,28 +43,102 @@ def test_cli_pipeline_end_to_end(tiny_params):
     for method in ("msvlad", "msvlad-hardest", "msvlad-ots"):
         run = tmp / "runs" / method
         assert main(["cluster", *p, "--method", method, "--out", str(run / "init.pt")]) == 0
-        assert main(["train", *p, "--method", method, "--init", str(run / "init.pt"), "--out", str(run / "train")]) == 0
-        assert main(["whiten", *p, "--method", method, "--checkpoint", str(run / "train" / "model.pt"), "--out", str(run / "model.pt")]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    *p,
+                    "--method",
+                    method,
+                    "--init",
+                    str(run / "init.pt"),
+                    "--out",
+                    str(run / "train"),
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    "whiten",
+                    *p,
+                    "--method",
+                    method,
+                    "--checkpoint",
+                    str(run / "train" / "model.pt"),
+                    "--out",
+                    str(run / "model.pt"),
+                ]
+            )
+            == 0
+        )
         out = tmp / "results" / "evaluate" / method
-        assert main(["evaluate", *p, "--method", method, "--checkpoint", str(run / "model.pt"), "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    *p,
+                    "--method",
+                    method,
+                    "--checkpoint",
+                    str(run / "model.pt"),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         metrics = json.loads((out / "metrics.json").read_text())
         plain = metrics["test"]["plain"]
         assert set(plain["mAP"]) == {"easy", "medium", "hard"}
         assert all(0 <= v <= 100 for v in plain["mAP"].values())
         assert set(metrics["test"]) == {"plain", "qe", "dba"}
         feats = np.load(out / "test" / "features.npz")
-        assert feats["q"].shape == (4, 8) and feats["db"].shape == (12, 8) and feats["q"].dtype == np.float32
+        assert (
+            feats["q"].shape == (4, 8)
+            and feats["db"].shape == (12, 8)
+            and feats["q"].dtype == np.float32
+        )
         assert np.load(out / "test" / "ranks.npy").shape == (12, 4)
         assert (out / "test" / "per_query.csv").exists()
     trained = tmp / "runs" / "msvlad" / "train"
     assert (trained / "triplets.csv").read_text().count("\n") > 1
     # a second train call finds the finished checkpoint and does not train again
     before = (trained / "log.csv").read_text()
-    assert main(["train", *p, "--method", "msvlad", "--init", str(tmp / "runs" / "msvlad" / "init.pt"), "--out", str(trained)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *p,
+                "--method",
+                "msvlad",
+                "--init",
+                str(tmp / "runs" / "msvlad" / "init.pt"),
+                "--out",
+                str(trained),
+            ]
+        )
+        == 0
+    )
     assert (trained / "log.csv").read_text() == before
     # the report notebooks run on these results
     reports = tmp / "reports"
-    assert main(["report", *p, "--out", str(reports), "--results", str(tmp / "results" / "evaluate"), "--runs", str(tmp / "runs")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                *p,
+                "--out",
+                str(reports),
+                "--results",
+                str(tmp / "results" / "evaluate"),
+                "--runs",
+                str(tmp / "runs"),
+            ]
+        )
+        == 0
+    )
     for name in ("results", "rankings", "triplets", "training"):
         assert (reports / "notebooks" / f"{name}.html").stat().st_size > 10_000
         assert list((reports / "figures" / name).glob("*.png")), name
@@ -77,19 +151,47 @@ def test_cli_errors_are_one_line(tiny_params, capsys):
     assert main(["info", "--params", str(params), "--set", "model.num_cluster=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.num_cluster: unknown key" in err
-    assert main(["evaluate", "--params", str(params), "--checkpoint", str(tmp / "nope.pt"), "--out", str(tmp / "o")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--params",
+                str(params),
+                "--checkpoint",
+                str(tmp / "nope.pt"),
+                "--out",
+                str(tmp / "o"),
+            ]
+        )
+        == 2
+    )
     assert "nope.pt" in capsys.readouterr().err
 
 
 def test_info_prints_dimensions(repo_root):
-    out = subprocess.run([sys.executable, "-m", "msvlad", "info", "--params", str(repo_root / "params.paper.yaml")],
-                         capture_output=True, text=True, check=True).stdout
-    assert "raw dim       32768" in out and "1684 descriptors of 512-d" in out and "whitened dim  2048" in out
+    out = subprocess.run(
+        [sys.executable, "-m", "msvlad", "info", "--params", str(repo_root / "params.paper.yaml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (
+        "raw dim       32768" in out
+        and "1684 descriptors of 512-d" in out
+        and "whitened dim  2048" in out
+    )
 
 
 def test_dvc_pipeline_graph(repo_root):
     dvc = [sys.executable, "-m", "dvc"]
     out = subprocess.run([*dvc, "dag", "--md"], cwd=repo_root, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    for stage in ("prepare", "cluster@msvlad", "train@msvlad", "whiten@msvlad", "evaluate@msvlad", "report"):
+    for stage in (
+        "prepare",
+        "cluster@msvlad",
+        "train@msvlad",
+        "whiten@msvlad",
+        "evaluate@msvlad",
+        "report",
+    ):
         assert stage in out.stdout

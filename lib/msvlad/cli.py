@@ -43,8 +43,16 @@ def _params(args: argparse.Namespace) -> Params:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", default="params.yaml", help="Params file (the mini profile by default).")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="Override one parameter.")
+    p.add_argument(
+        "--params", default="params.yaml", help="Params file (the mini profile by default)."
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="Override one parameter.",
+    )
 
 
 # ----------------------------------------------------------------------------- commands
@@ -65,7 +73,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"pooling       {cfg.pooling}: {model.pooling.extra_repr() if hasattr(model.pooling, 'extra_repr') else ''}",
     ]
     if model.is_vlad:
-        lines.append(f"local bag     {bag_size(model.backbone.out_channels, side, side, model.pooling.pool_sizes, model.pooling.split)} descriptors of {model.pooling.dim}-d")
+        lines.append(
+            f"local bag     {bag_size(model.backbone.out_channels, side, side, model.pooling.pool_sizes, model.pooling.split)} descriptors of {model.pooling.dim}-d"
+        )
     lines += [
         f"raw dim       {model.raw_dim}",
         f"whitened dim  {min(params.whiten.dim, model.raw_dim)} (PCA-whitening, power {params.whiten.power})",
@@ -85,8 +95,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
         fetch_assets(Path(params.data.assets))
         summary = build_mini_benchmark(
-            Path(params.data.assets), root, seed=params.base.seed,
-            image_max_side=params.prepare.mini_image_max_side, train_views_per_class=params.prepare.mini_train_views,
+            Path(params.data.assets),
+            root,
+            seed=params.base.seed,
+            image_max_side=params.prepare.mini_image_max_side,
+            train_views_per_class=params.prepare.mini_train_views,
         )
         log.info("mini benchmark: %s", summary)
         return 0
@@ -96,7 +109,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for name in dict.fromkeys(n for n in names if n):
         options: dict[str, Any] = {}
         if name.startswith("gldv2"):
-            options = {"num_classes": params.prepare.gldv2_num_classes, "min_images_per_class": params.prepare.gldv2_min_images, "seed": params.base.seed}
+            options = {
+                "num_classes": params.prepare.gldv2_num_classes,
+                "min_images_per_class": params.prepare.gldv2_min_images,
+                "seed": params.base.seed,
+            }
         if name == "holidays_rotated" and params.prepare.holidays_rotations:
             options = {"rotations": params.prepare.holidays_rotations}
         prepare_dataset(name, root, mirror=params.data.mirror, **options)
@@ -106,7 +123,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     """Build the network and initialise NetVLAD centroids by k-means (other poolings: saved as is)."""
     import numpy as np
-    import torch
 
     from msvlad.cluster import init_netvlad, kmeans_centroids, sample_local_features
     from msvlad.datasets import load_training_set
@@ -126,14 +142,26 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         pick = np.sort(rng.choice(len(train_set.paths), n, replace=False))
         t0 = time.time()
         local = sample_local_features(
-            model, [ImageItem(train_set.paths[i]) for i in pick], image_size=params.model.image_size,
-            max_locals=params.cluster.max_locals, batch_size=params.cluster.batch_size, seed=params.base.seed,
+            model,
+            [ImageItem(train_set.paths[i]) for i in pick],
+            image_size=params.model.image_size,
+            max_locals=params.cluster.max_locals,
+            batch_size=params.cluster.batch_size,
+            seed=params.base.seed,
             device=device,
         )
-        centroids = kmeans_centroids(local, params.model.num_clusters, niter=params.cluster.niter, seed=params.base.seed)
+        centroids = kmeans_centroids(
+            local, params.model.num_clusters, niter=params.cluster.niter, seed=params.base.seed
+        )
         alpha = init_netvlad(model, local, centroids, params.model.alpha_rule)
-        log.info("k-means: %d locals from %d images -> %d centroids, alpha %.2f (%.1fs)",
-                 len(local), n, len(centroids), alpha, time.time() - t0)
+        log.info(
+            "k-means: %d locals from %d images -> %d centroids, alpha %.2f (%.1fs)",
+            len(local),
+            n,
+            len(centroids),
+            alpha,
+            time.time() - t0,
+        )
         extra = {"alpha": alpha, "num_locals": len(local)}
     save_model(model.cpu(), out, **extra)
     log.info("initial model -> %s", out)
@@ -148,7 +176,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.method and params.methods[args.method].miner is None:
         shutil.copyfile(args.init, out / "model.pt")
         log.info("%s is off-the-shelf: no training, %s copied", args.method, args.init)
-        for name, header in (("log.csv", "epoch,step,lr,loss,triplets,rounds,yield,val_map,seconds\n"),):
+        for name, header in (
+            ("log.csv", "epoch,step,lr,loss,triplets,rounds,yield,val_map,seconds\n"),
+        ):
             (out / name).write_text(header)
         return 0
     from msvlad.train import train
@@ -175,17 +205,29 @@ def cmd_whiten(args: argparse.Namespace) -> int:
     n = min(params.whiten.num_images, len(train_set.paths))
     pick = np.sort(rng.choice(len(train_set.paths), n, replace=False))
     desc, ok = describe_images(
-        model, [ImageItem(train_set.paths[i]) for i in pick], image_size=params.model.image_size,
-        batch_size=params.whiten.batch_size, device=device, num_workers=params.base.num_workers, desc="whiten",
+        model,
+        [ImageItem(train_set.paths[i]) for i in pick],
+        image_size=params.model.image_size,
+        batch_size=params.whiten.batch_size,
+        device=device,
+        num_workers=params.base.num_workers,
+        desc="whiten",
     )
     desc = desc[torch.from_numpy(ok)]
     dim = min(params.whiten.dim, desc.shape[1], len(desc) - 1)
     if dim < params.whiten.dim:
-        log.warning("whiten.dim=%d reduced to %d (descriptor dim %d, %d training images)",
-                    params.whiten.dim, dim, desc.shape[1], len(desc))
+        log.warning(
+            "whiten.dim=%d reduced to %d (descriptor dim %d, %d training images)",
+            params.whiten.dim,
+            dim,
+            desc.shape[1],
+            len(desc),
+        )
     model.whitening = Whitening.fit(desc, dim, params.whiten.power).to(device)
     save_model(model.cpu(), args.out, whiten_images=len(desc))
-    log.info("PCA-whitening %d -> %d learned on %d images -> %s", desc.shape[1], dim, len(desc), args.out)
+    log.info(
+        "PCA-whitening %d -> %d learned on %d images -> %s", desc.shape[1], dim, len(desc), args.out
+    )
     return 0
 
 
@@ -210,7 +252,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.checkpoint:
         model = load_model(args.checkpoint)
     else:  # off-the-shelf: ImageNet backbone with the chosen pooling (NetVLAD needs k-means: use `cluster`)
-        model = build_model(params.model if not args.backbone else _with_backbone(params, args.backbone).model)
+        model = build_model(
+            params.model if not args.backbone else _with_backbone(params, args.backbone).model
+        )
     model = model.to(device).eval()
     root = Path(args.data_root or params.data.root)
     names = args.dataset or params.data.test_sets
@@ -218,12 +262,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     variants = [v for v in args.variants.split(",") if v]
     summary: dict[str, Any] = {}
     tables = {}
-    distractors = _distractor_descriptors(args, model, params, root, out, device) if args.distractors else None
+    distractors = (
+        _distractor_descriptors(args, model, params, root, out, device)
+        if args.distractors
+        else None
+    )
     for name in names:
         dataset = load_dataset(root, name)
         t0 = time.time()
         desc = describe_dataset(
-            model, dataset, model_cfg=model.config, extract_cfg=params.extract, device=device,
+            model,
+            dataset,
+            model_cfg=model.config,
+            extract_cfg=params.extract,
+            device=device,
             num_workers=params.base.num_workers,
         )
         seconds = time.time() - t0
@@ -232,18 +284,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if distractors is not None:
             name = f"{name}+{args.distractors}"
         ddir = out / name if len(names) > 1 or not args.flat else out
-        save_npz(ddir / "features.npz", q=desc.q, db=desc.db, qimlist=np.array(dataset.qimlist), imlist=np.array(dataset.imlist))
-        if distractors is not None:  # ranks past the dataset's images are distractors: never ok, never junk
+        save_npz(
+            ddir / "features.npz",
+            q=desc.q,
+            db=desc.db,
+            qimlist=np.array(dataset.qimlist),
+            imlist=np.array(dataset.imlist),
+        )
+        if (
+            distractors is not None
+        ):  # ranks past the dataset's images are distractors: never ok, never junk
             desc.db = np.concatenate([desc.db, distractors])
         per_dataset: dict[str, Any] = {}
         for variant in variants:
             metrics, ranks = score(desc, dataset, params.evaluate, variant=variant)
             suffix = "" if variant == "plain" else f"+{variant.upper()}"
             js = metrics.to_json()
-            js.update({"dataset": name, "protocol": dataset.protocol, "variant": variant,
-                       "num_queries": len(dataset.qimlist), "num_db": int(desc.db.shape[0]),
-                       "dim": int(desc.db.shape[1]), "extract_seconds": round(seconds, 2),
-                       "failed_images": len(desc.failed_queries) + len(desc.failed_db)})
+            js.update(
+                {
+                    "dataset": name,
+                    "protocol": dataset.protocol,
+                    "variant": variant,
+                    "num_queries": len(dataset.qimlist),
+                    "num_db": int(desc.db.shape[0]),
+                    "dim": int(desc.db.shape[1]),
+                    "extract_seconds": round(seconds, 2),
+                    "failed_images": len(desc.failed_queries) + len(desc.failed_db),
+                }
+            )
             tag = "" if variant == "plain" else f"_{variant}"
             write_json(ddir / f"metrics{tag}.json", js)
             metrics.write_per_query_csv(ddir / f"per_query{tag}.csv", dataset.qimlist)
@@ -253,12 +321,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             tables[f"{name}{suffix}"] = metrics
         summary[name] = per_dataset
     if dist_info.main:
-        write_json(out / "metrics.json", summary if not args.flat else next(iter(summary.values()))["plain"])
+        write_json(
+            out / "metrics.json",
+            summary if not args.flat else next(iter(summary.values()))["plain"],
+        )
         print(format_table(tables))
     return 0
 
 
-def _distractor_descriptors(args: argparse.Namespace, model: Any, params: Params, root: Path, out: Path, device: Any) -> Any:
+def _distractor_descriptors(
+    args: argparse.Namespace, model: Any, params: Params, root: Path, out: Path, device: Any
+) -> Any:
     """Descriptors of a distractor set (e.g. revisitop1m), cached in OUT/<name>_features.npz."""
     import numpy as np
 
@@ -272,9 +345,15 @@ def _distractor_descriptors(args: argparse.Namespace, model: Any, params: Params
     paths = load_distractors(root, args.distractors)
     log.info("describing %d distractors of %s", len(paths), args.distractors)
     db, _ = extract_descriptors(
-        model, [ImageItem(p) for p in paths], image_size=params.model.image_size, scales=params.extract.scales,
-        resize=params.model.resize, batch_size=params.extract.batch_size, device=device,
-        num_workers=params.base.num_workers, desc=args.distractors,
+        model,
+        [ImageItem(p) for p in paths],
+        image_size=params.model.image_size,
+        scales=params.extract.scales,
+        resize=params.model.resize,
+        batch_size=params.extract.batch_size,
+        device=device,
+        num_workers=params.base.num_workers,
+        desc=args.distractors,
     )
     save_npz(cache, db=db.astype(np.float16) if params.extract.float16 else db)
     return db.astype(np.float32)
@@ -331,8 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--method", help="A key of `methods:` in params.yaml.")
     p.add_argument("--init", required=True, help="Initial model from `cluster`.")
-    p.add_argument("--out", required=True, help="Run folder: checkpoint.pt, model.pt, log.csv, triplets.csv.")
-    p.add_argument("--max-steps", type=int, default=None, help="Stop after this many more steps (resume later).")
+    p.add_argument(
+        "--out", required=True, help="Run folder: checkpoint.pt, model.pt, log.csv, triplets.csv."
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="Stop after this many more steps (resume later).",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("whiten", help="Learn PCA-whitening on training descriptors.")
@@ -345,21 +431,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Extract, rank and score retrieval test sets.")
     _common(p)
     p.add_argument("--method", help="A key of `methods:` in params.yaml.")
-    p.add_argument("--data-root", help="Folder holding datasets in revisitop layout (default data.root).")
-    p.add_argument("--dataset", action="append", help="Dataset name under the root (repeatable; default data.test_sets).")
+    p.add_argument(
+        "--data-root", help="Folder holding datasets in revisitop layout (default data.root)."
+    )
+    p.add_argument(
+        "--dataset",
+        action="append",
+        help="Dataset name under the root (repeatable; default data.test_sets).",
+    )
     p.add_argument("--out", required=True, help="Output folder.")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="Model file (trained, whitened).")
-    g.add_argument("--backbone", help="Off-the-shelf ImageNet backbone with the configured pooling.")
-    p.add_argument("--variants", default="plain,qe,dba", help="Comma list of plain, qe (alpha-QE), dba (alpha-DBA).")
-    p.add_argument("--flat", action="store_true", help="Single dataset: write files directly in --out.")
-    p.add_argument("--distractors", help="Append a distractor set to every database (e.g. revisitop1m: the +1M rows).")
+    g.add_argument(
+        "--backbone", help="Off-the-shelf ImageNet backbone with the configured pooling."
+    )
+    p.add_argument(
+        "--variants",
+        default="plain,qe,dba",
+        help="Comma list of plain, qe (alpha-QE), dba (alpha-DBA).",
+    )
+    p.add_argument(
+        "--flat", action="store_true", help="Single dataset: write files directly in --out."
+    )
+    p.add_argument(
+        "--distractors",
+        help="Append a distractor set to every database (e.g. revisitop1m: the +1M rows).",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="Run the report notebooks (papermill) and export HTML.")
     _common(p)
     p.add_argument("--notebook", action="append", help="Notebook name (repeatable; default all).")
-    p.add_argument("--out", default="reports", help="Output folder (notebooks/, figures/, tables/).")
+    p.add_argument(
+        "--out", default="reports", help="Output folder (notebooks/, figures/, tables/)."
+    )
     p.add_argument("--results", help="Evaluation results folder (default results/evaluate).")
     p.add_argument("--runs", help="Training runs folder (default runs).")
     p.set_defaults(func=cmd_report)

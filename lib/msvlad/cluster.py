@@ -51,16 +51,24 @@ def sample_local_features(
     return np.ascontiguousarray(locals_, dtype=np.float32)
 
 
-def kmeans_centroids(local: np.ndarray, num_clusters: int, *, niter: int = 25, seed: int = 0) -> np.ndarray:
+def kmeans_centroids(
+    local: np.ndarray, num_clusters: int, *, niter: int = 25, seed: int = 0
+) -> np.ndarray:
     """faiss k-means centroids (K, D) of the local descriptors."""
     if len(local) < num_clusters:
-        raise ValueError(f"model.num_clusters={num_clusters} exceeds the {len(local)} local descriptors sampled")
-    km = faiss.Kmeans(local.shape[1], num_clusters, niter=niter, seed=seed, verbose=False, spherical=False)
+        raise ValueError(
+            f"model.num_clusters={num_clusters} exceeds the {len(local)} local descriptors sampled"
+        )
+    km = faiss.Kmeans(
+        local.shape[1], num_clusters, niter=niter, seed=seed, verbose=False, spherical=False
+    )
     km.train(local)
     return km.centroids.astype(np.float32)
 
 
-def init_netvlad(model: RetrievalNet, local: np.ndarray, centroids: np.ndarray, alpha_rule: str) -> float:
+def init_netvlad(
+    model: RetrievalNet, local: np.ndarray, centroids: np.ndarray, alpha_rule: str
+) -> float:
     """Initialise the model's NetVLAD from centroids; returns the alpha used."""
     c = torch.from_numpy(centroids)
     alpha = model.pooling.alpha

@@ -188,7 +188,9 @@ class ConfigError(ValueError):
     """A params file has a wrong key or value."""
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+def load_params(
+    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
+) -> Params:
     """Read and validate a params file; `overrides` maps "section.key" to a value."""
     path = Path(path)
     if not path.is_file():
@@ -218,7 +220,9 @@ def method_params(params: Params, method: str) -> Params:
     if method not in params.methods:
         raise ConfigError(f"methods.{method}: unknown method; choose from {sorted(params.methods)}")
     m = params.methods[method]
-    return with_overrides(params, model={"pooling": m.pooling}, miner={"name": m.miner or params.miner.name})
+    return with_overrides(
+        params, model={"pooling": m.pooling}, miner={"name": m.miner or params.miner.name}
+    )
 
 
 def with_overrides(params: Params, **sections: dict[str, Any]) -> Params:
@@ -245,7 +249,9 @@ def _build(cls: type, raw: Any, source: str, prefix: str, require_all: bool) -> 
     values = {}
     for name, f in fields.items():
         if name not in raw:
-            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            has_default = (
+                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            )
             if require_all or not has_default:
                 raise ConfigError(f"{source}: {prefix}{name}: missing key")
             continue
@@ -286,7 +292,9 @@ def _check(tp: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
         if dataclasses.is_dataclass(args[1]):
-            return {str(k): _build(args[1], v, source, f"{key}.{k}.", False) for k, v in value.items()}
+            return {
+                str(k): _build(args[1], v, source, f"{key}.{k}.", False) for k, v in value.items()
+            }
         return {str(k): _check(args[1], v, source, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):

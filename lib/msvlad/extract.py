@@ -78,7 +78,9 @@ class _ImageSet(Dataset):
             return torch.zeros(3, h, w), i, False
 
 
-def _batches(items: Sequence[ImageItem], size: int, policy: ResizePolicy, batch_size: int) -> list[list[int]]:
+def _batches(
+    items: Sequence[ImageItem], size: int, policy: ResizePolicy, batch_size: int
+) -> list[list[int]]:
     """Index batches whose images share one resized shape (aspect-aware bucketing)."""
     if policy == "square":
         idx = list(range(len(items)))
@@ -104,12 +106,17 @@ def _batches(items: Sequence[ImageItem], size: int, policy: ResizePolicy, batch_
     return out
 
 
-def _collate(batch: list[tuple[torch.Tensor, int, bool]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate(
+    batch: list[tuple[torch.Tensor, int, bool]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     shapes = {t.shape for t, _, _ in batch}
     if len(shapes) > 1:  # a broken image's placeholder can differ in shape: pad to the largest
         h = max(s[1] for s in shapes)
         w = max(s[2] for s in shapes)
-        batch = [(torch.nn.functional.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])), i, ok) for t, i, ok in batch]
+        batch = [
+            (torch.nn.functional.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])), i, ok)
+            for t, i, ok in batch
+        ]
     return (
         torch.stack([t for t, _, _ in batch]),
         torch.tensor([i for _, i, _ in batch]),
@@ -174,16 +181,36 @@ def extract_descriptors(
         shards = np.array_split(np.arange(len(items)), dist.get_world_size())
         mine = shards[dist.get_rank()]
         part, part_failed = _extract_local(
-            model, [items[i] for i in mine], image_size=image_size, scales=scales, resize=resize,
-            batch_size=batch_size, device=device, num_workers=num_workers, whiten=whiten, desc=desc,
+            model,
+            [items[i] for i in mine],
+            image_size=image_size,
+            scales=scales,
+            resize=resize,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            whiten=whiten,
+            desc=desc,
         )
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (part, [int(mine[i]) for i in part_failed]))
-        out = np.concatenate([g[0] for g in gathered]) if items else np.zeros((0, model.out_dim), np.float32)
+        out = (
+            np.concatenate([g[0] for g in gathered])
+            if items
+            else np.zeros((0, model.out_dim), np.float32)
+        )
         return out, sorted(f for g in gathered for f in g[1])
     return _extract_local(
-        model, items, image_size=image_size, scales=scales, resize=resize, batch_size=batch_size,
-        device=device, num_workers=num_workers, whiten=whiten, desc=desc,
+        model,
+        items,
+        image_size=image_size,
+        scales=scales,
+        resize=resize,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        whiten=whiten,
+        desc=desc,
     )
 
 
@@ -206,8 +233,14 @@ def _extract_local(
     for s in scales:
         size = max(32, round(image_size * s))
         d, good = describe_images(
-            model, items, image_size=size, resize=resize, batch_size=batch_size,
-            device=device, num_workers=num_workers, desc=f"{desc}@{size}",
+            model,
+            items,
+            image_size=size,
+            resize=resize,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            desc=f"{desc}@{size}",
         )
         total += d
         ok &= good
@@ -217,5 +250,7 @@ def _extract_local(
     total[~torch.from_numpy(ok)] = 0.0
     failed = np.flatnonzero(~ok).tolist()
     if failed:
-        log.warning("%d of %d images could not be read; their descriptors are zero", len(failed), len(items))
+        log.warning(
+            "%d of %d images could not be read; their descriptors are zero", len(failed), len(items)
+        )
     return total.numpy().astype(np.float32), failed

@@ -41,7 +41,9 @@ def gem(x: Tensor, p: Tensor | float = 3.0, eps: float = 1e-6) -> Tensor:
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
-def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int]]:
+def rmac_regions(
+    height: int, width: int, levels: int = 3, overlap: float = 0.4
+) -> list[tuple[int, int, int]]:
     """R-MAC square regions (top, left, side) on an H x W map, the grid of Tolias et al. / cirtorch."""
     side = min(height, width)
     steps = torch.arange(2, 8, dtype=torch.float64)  # candidate region counts on the long side
@@ -103,7 +105,9 @@ def multiscale_local_features(
     return l2n(torch.cat(bags, dim=1), eps=eps)
 
 
-def bag_size(channels: int, height: int, width: int, pool_sizes: Sequence[int], split: int | None) -> int:
+def bag_size(
+    channels: int, height: int, width: int, pool_sizes: Sequence[int], split: int | None
+) -> int:
     """Number of local descriptors `multiscale_local_features` yields for one map."""
     chunks = 1 if split is None or channels <= split else channels // split
     sizes = [s for s in pool_sizes if s <= min(height, width)] or [min(height, width)]
@@ -113,7 +117,9 @@ def bag_size(channels: int, height: int, width: int, pool_sizes: Sequence[int], 
 # ----------------------------------------------------------------------------- NetVLAD
 
 
-def netvlad(local: Tensor, centroids: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+def netvlad(
+    local: Tensor, centroids: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6
+) -> Tensor:
     """NetVLAD of a bag: soft-assign, aggregate residuals densely, intra-normalise, flatten, L2.
 
     local (B, N, D), centroids and weight (K, D), bias (K,) -> (B, K*D).
@@ -126,7 +132,9 @@ def netvlad(local: Tensor, centroids: Tensor, weight: Tensor, bias: Tensor, eps:
     return l2n(vlad.flatten(1), eps=eps)
 
 
-def netvlad_grouped(local: Tensor, centroids: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> Tensor:
+def netvlad_grouped(
+    local: Tensor, centroids: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6
+) -> Tensor:
     """One NetVLAD per channel group, concatenated then L2 (the per-split ablation).
 
     local (B, G, N, D), centroids and weight (G, K, D), bias (G, K) -> (B, G*K*D).

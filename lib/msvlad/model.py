@@ -63,7 +63,9 @@ class RetrievalNet(nn.Module):
     def freeze_stages(self, n: int) -> list[nn.Parameter]:
         """Freeze the first n backbone stages; returns the parameters left trainable."""
         if not 0 <= n < self.backbone.num_stages:
-            raise ValueError(f"train.frozen_stages={n} must be in [0, {self.backbone.num_stages - 1}]")
+            raise ValueError(
+                f"train.frozen_stages={n} must be in [0, {self.backbone.num_stages - 1}]"
+            )
         for stage in self.backbone.stages[:n]:
             stage.requires_grad_(False)
         return [p for p in self.parameters() if p.requires_grad]

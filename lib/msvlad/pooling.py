@@ -85,7 +85,9 @@ class NetVLAD(nn.Module):
     ) -> None:
         super().__init__()
         if split is not None and in_channels > split and in_channels % split:
-            raise ValueError(f"model.split={split} must divide the backbone's {in_channels} channels")
+            raise ValueError(
+                f"model.split={split} must divide the backbone's {in_channels} channels"
+            )
         self.pool_sizes = tuple(pool_sizes)
         self.split = split
         self.dim = in_channels if split is None or in_channels <= split else split
@@ -105,7 +107,9 @@ class NetVLAD(nn.Module):
     def init_from_centroids(self, centroids: Tensor, alpha: float | None = None) -> None:
         """Set centroids (K, D) from k-means and the decoupled weight/bias from them."""
         if tuple(centroids.shape) != tuple(self.centroids.shape):
-            raise ValueError(f"centroids have shape {tuple(centroids.shape)}, expected {tuple(self.centroids.shape)}")
+            raise ValueError(
+                f"centroids have shape {tuple(centroids.shape)}, expected {tuple(self.centroids.shape)}"
+            )
         self.alpha = self.alpha if alpha is None else float(alpha)
         weight, bias = LF.netvlad_params_from_centroids(centroids.to(self.centroids), self.alpha)
         self.centroids.copy_(centroids)
@@ -116,7 +120,9 @@ class NetVLAD(nn.Module):
         return LF.netvlad(self.local_features(x), self.centroids, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"K={self.num_clusters}, D={self.dim}, pool_sizes={self.pool_sizes}, split={self.split}"
+        return (
+            f"K={self.num_clusters}, D={self.dim}, pool_sizes={self.pool_sizes}, split={self.split}"
+        )
 
 
 class VLADConcat(NetVLAD):
@@ -142,7 +148,9 @@ class VLADConcat(NetVLAD):
     def grouped_local_features(self, x: Tensor) -> Tensor:
         """Bag per channel group: (B, G, N, D)."""
         bags = [
-            LF.multiscale_local_features(x[:, g * self.dim : (g + 1) * self.dim], self.pool_sizes, None)
+            LF.multiscale_local_features(
+                x[:, g * self.dim : (g + 1) * self.dim], self.pool_sizes, None
+            )
             for g in range(self.groups)
         ]
         return torch.stack(bags, dim=1)
@@ -158,7 +166,9 @@ class VLADConcat(NetVLAD):
         super().init_from_centroids(centroids.contiguous(), alpha)
 
     def forward(self, x: Tensor) -> Tensor:
-        return LF.netvlad_grouped(self.grouped_local_features(x), self.centroids, self.weight, self.bias)
+        return LF.netvlad_grouped(
+            self.grouped_local_features(x), self.centroids, self.weight, self.bias
+        )
 
 
 VLAD_POOLINGS = ("msvlad", "netvlad", "vlad_concat")

@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 NOTEBOOKS = ("results", "rankings", "triplets", "training")
 
 
-def run_notebook(name: str, out_dir: Path, parameters: dict[str, Any] | None = None, timeout: int = 900) -> Path:
+def run_notebook(
+    name: str, out_dir: Path, parameters: dict[str, Any] | None = None, timeout: int = 900
+) -> Path:
     """Execute notebooks/<name>.ipynb into out_dir/notebooks/<name>.ipynb and write its HTML next to it."""
     import nbformat
     import papermill
@@ -28,8 +30,14 @@ def run_notebook(name: str, out_dir: Path, parameters: dict[str, Any] | None = N
     dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("running %s", src.name)
     papermill.execute_notebook(
-        str(src), str(dest), parameters=parameters or {}, kernel_name="python3", cwd=str(paths.ROOT),
-        execution_timeout=timeout, progress_bar=False, log_output=False,
+        str(src),
+        str(dest),
+        parameters=parameters or {},
+        kernel_name="python3",
+        cwd=str(paths.ROOT),
+        execution_timeout=timeout,
+        progress_bar=False,
+        log_output=False,
     )
     exporter = HTMLExporter(exclude_input=True)
     html, _ = exporter.from_notebook_node(nbformat.read(dest, as_version=4))
@@ -37,7 +45,9 @@ def run_notebook(name: str, out_dir: Path, parameters: dict[str, Any] | None = N
     return dest
 
 
-def run_reports(names: Sequence[str] = NOTEBOOKS, out_dir: Path = paths.REPORTS, **parameters: Any) -> list[Path]:
+def run_reports(
+    names: Sequence[str] = NOTEBOOKS, out_dir: Path = paths.REPORTS, **parameters: Any
+) -> list[Path]:
     """Execute every report notebook (figures land in out_dir/figures, tables in out_dir/tables)."""
     params = {"reports_dir": str(out_dir), **parameters}
     return [run_notebook(n, out_dir, params) for n in names]

@@ -34,7 +34,10 @@ def dataset_items(dataset: RetrievalDataset) -> tuple[list[ImageItem], list[Imag
         ImageItem(dataset.query_path(i), dataset.query_bbx(i), rot.get(dataset.qimlist[i], 0))
         for i in range(len(dataset.qimlist))
     ]
-    db = [ImageItem(dataset.image_path(i), None, rot.get(dataset.imlist[i], 0)) for i in range(len(dataset.imlist))]
+    db = [
+        ImageItem(dataset.image_path(i), None, rot.get(dataset.imlist[i], 0))
+        for i in range(len(dataset.imlist))
+    ]
     return queries, db
 
 
@@ -53,11 +56,17 @@ def describe_dataset(
     scales = extract_cfg.scales if scales is None else scales
     q_items, db_items = dataset_items(dataset)
     common = dict(
-        scales=scales, resize=model_cfg.resize, batch_size=extract_cfg.batch_size,
-        device=device, num_workers=num_workers, whiten=whiten,
+        scales=scales,
+        resize=model_cfg.resize,
+        batch_size=extract_cfg.batch_size,
+        device=device,
+        num_workers=num_workers,
+        whiten=whiten,
     )
     q_size = max(32, round(model_cfg.image_size * extract_cfg.query_scale))
-    q, q_fail = extract_descriptors(model, q_items, image_size=q_size, desc=f"{dataset.name} queries", **common)
+    q, q_fail = extract_descriptors(
+        model, q_items, image_size=q_size, desc=f"{dataset.name} queries", **common
+    )
     db, db_fail = extract_descriptors(
         model, db_items, image_size=model_cfg.image_size, desc=f"{dataset.name} database", **common
     )
@@ -67,7 +76,11 @@ def describe_dataset(
 
 
 def score(
-    desc: DatasetDescriptors, dataset: RetrievalDataset, cfg: EvaluateConfig, *, variant: str = "plain"
+    desc: DatasetDescriptors,
+    dataset: RetrievalDataset,
+    cfg: EvaluateConfig,
+    *,
+    variant: str = "plain",
 ) -> tuple[RetrievalMetrics, np.ndarray]:
     """Rank and evaluate; variant 'qe' applies alpha-QE, 'dba' alpha-DBA then alpha-QE-free search."""
     q, db = desc.q, desc.db

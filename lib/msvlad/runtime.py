@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def resolve_device(name: str = "auto") -> "torch.device":  # noqa: F821 - torch imported lazily
+def resolve_device(name: str = "auto") -> torch.device:  # noqa: F821 - torch imported lazily
     """'auto' picks CUDA when present, else CPU; 'cuda' without a GPU is a clear error."""
     import torch
 
@@ -33,7 +33,9 @@ def seed_everything(seed: int) -> None:
 
 def setup_logging(level: int = logging.INFO) -> None:
     """One stderr handler with timestamps; called once by the CLI."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its AVX probing is noise
 
 

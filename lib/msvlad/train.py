@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import random
 import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from msvlad.loss import triplet_loss
 from msvlad.mining import build_miner
 from msvlad.model import RetrievalNet, load_model, save_model
 from msvlad.retrieval import describe_dataset, score
-from msvlad.runtime import Dist, init_distributed, resolve_device, seed_everything
+from msvlad.runtime import init_distributed, resolve_device, seed_everything
 from msvlad.sampler import ClassBalancedPool
 from msvlad.schedule import lr_at
 from msvlad.storage import atomic_path, load_torch, save_torch
@@ -44,12 +42,31 @@ log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map", "seconds"]
 ROUND_FIELDS = [
-    "round", "step", "pool", "candidates", "triplets", "semi_hard", "hard", "mean_loss",
-    "describe_seconds", "mine_seconds",
+    "round",
+    "step",
+    "pool",
+    "candidates",
+    "triplets",
+    "semi_hard",
+    "hard",
+    "mean_loss",
+    "describe_seconds",
+    "mine_seconds",
 ]
 TRIPLET_FIELDS = [
-    "round", "step", "anchor", "positive", "negative", "anchor_label", "negative_label",
-    "pos_rank", "neg_rank", "pos_sim", "neg_sim", "loss", "kind",
+    "round",
+    "step",
+    "anchor",
+    "positive",
+    "negative",
+    "anchor_label",
+    "negative_label",
+    "pos_rank",
+    "neg_rank",
+    "pos_sim",
+    "neg_sim",
+    "loss",
+    "kind",
 ]
 
 
@@ -126,14 +143,20 @@ def _run_signature(params: dict[str, Any]) -> dict[str, Any]:
     sig = {k: params.get(k) for k in ("model", "miner", "train", "data")}
     sig["seed"] = params.get("base", {}).get("seed")
     if isinstance(sig["train"], dict):
-        sig["train"] = {k: v for k, v in sig["train"].items() if k not in ("epochs", "checkpoint_every", "val_every")}
+        sig["train"] = {
+            k: v
+            for k, v in sig["train"].items()
+            if k not in ("epochs", "checkpoint_every", "val_every")
+        }
     return sig
 
 
 class Trainer:
     """Holds everything a training run needs; `run()` trains until the step budget or a stop."""
 
-    def __init__(self, params: Params, init_model: Path, out_dir: Path, device: torch.device | None = None) -> None:
+    def __init__(
+        self, params: Params, init_model: Path, out_dir: Path, device: torch.device | None = None
+    ) -> None:
         self.params = params
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +178,9 @@ class Trainer:
         self.optimizer = torch.optim.Adam(trainable, lr=params.train.lr_start, weight_decay=0.0)
         self.trunk_cache: torch.Tensor | None = None
         m = params.miner
-        self.pool = ClassBalancedPool(self.train_set.labels, m.pool_size, m.images_per_class, params.base.seed)
+        self.pool = ClassBalancedPool(
+            self.train_set.labels, m.pool_size, m.images_per_class, params.base.seed
+        )
         self.step = 0
         self.round = 0
         self.round_triplets = torch.zeros(0, 3, dtype=torch.long)
@@ -198,8 +223,11 @@ class Trainer:
             self.checkpoint_path.replace(stale)
             for name in ("log.csv", "rounds.csv", "triplets.csv"):
                 (self.out_dir / name).unlink(missing_ok=True)
-            log.warning("%s was written with other parameters: moved to %s, training from scratch",
-                        self.checkpoint_path, stale.name)
+            log.warning(
+                "%s was written with other parameters: moved to %s, training from scratch",
+                self.checkpoint_path,
+                stale.name,
+            )
             return False
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -214,7 +242,9 @@ class Trainer:
             _truncate_csv(self.out_dir / "log.csv", "step", self.step)
             _truncate_csv(self.out_dir / "rounds.csv", "round", self.round)
             _truncate_csv(self.out_dir / "triplets.csv", "round", self.round)
-        log.info("resumed from %s at step %d (round %d)", self.checkpoint_path, self.step, self.round)
+        log.info(
+            "resumed from %s at step %d (round %d)", self.checkpoint_path, self.step, self.round
+        )
         return True
 
     # ------------------------------------------------------------------ frozen-trunk cache
@@ -224,7 +254,9 @@ class Trainer:
         size, bs = self.params.model.image_size, self.params.extract.batch_size
         self.model.eval()
         chunks = []
-        for start in tqdm(range(0, len(self.train_set.paths), bs), desc="train: frozen-trunk cache", leave=False):
+        for start in tqdm(
+            range(0, len(self.train_set.paths), bs), desc="train: frozen-trunk cache", leave=False
+        ):
             batch = []
             for path in self.train_set.paths[start : start + bs]:
                 try:
@@ -232,17 +264,25 @@ class Trainer:
                 except ImageLoadError as err:
                     log.warning("frozen-trunk cache: %s (zero features)", err)
                     batch.append(torch.zeros(3, size, size))
-            chunks.append(self.model.backbone.trunk(torch.stack(batch).to(self.device), self.frozen).cpu())
+            chunks.append(
+                self.model.backbone.trunk(torch.stack(batch).to(self.device), self.frozen).cpu()
+            )
         self.trunk_cache = torch.cat(chunks)
-        log.info("frozen-trunk cache: %d images, %s each, %.0f MB", len(self.trunk_cache),
-                 tuple(self.trunk_cache.shape[1:]), self.trunk_cache.numel() * 4 / 2**20)
+        log.info(
+            "frozen-trunk cache: %d images, %s each, %.0f MB",
+            len(self.trunk_cache),
+            tuple(self.trunk_cache.shape[1:]),
+            self.trunk_cache.numel() * 4 / 2**20,
+        )
 
     @torch.no_grad()
     def _describe_cached(self, pool_idx: np.ndarray) -> torch.Tensor:
         self.model.eval()
         bs = self.params.extract.batch_size
         out = [
-            self.model.forward_from(self.trunk_cache[pool_idx[i : i + bs]].to(self.device), self.frozen).float()
+            self.model.forward_from(
+                self.trunk_cache[pool_idx[i : i + bs]].to(self.device), self.frozen
+            ).float()
             for i in range(0, len(pool_idx), bs)
         ]
         return torch.cat(out)
@@ -254,9 +294,13 @@ class Trainer:
         items = [ImageItem(self.train_set.paths[i]) for i in pool_idx]
         shard = np.array_split(np.arange(len(items)), self.dist.world)[self.dist.rank]
         desc, ok = describe_images(
-            self.model, [items[i] for i in shard], image_size=self.params.model.image_size,
-            batch_size=self.params.extract.batch_size, device=self.device,
-            num_workers=self.params.base.num_workers, desc=f"round {self.round}: describe pool",
+            self.model,
+            [items[i] for i in shard],
+            image_size=self.params.model.image_size,
+            batch_size=self.params.extract.batch_size,
+            device=self.device,
+            num_workers=self.params.base.num_workers,
+            desc=f"round {self.round}: describe pool",
         )
         desc = desc.to(self.device)
         if self.dist.world > 1:
@@ -279,42 +323,79 @@ class Trainer:
         t1 = time.time()
         labels = torch.from_numpy(self.train_set.labels[pool_idx]).to(desc.device)
         miner = build_miner(
-            m.name, margin=m.margin, delta=m.delta, threshold=m.threshold, semi_hard_prob=m.semi_hard_prob,
-            triplets_per_round=m.triplets_per_round, seed=self.params.base.seed * 1_000_003 + self.round,
+            m.name,
+            margin=m.margin,
+            delta=m.delta,
+            threshold=m.threshold,
+            semi_hard_prob=m.semi_hard_prob,
+            triplets_per_round=m.triplets_per_round,
+            seed=self.params.base.seed * 1_000_003 + self.round,
             backend=m.backend,
         )
         mined = miner.mine(desc, labels)
         t2 = time.time()
         idx = torch.from_numpy(pool_idx)
         self.round_triplets = torch.stack(
-            [idx[mined.anchors.cpu()], idx[mined.positives.cpu()], idx[mined.negatives.cpu()]], dim=1
+            [idx[mined.anchors.cpu()], idx[mined.positives.cpu()], idx[mined.negatives.cpu()]],
+            dim=1,
         ).reshape(-1, 3)
         self.round_pos = 0
         frame = mined.to_frame()
         if self.dist.main:
             kinds = frame["kind"].value_counts() if len(frame) else {}
-            _append_csv(self.out_dir / "rounds.csv", ROUND_FIELDS, [{
-                "round": self.round, "step": self.step, "pool": len(pool_idx),
-                "candidates": getattr(mined, "num_candidates", len(frame)), "triplets": len(frame),
-                "semi_hard": int(kinds.get("semi-hard", 0)), "hard": int(kinds.get("hard", 0)),
-                "mean_loss": float(frame["loss"].mean()) if len(frame) else float("nan"),
-                "describe_seconds": round(t1 - t0, 3), "mine_seconds": round(t2 - t1, 3),
-            }])
+            _append_csv(
+                self.out_dir / "rounds.csv",
+                ROUND_FIELDS,
+                [
+                    {
+                        "round": self.round,
+                        "step": self.step,
+                        "pool": len(pool_idx),
+                        "candidates": getattr(mined, "num_candidates", len(frame)),
+                        "triplets": len(frame),
+                        "semi_hard": int(kinds.get("semi-hard", 0)),
+                        "hard": int(kinds.get("hard", 0)),
+                        "mean_loss": float(frame["loss"].mean()) if len(frame) else float("nan"),
+                        "describe_seconds": round(t1 - t0, 3),
+                        "mine_seconds": round(t2 - t1, 3),
+                    }
+                ],
+            )
             rel = [str(Path(p).relative_to(self.train_set.root)) for p in self.train_set.paths]
             rows = []
             for r in frame.itertuples(index=False):
-                a, p, n = int(pool_idx[r.anchor]), int(pool_idx[r.positive]), int(pool_idx[r.negative])
-                rows.append({
-                    "round": self.round, "step": self.step, "anchor": rel[a], "positive": rel[p],
-                    "negative": rel[n], "anchor_label": self.train_set.classes[self.train_set.labels[a]],
-                    "negative_label": self.train_set.classes[self.train_set.labels[n]],
-                    "pos_rank": int(r.pos_rank), "neg_rank": int(r.neg_rank), "pos_sim": round(float(r.pos_sim), 6),
-                    "neg_sim": round(float(r.neg_sim), 6), "loss": round(float(r.loss), 6), "kind": r.kind,
-                })
+                a, p, n = (
+                    int(pool_idx[r.anchor]),
+                    int(pool_idx[r.positive]),
+                    int(pool_idx[r.negative]),
+                )
+                rows.append(
+                    {
+                        "round": self.round,
+                        "step": self.step,
+                        "anchor": rel[a],
+                        "positive": rel[p],
+                        "negative": rel[n],
+                        "anchor_label": self.train_set.classes[self.train_set.labels[a]],
+                        "negative_label": self.train_set.classes[self.train_set.labels[n]],
+                        "pos_rank": int(r.pos_rank),
+                        "neg_rank": int(r.neg_rank),
+                        "pos_sim": round(float(r.pos_sim), 6),
+                        "neg_sim": round(float(r.neg_sim), 6),
+                        "loss": round(float(r.loss), 6),
+                        "kind": r.kind,
+                    }
+                )
             _append_csv(self.out_dir / "triplets.csv", TRIPLET_FIELDS, rows)
         self._epoch_rounds.append((self.round, len(frame)))
-        log.info("round %d: %d triplets mined from a pool of %d (%.1fs embed, %.2fs mine)",
-                 self.round, len(frame), len(pool_idx), t1 - t0, t2 - t1)
+        log.info(
+            "round %d: %d triplets mined from a pool of %d (%.1fs embed, %.2fs mine)",
+            self.round,
+            len(frame),
+            len(pool_idx),
+            t1 - t0,
+            t2 - t1,
+        )
         self.round += 1
 
     # ------------------------------------------------------------------ optimisation
@@ -323,7 +404,12 @@ class Trainer:
             return self.trunk_cache[triplet]
         size = self.params.model.image_size
         try:
-            return torch.stack([load_resized(ImageItem(self.train_set.paths[i]), size, "square") for i in triplet.tolist()])
+            return torch.stack(
+                [
+                    load_resized(ImageItem(self.train_set.paths[i]), size, "square")
+                    for i in triplet.tolist()
+                ]
+            )
         except ImageLoadError as err:
             log.warning("skipping triplet: %s", err)
             return None
@@ -342,11 +428,19 @@ class Trainer:
         loss_sum = 0.0
         micro = [images[i : i + cfg.micro_batch] for i in range(0, len(images), cfg.micro_batch)]
         for j, chunk in enumerate(micro):
-            x = torch.cat(chunk).to(self.device, non_blocking=True)  # (3m, 3, S, S): a, p, n interleaved
-            sync = j == len(micro) - 1 or not isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
+            x = torch.cat(chunk).to(
+                self.device, non_blocking=True
+            )  # (3m, 3, S, S): a, p, n interleaved
+            sync = j == len(micro) - 1 or not isinstance(
+                self.net, torch.nn.parallel.DistributedDataParallel
+            )
             ctx = nullcontext() if sync else self.net.no_sync()
             with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                d = self.model.forward_from(x, self.frozen) if self.trunk_cache is not None else self.net(x)
+                d = (
+                    self.model.forward_from(x, self.frozen)
+                    if self.trunk_cache is not None
+                    else self.net(x)
+                )
                 d = d.float().view(len(chunk), 3, -1)
                 loss = triplet_loss(d[:, 0], d[:, 1], d[:, 2], self.params.miner.margin)
                 scaled = loss * len(chunk) / total * self.dist.world
@@ -364,8 +458,14 @@ class Trainer:
         if self.val_set is None:
             return float("nan")
         desc = describe_dataset(
-            self.model, self.val_set, model_cfg=self.params.model, extract_cfg=self.params.extract,
-            scales=[1.0], whiten=False, device=self.device, num_workers=self.params.base.num_workers,
+            self.model,
+            self.val_set,
+            model_cfg=self.params.model,
+            extract_cfg=self.params.extract,
+            scales=[1.0],
+            whiten=False,
+            device=self.device,
+            num_workers=self.params.base.num_workers,
         )
         metrics, _ = score(desc, self.val_set, self.params.evaluate)
         js = metrics.to_json()["mAP"]
@@ -374,11 +474,17 @@ class Trainer:
     def _log_epoch(self, val_map: float) -> None:
         cfg = self.params.train
         row = {
-            "epoch": self.step // cfg.steps_per_epoch, "step": self.step, "lr": lr_at(max(0, self.step - 1), cfg),
+            "epoch": self.step // cfg.steps_per_epoch,
+            "step": self.step,
+            "lr": lr_at(max(0, self.step - 1), cfg),
             "loss": float(np.mean(self._epoch_loss)) if self._epoch_loss else float("nan"),
-            "triplets": self._epoch_triplets, "rounds": len(self._epoch_rounds),
-            "yield": float(np.mean([n for _, n in self._epoch_rounds])) if self._epoch_rounds else float("nan"),
-            "val_map": round(val_map, 4), "seconds": round(time.time() - self._t0, 1),
+            "triplets": self._epoch_triplets,
+            "rounds": len(self._epoch_rounds),
+            "yield": float(np.mean([n for _, n in self._epoch_rounds]))
+            if self._epoch_rounds
+            else float("nan"),
+            "val_map": round(val_map, 4),
+            "seconds": round(time.time() - self._t0, 1),
         }
         if self.dist.main:
             _append_csv(self.out_dir / "log.csv", LOG_FIELDS, [row])
@@ -394,10 +500,14 @@ class Trainer:
             self.build_trunk_cache()
         if not resumed and self.step == 0:
             self._log_epoch(self.validate())  # epoch 0: the k-means-initialised model
-        stop_at = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
+        stop_at = (
+            self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
+        )
         stopper = _Stop()
         empty_rounds = 0
-        bar = tqdm(total=stop_at, initial=self.step, desc="train", leave=False, disable=not self.dist.main)
+        bar = tqdm(
+            total=stop_at, initial=self.step, desc="train", leave=False, disable=not self.dist.main
+        )
         with stopper.installed():
             while self.step < stop_at and not stopper.requested:
                 if self.round_pos >= len(self.round_triplets):
@@ -418,7 +528,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", round=self.round)
                 if self.step % cfg.steps_per_epoch == 0:
                     epoch = self.step // cfg.steps_per_epoch
-                    val = self.validate() if cfg.val_every and epoch % cfg.val_every == 0 else float("nan")
+                    val = (
+                        self.validate()
+                        if cfg.val_every and epoch % cfg.val_every == 0
+                        else float("nan")
+                    )
                     self._log_epoch(val)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
