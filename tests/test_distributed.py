@@ -1,4 +1,4 @@
-"""Scale-out under torchrun on CPU (gloo): sharded extraction equals one process; DDP training runs."""
+"""Scale-out under torchrun on CPU (gloo): sharded extraction equals one process; DDP runs."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def test_mac_spoc_gem_hand_computed():
 
 
 def test_rmac_regions_square_map():
-    # 4x4 map: level 1 -> one 4x4 region; level 2 -> side floor(8/3)=2, 2x2 grid; level 3 -> side 2, 3x3 grid
+    # 4x4 map: level 1 -> one 4x4 region; level 2 -> side floor(8/3)=2, 2x2 grid;
+    # level 3 -> side 2, 3x3 grid
     regions = LF.rmac_regions(4, 4, levels=3)
     assert (0, 0, 4) in regions
     sides = sorted({r[2] for r in regions})
@@ -38,7 +39,7 @@ def test_rmac_regions_square_map():
 
 def test_rmac_hand_computed_2x2():
     # 2x2 map, one channel pair. Regions: level 1 side 2 (whole map); level 2 side 1 at 4 corners;
-    # level 3 side floor(4/4)=1 at 9 starts clipped to 0/1 -> positions (0,0),(0,0)... by the grid rule.
+    # level 3 side floor(4/4)=1 at starts clipped to 0/1 by the grid rule.
     x = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 2.0]]]])  # (1, 2, 2, 2)
     expected = LF.l2n(LF.mac(x))  # whole-map MAC [1, 2] normalised
     for top, left, side in LF.rmac_regions(2, 2, 3):
@@ -77,7 +78,8 @@ def test_multiscale_no_split_when_channels_small(gen):
 def test_multiscale_bad_split_and_tiny_map(gen):  # noqa: ARG001
     with pytest.raises(ValueError, match="split=300"):
         LF.multiscale_local_features(torch.randn(1, 1024, 4, 4), (2, 3), 300)
-    # a map smaller than every window falls back to the largest window that fits (here 1x1, i.e. 1x4 cells)
+    # a map smaller than every window falls back to the largest window that fits
+    # (here 1x1, i.e. the 1x4 raw cells)
     tiny = torch.randn(1, 8, 1, 4)
     assert torch.allclose(
         LF.multiscale_local_features(tiny, (2, 3), None)[0], LF.l2n(tiny[0, :, 0].t())

@@ -1,4 +1,4 @@
-"""The assembled network: dims, frozen BN, gradients everywhere, whitening, checkpoint round trip."""
+"""The assembled network: dims, frozen BN, gradients, whitening, checkpoint round trip."""
 
 from __future__ import annotations
 

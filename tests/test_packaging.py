@@ -1,4 +1,4 @@
-"""Packaging: one dependency list in pyproject.toml and environment.yml; profiles share their keys."""
+"""Packaging: one dependency list in pyproject.toml and environment.yml; profiles share keys."""
 
 from __future__ import annotations
 

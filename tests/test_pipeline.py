@@ -1,4 +1,4 @@
-"""End to end through the command line on tiny generated data: cluster -> train -> whiten -> evaluate -> report."""
+"""End to end through the CLI on tiny data: cluster -> train -> whiten -> evaluate -> report."""
 
 from __future__ import annotations
 

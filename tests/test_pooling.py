@@ -1,4 +1,4 @@
-"""Pooling modules: equal to their functional forms, correct dims, trainable where they should be."""
+"""Pooling modules: equal to their functional forms, correct dims, trainable where needed."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def make_retrieval_set(
     size: int = 48,
     seed: int = 1,
 ) -> Path:
-    """Revisitop-layout dataset: one query per scene, db views (first easy, rest hard), junk-free."""
+    """Revisitop-layout dataset: one query per scene, db views (first easy, rest hard), no junk."""
     rng = np.random.default_rng(seed)
     folder = data_root / name
     (folder / "jpg").mkdir(parents=True, exist_ok=True)

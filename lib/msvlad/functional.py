@@ -1,7 +1,7 @@
-"""Pure tensor math of the network: normalisation, pooling baselines, multi-scale local bags, NetVLAD.
+"""Pure tensor math of the network: normalisation, pooling baselines, multi-scale bags, NetVLAD.
 
-Every function here is stateless; the `nn.Module`s in `msvlad.pooling` and `msvlad.whitening` wrap them.
-Shapes: feature maps are (B, C, H, W); bags of local descriptors are (B, N, D); global descriptors (B, D).
+Every function here is stateless; the modules in `msvlad.pooling` and `msvlad.whitening` wrap them.
+Shapes: feature maps (B, C, H, W); bags of local descriptors (B, N, D); global descriptors (B, D).
 References: NetVLAD (Arandjelovic et al., CVPR 2016); GeM / R-MAC as in cnnimageretrieval-pytorch;
 multi-scale pooled bags as in Vaccaro et al., MVA 2022 (see docs in README).
 """
@@ -23,7 +23,7 @@ def l2n(x: Tensor, dim: int = -1, eps: float = 1e-6) -> Tensor:
     return x / (x.norm(p=2, dim=dim, keepdim=True) + eps)
 
 
-# ----------------------------------------------------------------------------- global pooling baselines
+# --------------------------------------------------------------------- global pooling baselines
 
 
 def mac(x: Tensor) -> Tensor:
@@ -44,7 +44,7 @@ def gem(x: Tensor, p: Tensor | float = 3.0, eps: float = 1e-6) -> Tensor:
 def rmac_regions(
     height: int, width: int, levels: int = 3, overlap: float = 0.4
 ) -> list[tuple[int, int, int]]:
-    """R-MAC square regions (top, left, side) on an H x W map, the grid of Tolias et al. / cirtorch."""
+    """R-MAC square regions (top, left, side) on an H x W map (grid of Tolias et al. / cirtorch)."""
     side = min(height, width)
     steps = torch.arange(2, 8, dtype=torch.float64)  # candidate region counts on the long side
     b = (max(height, width) - side) / (steps - 1)
@@ -75,7 +75,7 @@ def rmac(x: Tensor, levels: int = 3, eps: float = 1e-6) -> Tensor:
     return v
 
 
-# ----------------------------------------------------------------------------- multi-scale local bags
+# --------------------------------------------------------------------- multi-scale local bags
 
 
 def multiscale_local_features(
@@ -176,9 +176,9 @@ def pca_whiten(x: Tensor, mean: Tensor, projection: Tensor, eps: float = 1e-6) -
 def fit_pca_whitening(
     x: Tensor, dim: int | None = None, power: float = 0.5, eps: float = 1e-9
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Learn PCA-whitening from descriptors (N, D): returns (mean (D,), projection (D, d), eigenvalues (d,)).
+    """Learn PCA-whitening from (N, D): mean (D,), projection (D, d), eigenvalues (d,).
 
-    projection = U[:, :d] / eigenvalue^power, so power 0.5 gives identity covariance on the training data.
+    projection = U[:, :d] / eigenvalue^power: power 0.5 whitens the training set exactly.
     """
     x = x.double()
     n, d_in = x.shape

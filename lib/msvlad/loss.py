@@ -1,4 +1,4 @@
-"""Triplet loss on squared Euclidean distances of L2-normalised descriptors (margin 0.1 in the paper)."""
+"""Triplet loss on squared distances of L2-normalised descriptors (margin 0.1 in the paper)."""
 
 from __future__ import annotations
 

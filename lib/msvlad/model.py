@@ -1,7 +1,7 @@
 """The retrieval network: backbone -> pooling -> (optional) PCA-whitening, built from ModelConfig.
 
 Pipeline of `forward`: images in [0, 1] -> backbone normalisation and conv trunk -> feature map
-(B, C, H, W) -> pooling (multi-scale local bag + NetVLAD for the paper's model) -> L2 descriptor (B, D).
+(B, C, H, W) -> pooling (multi-scale bag + NetVLAD for the paper's model) -> L2 descriptor (B, D).
 Whitening is applied by `describe` after multi-scale aggregation, never inside `forward` (training
 and mining use the raw descriptor, as the paper does).
 """
@@ -82,7 +82,7 @@ class RetrievalNet(nn.Module):
 
 
 def build_model(config: ModelConfig, pretrained: bool | None = None) -> RetrievalNet:
-    """Network from its config; `pretrained` overrides config.pretrained (tests build untrained nets)."""
+    """Network from its config; `pretrained` overrides config.pretrained (for untrained nets)."""
     use_pretrained = config.pretrained if pretrained is None else pretrained
     backbone = build_backbone(config.backbone, use_pretrained, config.weights)
     pooling = build_pooling(

@@ -108,7 +108,8 @@ class NetVLAD(nn.Module):
         """Set centroids (K, D) from k-means and the decoupled weight/bias from them."""
         if tuple(centroids.shape) != tuple(self.centroids.shape):
             raise ValueError(
-                f"centroids have shape {tuple(centroids.shape)}, expected {tuple(self.centroids.shape)}"
+                f"centroids have shape {tuple(centroids.shape)}, "
+                f"expected {tuple(self.centroids.shape)}"
             )
         self.alpha = self.alpha if alpha is None else float(alpha)
         weight, bias = LF.netvlad_params_from_centroids(centroids.to(self.centroids), self.alpha)
@@ -126,7 +127,7 @@ class NetVLAD(nn.Module):
 
 
 class VLADConcat(NetVLAD):
-    """Ablation: a separate NetVLAD per channel split, concatenated then L2 (the early "multivlad")."""
+    """Ablation: one NetVLAD per channel split, concatenated then L2 (the early "multivlad")."""
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ NOTEBOOKS = ("results", "rankings", "triplets", "training")
 def run_notebook(
     name: str, out_dir: Path, parameters: dict[str, Any] | None = None, timeout: int = 900
 ) -> Path:
-    """Execute notebooks/<name>.ipynb into out_dir/notebooks/<name>.ipynb and write its HTML next to it."""
+    """Execute notebooks/<name>.ipynb into out_dir/notebooks/ and write its HTML next to it."""
     import nbformat
     import papermill
     from nbconvert import HTMLExporter

@@ -1,4 +1,4 @@
-"""Describe a retrieval dataset with a model and score it: the glue shared by evaluation and validation."""
+"""Describe a retrieval dataset with a model and score it (shared by evaluation and validation)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def score(
     *,
     variant: str = "plain",
 ) -> tuple[RetrievalMetrics, np.ndarray]:
-    """Rank and evaluate; variant 'qe' applies alpha-QE, 'dba' alpha-DBA then alpha-QE-free search."""
+    """Rank and evaluate; variant 'qe' applies alpha-QE to queries, 'dba' alpha-DBA to the db."""
     q, db = desc.q, desc.db
     if variant == "dba":
         db = alpha_dba(db, k=cfg.dba_k, alpha=cfg.dba_alpha)

@@ -6,7 +6,7 @@ from msvlad.config import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate at optimiser step `step` (0-based); a pure function so resume needs no state."""
+    """Learning rate at optimiser step `step` (0-based); pure, so a resume needs no state."""
     if step < cfg.warmup_steps:
         return cfg.lr_start + (cfg.lr - cfg.lr_start) * step / cfg.warmup_steps
     period, offset = divmod(step, cfg.decay_every)

@@ -1,9 +1,9 @@
 """Training loop: mining rounds on a class-balanced pool, triplet steps, validation, exact resume.
 
-One mining round: draw a class-balanced pool, describe it with the current network (eval, no grad,
-training resolution), mine triplets, then take optimiser steps of `batch_triplets` triplets until the
-round's triplets are used up; then a new round re-embeds a fresh pool (the paper's cache refresh).
-Checkpoints hold the model, Adam, the step, the round, the round's remaining triplets and RNG states,
+One mining round: draw a class-balanced pool, describe it with the current network (eval, no
+grad, training resolution), mine triplets, then take optimiser steps of `batch_triplets` triplets
+until the round's triplets are used up; then a new round re-embeds a fresh pool (the paper's cache
+refresh). Checkpoints hold the model, Adam, the step, the round, its remaining triplets and RNGs,
 so a killed run resumes to the same weights as an uninterrupted one. Multi-GPU runs under `torchrun`
 (DistributedDataParallel: pool description and each batch's triplets are split across ranks).
 """
@@ -139,7 +139,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _run_signature(params: dict[str, Any]) -> dict[str, Any]:
-    """The parameters a checkpoint must share with the run resuming it (the step budget may grow)."""
+    """Parameters a checkpoint must share with the run resuming it (the step budget may grow)."""
     sig = {k: params.get(k) for k in ("model", "miner", "train", "data")}
     sig["seed"] = params.get("base", {}).get("seed")
     if isinstance(sig["train"], dict):
@@ -493,7 +493,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def run(self, max_steps: int | None = None) -> Path:
-        """Train up to the configured steps (or `max_steps` more), checkpointing; returns model.pt."""
+        """Train to the configured steps (or `max_steps` more), checkpointing; returns model.pt."""
         cfg = self.params.train
         resumed = self.resume()
         if self.frozen and self.trunk_cache is None and self.dist.world == 1:
@@ -546,5 +546,5 @@ class Trainer:
 
 
 def train(params: Params, init_model: Path, out_dir: Path, max_steps: int | None = None) -> Path:
-    """Train from a (k-means-initialised) model file; resumes from out_dir/checkpoint.pt if present."""
+    """Train from a (k-means-initialised) model file; resumes from out_dir/checkpoint.pt."""
     return Trainer(params, init_model, out_dir).run(max_steps)

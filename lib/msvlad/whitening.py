@@ -1,4 +1,4 @@
-"""PCA-whitening learned from descriptors (plain PCA-w as in the paper; power 0.5 = full whitening)."""
+"""PCA-whitening learned from descriptors (plain PCA-w as in the paper; power 0.5 = full)."""
 
 from __future__ import annotations
 
