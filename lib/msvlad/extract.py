@@ -178,57 +178,11 @@ def extract_descriptors(
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        shards = np.array_split(np.arange(len(items)), dist.get_world_size())
-        mine = shards[dist.get_rank()]
-        part, part_failed = _extract_local(
-            model,
-            [items[i] for i in mine],
-            image_size=image_size,
-            scales=scales,
-            resize=resize,
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            whiten=whiten,
-            desc=desc,
-        )
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (part, [int(mine[i]) for i in part_failed]))
-        out = (
-            np.concatenate([g[0] for g in gathered])
-            if items
-            else np.zeros((0, model.out_dim), np.float32)
-        )
-        return out, sorted(f for g in gathered for f in g[1])
-    return _extract_local(
-        model,
-        items,
-        image_size=image_size,
-        scales=scales,
-        resize=resize,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-        whiten=whiten,
-        desc=desc,
-    )
-
-
-def _extract_local(
-    model: torch.nn.Module,
-    items: Sequence[ImageItem],
-    *,
-    image_size: int,
-    scales: Sequence[float],
-    resize: ResizePolicy,
-    batch_size: int,
-    device: torch.device | str,
-    num_workers: int,
-    whiten: bool,
-    desc: str,
-) -> tuple[np.ndarray, list[int]]:
-    """extract_descriptors on this process only."""
+    sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    mine = None
+    if sharded:  # this rank's slice
+        mine = np.array_split(np.arange(len(items)), dist.get_world_size())[dist.get_rank()]
+        items = [items[i] for i in mine]
     total = torch.zeros(len(items), model.raw_dim)
     ok = np.ones(len(items), dtype=bool)
     for s in scales:
@@ -254,4 +208,9 @@ def _extract_local(
         log.warning(
             "%d of %d images could not be read; their descriptors are zero", len(failed), len(items)
         )
-    return total.numpy().astype(np.float32), failed
+    out = total.numpy().astype(np.float32)
+    if mine is None:
+        return out, failed
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (out, [int(mine[i]) for i in failed]))
+    return np.concatenate([g[0] for g in gathered]), sorted(f for g in gathered for f in g[1])

@@ -24,6 +24,7 @@ import pandas as pd
 
 from msvlad import paths
 from msvlad.config import Params
+from msvlad.runlog import TRIPLET_FIELDS
 from msvlad.storage import read_json, write_text
 
 if TYPE_CHECKING:
@@ -358,23 +359,7 @@ def load_triplets(run_dir: str | os.PathLike) -> pd.DataFrame:
     path = Path(run_dir) / "triplets.csv"
     if not path.is_file():
         log.warning("%s: no mined triplets", path)
-        return pd.DataFrame(
-            columns=[
-                "round",
-                "step",
-                "anchor",
-                "positive",
-                "negative",
-                "anchor_label",
-                "negative_label",
-                "pos_rank",
-                "neg_rank",
-                "pos_sim",
-                "neg_sim",
-                "loss",
-                "kind",
-            ]
-        )
+        return pd.DataFrame(columns=TRIPLET_FIELDS)
     return pd.read_csv(path, dtype={"anchor_label": str, "negative_label": str, "kind": str})
 
 

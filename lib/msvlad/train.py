@@ -33,41 +33,13 @@ from msvlad.loss import triplet_loss
 from msvlad.mining import build_miner
 from msvlad.model import RetrievalNet, load_model, save_model
 from msvlad.retrieval import describe_dataset, score
+from msvlad.runlog import LOG_FIELDS, ROUND_FIELDS, TRIPLET_FIELDS
 from msvlad.runtime import init_distributed, resolve_device, seed_everything
 from msvlad.sampler import ClassBalancedPool
 from msvlad.schedule import lr_at
 from msvlad.storage import atomic_path, load_torch, save_torch
 
 log = logging.getLogger(__name__)
-
-LOG_FIELDS = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map", "seconds"]
-ROUND_FIELDS = [
-    "round",
-    "step",
-    "pool",
-    "candidates",
-    "triplets",
-    "semi_hard",
-    "hard",
-    "mean_loss",
-    "describe_seconds",
-    "mine_seconds",
-]
-TRIPLET_FIELDS = [
-    "round",
-    "step",
-    "anchor",
-    "positive",
-    "negative",
-    "anchor_label",
-    "negative_label",
-    "pos_rank",
-    "neg_rank",
-    "pos_sim",
-    "neg_sim",
-    "loss",
-    "kind",
-]
 
 
 class _Stop:
