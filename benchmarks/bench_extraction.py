@@ -7,7 +7,8 @@ NetVLAD. The pooling cost is timed separately on the cached feature map and repo
 to the backbone forward (goal of the paper's design: multi-scale NetVLAD < 10% of the backbone).
 Networks are untrained (random weights): speed does not depend on the weight values.
 
-Part 2 (end to end, `msvlad.extract.describe_images`): generated JPEGs of mixed aspect ratios
+Part 2 (end to end, `msvlad.evaluation.extract.embed_images`): generated JPEGs of mixed aspect
+ratios
 described with the square policy (batched), the max-side policy with aspect bucketing (batched),
 and max-side at batch size 1 (the peer codes' habit), each with num_workers 0 and 2. Speed is a
 ratio to max-side / batch 1 / 0 workers. Square images have more pixels than max-side ones at the
@@ -48,10 +49,10 @@ from benchmarks.common import (
     time_interleaved,
     write_results,
 )
-from msvlad.backbones import build_backbone
 from msvlad.config import ModelConfig, load_params
+from msvlad.nn.backbones import build_backbone
+from msvlad.nn.pooling import build_pooling
 from msvlad.paths import ROOT
-from msvlad.pooling import build_pooling
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def build_poolings(cfg: ModelConfig, channels: int) -> dict[str, nn.Module]:
 
 
 def _autocast(device: torch.device, amp: bool) -> Any:
-    # the same autocast describe_images uses on CUDA (float16); none on CPU
+    # the same autocast embed_images uses on CUDA (float16); none on CPU
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
@@ -197,9 +198,9 @@ def bench_end_to_end(
     repeats: int,
     warmup: int,
 ) -> list[dict[str, Any]]:
-    """describe_images: square vs max-side (bucketed) vs max-side batch 1, per worker count."""
-    from msvlad.extract import ImageItem, describe_images
-    from msvlad.model import build_model
+    """embed_images: square vs max-side (bucketed) vs max-side batch 1, per worker count."""
+    from msvlad.evaluation.extract import ImageItem, embed_images
+    from msvlad.nn.model import build_model
 
     model = (
         build_model(dataclasses.replace(cfg, pooling="msvlad"), pretrained=False).to(device).eval()
@@ -209,7 +210,7 @@ def bench_end_to_end(
     configs = [(policy, bs, nw) for nw in workers for policy, bs in modes]
 
     def run(policy: str, bs: int, nw: int, subset: list) -> None:
-        describe_images(
+        embed_images(
             model,
             subset,
             image_size=cfg.image_size,
@@ -217,7 +218,7 @@ def bench_end_to_end(
             batch_size=bs,
             device=device,
             num_workers=nw,
-            desc="bench",
+            progress="bench",
         )
 
     # warm-up on a few images per configuration, then time the whole set round-robin
@@ -307,7 +308,7 @@ def plot(rows: list[dict[str, Any]], e2e: list[dict[str, Any]], path: Path) -> P
         ax.set_xticks(range(len(e2e)), labels, fontsize=7)
         ax.axhline(1.0, color="grey", ls="--", lw=1)
         ax.set_ylabel("speed vs max_side bs1 w0")
-        ax.set_title("describe_images end to end")
+        ax.set_title("embed_images end to end")
     return save_figure(fig, path)
 
 

@@ -1,6 +1,7 @@
 """Mining-round cost vs pool size: the difficulty miner's top-k and faiss paths vs a full sort.
 
-One mining round of `msvlad.mining.DifficultyMiner` (paper defaults: margin 0.1, delta 0.02,
+One mining round of `msvlad.mining.difficulty.DifficultyMiner` (paper defaults: margin 0.1, delta
+0.02,
 threshold 20, semi-hard probability 0.5, 256 triplets) on a synthetic class-balanced pool of N
 L2-normalised descriptors (`--images-per-class` images per class around a random centre, Gaussian
 noise scaled so that the loss window does catch triplets). Methods:
@@ -47,7 +48,7 @@ from benchmarks.common import (
     time_interleaved,
     write_results,
 )
-from msvlad.mining import DifficultyMiner, difficulty_candidates, first_per_class
+from msvlad.mining.difficulty import DifficultyMiner, difficulty_candidates, first_per_class
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the mining benchmark; print the table, write JSON + PNG, return the record."""
     args = parse_args(argv)
     device = setup_run(args)
-    warm_desc, warm_labels = make_pool(
-        200, 16, 5, 1.0, 0, device
-    )  # load faiss/BLAS outside the timings
+    # load faiss/BLAS outside the timings
+    warm_desc, warm_labels = make_pool(200, 16, 5, 1.0, 0, device)
     for backend in ("torch", "faiss"):
         DifficultyMiner(backend=backend).mine(warm_desc, warm_labels)
     rows: list[dict[str, Any]] = []

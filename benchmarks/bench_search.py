@@ -4,7 +4,8 @@ Data: clustered synthetic descriptors (unit centres + Gaussian noise, L2-normali
 structure real embeddings have (recall on i.i.d. noise means nothing). Queries are fresh draws from
 the same clusters, not database members. The peers' way is the baseline: `q @ db.T` with numpy,
 then a full `np.argsort` of every row (cirtorch, revisitop, CVNet). faiss indexes go through
-`msvlad.search.build_index` / `search_index` with the library's default options unless overridden.
+`msvlad.evaluation.search.build_index` / `search_index` with the library's default options unless
+overridden.
 recall@k = |top-k of the method ∩ exact top-k| / k, averaged over queries (exact = faiss flat).
 
 Memory per method: `index_mib` is the resident memory the built index keeps (RSS after build minus
@@ -44,7 +45,7 @@ from benchmarks.common import (
     time_interleaved,
     write_results,
 )
-from msvlad.search import build_index, search_index
+from msvlad.evaluation.search import build_index, search_index
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def index_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Options for msvlad.search.build_index from the command line (unset: library defaults)."""
+    """Options for `build_index` from the command line (unset: library defaults)."""
     opts: dict[str, Any] = {}
     if method in ("ivf", "ivfpq"):
         if args.nlist:
@@ -128,9 +129,8 @@ def bench_size(
             continue
         opts = index_options(method, args)
         if method == "ivfpq" and "nbits" not in opts and n < 256:
-            opts["nbits"] = max(
-                1, int(np.log2(n))
-            )  # tiny databases: fewer PQ centroids than vectors
+            # tiny databases: fewer PQ centroids than vectors
+            opts["nbits"] = max(1, int(np.log2(n)))
         gc.collect()
         rss0 = resident_bytes()
         t0 = time.perf_counter()

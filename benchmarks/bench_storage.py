@@ -1,9 +1,11 @@
 """float16 vs float32 descriptor storage: bytes, and how much retrieval mAP changes.
 
 Storing descriptors in float16 (extract.float16) halves their size; they are cast back to float32
-before search, as `msvlad.retrieval.describe_dataset` does. This benchmark measures both sides:
-bytes in memory and in an .npz file, and mAP / mP@k (via `msvlad.evaluation.evaluate`, exact flat
-search via `msvlad.search.search`) computed from the float32 and the float16 copies.
+before search, as `msvlad.evaluation.pipeline.extract_dataset` does. This benchmark measures both
+sides:
+bytes in memory and in an .npz file, and mAP / mP@k (via `msvlad.evaluation.protocol.evaluate`,
+exact flat
+search via `msvlad.evaluation.search.search`) computed from the float32 and the float16 copies.
 
 Default data: a synthetic revisited-style benchmark that runs anywhere. Landmarks are unit
 centres; a database image of a landmark is its centre + noise, labelled easy / hard / junk by
@@ -41,8 +43,8 @@ from benchmarks.common import (
     setup_run,
     write_results,
 )
-from msvlad.evaluation import evaluate
-from msvlad.search import search
+from msvlad.evaluation.protocol import evaluate
+from msvlad.evaluation.search import search
 from msvlad.storage import load_npz, save_npz
 
 NAME = "bench_storage"
@@ -128,8 +130,8 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> int:
 
 def load_real(features: Path, gnd_path: Path) -> tuple[np.ndarray, np.ndarray, Any, str]:
     """(q, db, gnd, protocol) from a features.npz (arrays q, db) and a gnd pickle."""
-    from msvlad.datasets import infer_protocol
-    from msvlad.safe_pickle import load_pickle
+    from msvlad.data.safe_pickle import load_pickle
+    from msvlad.data.testsets import infer_protocol
 
     arrays = load_npz(features)
     missing = [k for k in ("q", "db") if k not in arrays]

@@ -1,13 +1,14 @@
 """Training-step throughput (triplets/s) and the mining round's share of a training round.
 
-Part 1: one optimiser step as `msvlad.train.Trainer.train_step` takes it (RetrievalNet in train mode
+Part 1: one optimiser step as `msvlad.training.trainer.Trainer.train_step` takes it (RetrievalNet
+in train mode
 with frozen BatchNorm, triplet loss on the (a, p, n) descriptors, gradients accumulated over
 micro-batches, Adam) on random images, per configuration: micro-batch 1 vs 6 triplets per forward
 (the step always holds --triplets triplets), fp32 vs AMP bf16, NCHW vs channels_last (the last two
 on CUDA only). Speed is a ratio to fp32 with micro-batch 1 (the paper's memory-saving habit).
 
 Part 2: one mining round = embed a pool of P images (eval, no grad, batches of extract.batch_size;
-bf16 on CUDA) + mine with `msvlad.mining.build_miner` (the profile's miner) vs the
+bf16 on CUDA) + mine with `msvlad.mining.registry.build_miner` (the profile's miner) vs the
 ceil(T / triplets) optimiser steps that consume the round's T triplets (timed with the
 profile's own micro-batch and AMP).
 Images are random tensors; labels give P / images_per_class classes.
@@ -45,8 +46,8 @@ from benchmarks.common import (
     write_results,
 )
 from msvlad.config import Params, load_params
-from msvlad.loss import triplet_loss
-from msvlad.model import RetrievalNet, build_model
+from msvlad.nn.loss import triplet_loss
+from msvlad.nn.model import RetrievalNet, build_model
 from msvlad.paths import ROOT
 
 log = logging.getLogger(__name__)
@@ -212,9 +213,9 @@ def profile_config(params: Params, device: torch.device, configs: list[StepConfi
 def embed_pool(
     model: RetrievalNet, pool: int, size: int, batch: int, device: torch.device
 ) -> torch.Tensor:
-    """Describe `pool` random images in eval mode, batched like describe_images.
+    """Describe `pool` random images in eval mode, batched like embed_images.
 
-    On CUDA the autocast is bf16 where describe_images uses fp16: an untrained network's
+    On CUDA the autocast is bf16 where embed_images uses fp16: an untrained network's
     activations overflow fp16 (NaN descriptors) while pretrained ones do not; both run at the
     same tensor-core rate.
     """
@@ -238,14 +239,15 @@ def bench_rounds(
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
     """Rows per (P, T): embed + mine seconds vs the steps of one round, and the mining share."""
-    from msvlad.mining import build_miner
+    from msvlad.mining.registry import build_miner
 
     m = params.miner
     step_s = next(r["seconds_per_step"] for r in step_rows if r["config"] == config.label)
     model = prepare_model(params, config, device)
+    # warm-up
     embed_pool(
         model, min(4, rounds[0][0]), params.model.image_size, params.extract.batch_size, device
-    )  # warm-up
+    )
     rows = []
     for pool, triplets in rounds:
         synchronize(device)

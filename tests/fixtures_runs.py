@@ -3,7 +3,7 @@
 `make_run_tree(tmp_path)` writes
   data/tiny-test/jpg/*.jpg + gnd_tiny-test.pkl   revisitop layout, 4 queries (bbx), 3 distractors
   data/tiny-train/<class>/<k>.jpg                3 classes of 4 images
-  results/evaluate/<method>/metrics.json         as `msvlad evaluate` writes it (msvlad.evaluation)
+  results/evaluate/<method>/metrics.json         as `msvlad evaluate` writes it
   results/evaluate/<method>/tiny-test/           per_query{,_qe,_dba}.csv, ranks.npy, features.npz
   runs/<method>/train/                           log.csv (+ rounds.csv, triplets.csv when trained)
   params.yaml                                    the repo's params, data.root -> data/, 3 methods
@@ -22,9 +22,9 @@ import yaml
 from PIL import Image
 
 from msvlad.config import load_params, params_to_dict
-from msvlad.evaluation import evaluate
-from msvlad.storage import save_npz, write_json
-from msvlad.train import LOG_FIELDS, ROUND_FIELDS, TRIPLET_FIELDS
+from msvlad.evaluation.protocol import evaluate
+from msvlad.storage import save_npz, write_json, write_text
+from msvlad.training.logs import LOG_FIELDS, ROUND_FIELDS, TRIPLET_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "tiny-test"
@@ -151,7 +151,8 @@ def _write_results(results_dir: Path, cfg: dict, rng: np.random.Generator) -> No
                 }
             )
             tag = "" if variant == "plain" else f"_{variant}"
-            metrics.write_per_query_csv(out / f"per_query{tag}.csv", cfg["qimlist"])
+            frame = metrics.per_query_frame(cfg["qimlist"])
+            write_text(out / f"per_query{tag}.csv", frame.to_csv(index=False))
             write_json(out / f"metrics{tag}.json", js)
             if variant == "plain":
                 np.save(out / "ranks.npy", ranks)

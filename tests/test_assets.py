@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msvlad.assets import (
+from msvlad.mini.assets import (
     PHOTO_FILES,
     Manifest,
     fetch_assets,
@@ -56,7 +56,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
 def test_unavailable_source_is_skipped_with_warning(tmp_path: Path, caplog) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    with caplog.at_level(logging.WARNING, logger="msvlad.assets"):
+    with caplog.at_level(logging.WARNING, logger="msvlad.mini.assets"):
         m = fetch_assets(tmp_path / "assets", sources=("skimage",), skimage_dir=empty)
     assert m.photos == () and m.sources == {"skimage": "unavailable"}
     assert any("skimage unavailable" in r.getMessage() for r in caplog.records)
@@ -64,7 +64,7 @@ def test_unavailable_source_is_skipped_with_warning(tmp_path: Path, caplog) -> N
 
 
 def test_failing_pip_and_apt_are_skipped(tmp_path: Path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="msvlad.assets"):
+    with caplog.at_level(logging.WARNING, logger="msvlad.mini.assets"):
         m = fetch_assets(
             tmp_path,
             sources=("vismatch", "darknet"),

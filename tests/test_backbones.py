@@ -10,7 +10,7 @@ from PIL import Image
 from skimage import data
 from torchvision.models._meta import _IMAGENET_CATEGORIES as CATEGORIES
 
-from msvlad.backbones import BACKBONES, _load_trunk, build_backbone, build_classifier
+from msvlad.nn.backbones import BACKBONES, _load_trunk, build_backbone, build_classifier
 
 
 @pytest.mark.parametrize(

@@ -282,7 +282,7 @@ def test_train_step_matches_one_big_batch():
     """Accumulating over micro-batches of 1 gives the gradients of one forward of all triplets."""
     from benchmarks.bench_train import setting_params, train_step
 
-    from msvlad.model import build_model
+    from msvlad.nn.model import build_model
 
     params = setting_params("mini", 64)
     torch.manual_seed(0)
@@ -347,9 +347,8 @@ def test_synthetic_revisited_gnd_is_consistent():
         lists = [set(g[k].tolist()) for k in ("easy", "hard", "junk")]
         assert not (lists[0] & lists[1]) and not (lists[0] & lists[2]) and not (lists[1] & lists[2])
         assert all(0 <= j < 1000 for s in lists for j in s)
-        assert (
-            gnd[i]["easy"].tolist() == gnd[i % 4]["easy"].tolist()
-        )  # queries of one landmark share gnd
+        # queries of one landmark share gnd
+        assert gnd[i]["easy"].tolist() == gnd[i % 4]["easy"].tolist()
     labelled = np.concatenate([g[k] for g in gnd[:4] for k in ("easy", "hard", "junk")])
     assert len(np.unique(labelled)) == len(labelled) == 200  # 20% of the database, each once
     # easy images are closer to their query than hard ones, hard than junk, junk than the rest

@@ -17,7 +17,9 @@ import pytest
 from PIL import Image
 
 from httpserver import FileServer, closed_port_url
-from msvlad.datasets import (
+from msvlad.data.download import DownloadError
+from msvlad.data.images import load_image
+from msvlad.data.registry import (
     DATASETS,
     GLDV2_CLEAN_CSV,
     GLDV2_MD5,
@@ -29,19 +31,13 @@ from msvlad.datasets import (
     R1M_LIST,
     SFM120K_DB,
     SFM120K_IMAGES,
-    build_gldv2_clean,
-    build_sfm120k,
-    load_dataset,
-    load_distractors,
-    load_training_set,
     mirror_url,
     prepare_dataset,
-    read_rotations,
     url_key,
 )
-from msvlad.download import DownloadError
-from msvlad.images import load_image
-from msvlad.safe_pickle import UnsafePickleError, load_pickle
+from msvlad.data.safe_pickle import UnsafePickleError, load_pickle
+from msvlad.data.testsets import load_dataset, load_distractors, read_rotations
+from msvlad.data.trainsets import build_gldv2_clean, build_sfm120k, load_training_set
 
 # ----------------------------------------------------------------------------- replica builders
 
@@ -154,9 +150,8 @@ def test_safe_pickle_reads_numpy1_module_names(tmp_path: Path) -> None:
     data = pickle.dumps({"easy": np.array([4, 5], np.int64)}, protocol=2)
     assert b"numpy._core.multiarray" in data
     p = tmp_path / "old.pkl"
-    p.write_bytes(
-        data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-    )  # as numpy 1.x writes
+    # as numpy 1.x writes
+    p.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
     assert load_pickle(p)["easy"].tolist() == [4, 5]
 
 
@@ -521,7 +516,7 @@ def test_prepare_revisited_oxford(mirror: FileServer, tmp_path: Path) -> None:
 
 
 def test_prepare_paris_skips_corrupt_images(mirror: FileServer, tmp_path: Path, caplog) -> None:
-    with caplog.at_level("WARNING", logger="msvlad.datasets"):
+    with caplog.at_level("WARNING", logger="msvlad.data.datasets"):
         prepare_dataset("rparis6k", tmp_path, mirror=mirror.base_url)
     assert "paris_louvre_000136.jpg" in caplog.text and "skipped 2 corrupt" in caplog.text
     jpgs = sorted(p.stem for p in (tmp_path / "rparis6k" / "jpg").iterdir())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from httpserver import FileServer, closed_port_url
-from msvlad.download import (
+from msvlad.data.download import (
     ChecksumError,
     ChecksumRegistry,
     DownloadError,

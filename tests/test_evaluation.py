@@ -9,16 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from msvlad.evaluation import (
+from msvlad.data.registry import holidays_gnd
+from msvlad.evaluation.protocol import (
     RetrievalMetrics,
     compute_ap,
     compute_map,
     evaluate,
-    evaluate_classic,
-    evaluate_holidays,
-    evaluate_revisited,
-    format_table,
-    holidays_gnd,
+    metrics_table,
     revisited_setups,
 )
 
@@ -223,7 +220,7 @@ def test_evaluate_revisited_hand_computed() -> None:
     #   AP = 1/3 + (1 + 1)/6 + (2/4 + 3/5)/6 = 2/3 + 11/60 = 51/60
     #   P@1 = 1; P@5: kq = min(5, 5) -> 3/5; P@10: kq = 5 -> 3/5
     # Hard: ok {1}, junk {0,2,5}: position 1 -> 0; AP = 1
-    m = evaluate_revisited(ranks, RAW)
+    m = evaluate(ranks, RAW, "revisited")
     assert m.setups["easy"].mAP == pytest.approx(17 / 24)
     assert m.setups["medium"].mAP == pytest.approx(51 / 60)
     assert m.setups["hard"].mAP == pytest.approx(1.0)
@@ -238,7 +235,7 @@ def test_evaluate_classic_oxford_ap() -> None:
     # ok (good + ok) {3, 4, 7}, junk {1}; list 3 1 4 0 2 5 6 7 -> positions 0, 2, 7 -> 0, 1, 6
     # AP = 1/3 + 2/6 + (2/6 + 3/7)/6 = 2/3 + 8/63 = 50/63
     ranks = col(3, 1, 4, 0, 2, 5, 6, 7)
-    m = evaluate_classic(ranks, [{"ok": [3, 4, 7], "junk": [1]}])
+    m = evaluate(ranks, [{"ok": [3, 4, 7], "junk": [1]}], "classic")
     assert list(m.setups) == ["all"]
     assert m.setups["all"].mAP == pytest.approx(50 / 63)
     assert m.to_json()["mAP"] == {"all": round(100 * 50 / 63, 2)}
@@ -261,13 +258,13 @@ def test_evaluate_holidays_excludes_query() -> None:
     # q0 (db 0): list 0 2 1 3 4 -> self removed -> positive 1 at position 1: AP = (0 + 1/2)/2 = 1/4
     # q1 (db 2): list 2 3 0 4 1 -> self removed -> positives at 0, 2: AP = 1/2 + 7/24 = 19/24
     ranks = np.stack([np.array([0, 2, 1, 3, 4]), np.array([2, 3, 0, 4, 1])], axis=1)
-    m = evaluate_holidays(ranks, gnd)
+    m = evaluate(ranks, gnd, "holidays")
     np.testing.assert_allclose(m.setups["all"].aps, [1 / 4, 19 / 24])
     assert m.setups["all"].mAP == pytest.approx(25 / 48)
     assert evaluate(ranks, gnd, "holidays").setups["all"].mAP == m.setups["all"].mAP
     bad = [{"ok": np.array([0, 1]), "query_db_index": 0}]
     with pytest.raises(ValueError, match="query_db_index"):
-        evaluate_holidays(col(0, 1), bad)
+        evaluate(col(0, 1), bad, "holidays")
 
 
 def test_evaluate_dispatch_and_unknown_protocol() -> None:
@@ -284,7 +281,7 @@ def test_evaluate_dispatch_and_unknown_protocol() -> None:
 def _two_query_metrics() -> RetrievalMetrics:
     raw = RAW + [{"easy": [], "hard": [3], "junk": []}]
     ranks = np.stack([np.arange(8), np.arange(8)[::-1]], axis=1)
-    return evaluate_revisited(ranks, raw)
+    return evaluate(ranks, raw, "revisited")
 
 
 def test_per_query_frame_and_csv_round_trip(tmp_path) -> None:
@@ -295,7 +292,8 @@ def test_per_query_frame_and_csv_round_trip(tmp_path) -> None:
     easy = df[df.setup == "easy"].set_index("query")
     assert easy.loc["q0", "AP"] == pytest.approx(17 / 24)
     assert math.isnan(easy.loc["q1", "AP"])  # no easy positive
-    path = m.write_per_query_csv(tmp_path / "pq" / "roxford5k.csv", ["q0", "q1"])
+    path = tmp_path / "roxford5k.csv"
+    df.to_csv(path, index=False)
     back = pd.read_csv(path)
     pd.testing.assert_frame_equal(back, df)
     with pytest.raises(ValueError, match="qimlist"):
@@ -303,20 +301,22 @@ def test_per_query_frame_and_csv_round_trip(tmp_path) -> None:
 
 
 def test_to_json_nan_becomes_null() -> None:
-    m = evaluate_classic(col(0, 1), [{"ok": []}])
+    m = evaluate(col(0, 1), [{"ok": []}], "classic")
     assert m.to_json() == {
         "mAP": {"all": None},
         "mP@k": {"all": {"1": None, "5": None, "10": None}},
     }
 
 
-def test_format_table() -> None:
+def test_metrics_table() -> None:
     rev = _two_query_metrics()
-    cls = evaluate_classic(col(3, 1, 4, 0, 2, 5, 6, 7), [{"ok": [3, 4, 7], "junk": [1]}])
-    table = format_table({"roxford5k": rev, "oxford5k": cls})
-    lines = table.splitlines()
-    assert lines[0].split()[:4] == ["name", "mAP", "E", "mAP"]
-    assert len(lines) == 4  # header, rule, two rows
-    rox = lines[2].split()
-    assert rox[0] == "roxford5k" and rox[1] == f"{100 * rev.setups['easy'].mAP:.2f}"
-    assert f"{100 * 50 / 63:.2f}" in lines[3] and "-" in lines[3].split()
+    cls = evaluate(col(3, 1, 4, 0, 2, 5, 6, 7), [{"ok": [3, 4, 7], "junk": [1]}], "classic")
+    table = metrics_table({"roxford5k": rev, "oxford5k": cls})
+    assert list(table.columns[:4]) == ["mAP E", "mAP M", "mAP H", "mAP all"]
+    assert list(table.index) == ["roxford5k", "oxford5k"]
+    assert table.loc["roxford5k", "mAP E"] == pytest.approx(round(100 * rev.setups["easy"].mAP, 2))
+    assert table.loc["oxford5k", "mAP all"] == pytest.approx(round(100 * 50 / 63, 2))
+    assert math.isnan(table.loc["oxford5k", "mAP E"]) and math.isnan(
+        table.loc["roxford5k", "mAP all"]
+    )
+    assert table.columns[4].startswith("mP@1")

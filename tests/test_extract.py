@@ -7,17 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from msvlad import functional as LF
 from msvlad.config import ModelConfig
-from msvlad.extract import (
+from msvlad.evaluation.extract import (
     ImageItem,
-    describe_images,
+    embed_images,
     extract_descriptors,
     load_resized,
     target_size,
 )
-from msvlad.model import build_model
-from msvlad.whitening import Whitening
+from msvlad.nn import functional as LF
+from msvlad.nn.model import build_model
+from msvlad.nn.whitening import Whitening
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_target_size_policies():
 @pytest.mark.parametrize("policy", ["square", "max_side"])
 def test_batched_equals_one_by_one(model, images, policy):
     items = [ImageItem(p) for p in images]
-    batched, ok = describe_images(model, items, image_size=64, resize=policy, batch_size=4)
+    batched, ok = embed_images(model, items, image_size=64, resize=policy, batch_size=4)
     assert ok.all()
     for i, item in enumerate(items):
         with torch.no_grad():
@@ -67,8 +67,8 @@ def test_query_crop_before_resize(model, images):
 
 def test_multiscale_sum_then_whiten(model, images):
     items = [ImageItem(p) for p in images]
-    a, _ = describe_images(model, items, image_size=64)
-    b, _ = describe_images(model, items, image_size=45)
+    a, _ = embed_images(model, items, image_size=64)
+    b, _ = embed_images(model, items, image_size=45)
     out, failed = extract_descriptors(model, items, image_size=64, scales=[1.0, 0.7], whiten=False)
     assert failed == []
     assert np.allclose(out, LF.l2n(a + b).numpy(), atol=1e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msvlad import functional as LF
+from msvlad.nn import functional as LF
 
 
 def test_l2n_unit_norm_and_zero_safe(gen):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from msvlad.images import ImageLoadError, clip_bbx, load_image, rotate_image
+from msvlad.data.images import ImageLoadError, clip_bbx, load_image, rotate_image
 
 
 def _coord_image(w: int = 64, h: int = 48) -> Image.Image:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msvlad.assets import scan_photos, write_manifest
-from msvlad.mini import CURATED, Catalogue, Group, build_mini_benchmark
+from msvlad.mini.assets import scan_photos, write_manifest
+from msvlad.mini.builder import CURATED, Catalogue, Group, build_mini_benchmark
 
 
 class _PlainUnpickler(pickle.Unpickler):

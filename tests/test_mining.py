@@ -9,34 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from msvlad.mining import (
-    MINERS,
-    BatchHardMiner,
-    DifficultyMiner,
-    HardestNegativeMiner,
-    MinedTriplets,
-    RandomMiner,
-    SemiHardMiner,
-    TripletMiner,
-    build_miner,
-    difficulty_candidates,
-    first_per_class,
-)
+from msvlad.mining.base import MinedTriplets, TripletMiner
+from msvlad.mining.baselines import BatchHardMiner, HardestNegativeMiner, RandomMiner, SemiHardMiner
+from msvlad.mining.difficulty import DifficultyMiner, difficulty_candidates, first_per_class
+from msvlad.mining.registry import MINERS, build_miner
 from msvlad.storage import load_torch, save_torch
+from msvlad.training.logs import TRIPLET_FIELDS
 
-COLUMNS = [
-    "anchor",
-    "positive",
-    "negative",
-    "anchor_label",
-    "negative_label",
-    "pos_rank",
-    "neg_rank",
-    "pos_sim",
-    "neg_sim",
-    "loss",
-    "kind",
-]
+COLUMNS = TRIPLET_FIELDS[2:]  # the triplet log minus round and step: MinedTriplets.to_frame()
 
 
 # ----------------------------------------------------------------------------- data and reference
@@ -217,9 +197,8 @@ def test_difficulty_triplets_satisfy_every_rule(cfg: dict) -> None:
                 assert r_p == r_n - 1 and r.loss <= cfg["margin"] + 1e-12
             else:
                 assert r.kind == "hard" and r_p > r_n and r.loss >= cfg["margin"] - 1e-12
-                assert all(
-                    lab[j] != lab[r.anchor] for j in ranked[r_n:r_p]
-                )  # first positive below n
+                # first positive below n
+                assert all(lab[j] != lab[r.anchor] for j in ranked[r_n:r_p])
                 assert r_p - r_n < cfg["threshold"]
             assert cfg["margin"] - cfg["delta"] < r.loss < cfg["margin"] + cfg["delta"]
             kinds.add(r.kind)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from msvlad.config import ModelConfig
-from msvlad.model import build_model, load_model, save_model
-from msvlad.whitening import Whitening
+from msvlad.nn.model import build_model, load_model, save_model
+from msvlad.nn.whitening import Whitening
 
 
 def _cfg(**kw) -> ModelConfig:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from msvlad import neighbors
-from msvlad.neighbors import similarity_rows, topk_neighbors
+from msvlad.mining import neighbors
+from msvlad.mining.neighbors import similarity_rows, topk_neighbors
 
 
 def _unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ def test_exact_ties_break_by_lower_index(backend: str, caplog: pytest.LogCapture
     # 8-d sign vectors have only 9 distinct similarities: ties at every rank and at the cut,
     # which also exercises the full-row fallback
     x = _hypercube(120, seed=1)
-    caplog.set_level(logging.DEBUG, logger="msvlad.neighbors")
+    caplog.set_level(logging.DEBUG, logger="msvlad.mining.neighbors")
     sims, idx = topk_neighbors(x, 25, exclude_self=True, backend=backend, chunk_size=32)
     _, ref_i = _reference(x, 25, True)
     np.testing.assert_array_equal(idx.numpy(), ref_i)

@@ -68,9 +68,8 @@ def test_notebook_is_thin(name: str) -> None:
     assert len(tagged) == 1 and tagged[0] is nb.cells[1], (
         "one parameters cell, right after the title"
     )
-    for stmt in ast.parse(
-        tagged[0].source
-    ).body:  # literals only (papermill does not recompute derived values)
+    # literals only (papermill does not recompute derived values)
+    for stmt in ast.parse(tagged[0].source).body:
         assert (
             isinstance(stmt, ast.Assign)
             and len(stmt.targets) == 1
@@ -83,16 +82,13 @@ def test_notebook_is_thin(name: str) -> None:
         )
         tree = ast.parse(_code(cell))
         bad = [type(n).__name__ for n in ast.walk(tree) if isinstance(n, FORBIDDEN)]
-        assert not bad, (
-            f"{name}: {bad} in cell {cell.id}; move it to msvlad.reporting / msvlad.plotting"
-        )
+        assert not bad, f"{name}: {bad} in cell {cell.id}; move it to msvlad.report"
         lines = [ln for ln in _code(cell).splitlines() if ln.strip()]
         assert cell is tagged[0] or len(lines) <= MAX_LINES, (
             f"{name}: cell {cell.id} has {len(lines)} lines"
         )
-    for i, cell in enumerate(
-        nb.cells[2:], start=2
-    ):  # every code cell follows a markdown heading or a code cell
+    # every code cell follows a markdown heading or a code cell
+    for i, cell in enumerate(nb.cells[2:], start=2):
         if cell.cell_type == "markdown":
             assert cell.source.startswith("## "), (
                 f"{name}: markdown cell {i} should open with a heading"
@@ -105,9 +101,8 @@ def test_parameters_declared(name: str) -> None:
     assert "params_file" in declared and "reports_dir" in declared
     for key in PATH_PARAMETERS & set(declared):
         default = ast.literal_eval(declared[key]["default"])
-        assert (
-            isinstance(default, str) and not Path(default).is_absolute()
-        )  # repo-relative defaults
+        # repo-relative defaults
+        assert isinstance(default, str) and not Path(default).is_absolute()
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,28 @@ def test_overrides_and_method_params(repo_root):
         method_params(p, "nope")
 
 
+def test_method_set_overrides_one_row_only(repo_root):
+    from msvlad.config import method_params, params_from_dict, params_to_dict
+
+    raw = params_to_dict(load_params(repo_root / "params.yaml"))
+    raw["methods"]["ablation"] = {
+        "label": "ablation",
+        "pooling": "msvlad",
+        "miner": "difficulty",
+        "set": {"model.num_clusters": 7, "miner.delta": 0.05},
+    }
+    p = params_from_dict(raw)
+    m = method_params(p, "ablation")
+    assert (m.model.num_clusters, m.miner.delta) == (7, 0.05)
+    assert method_params(p, "msvlad").model.num_clusters == p.model.num_clusters
+    raw["methods"]["ablation"]["set"] = {"model.nope": 1}
+    with pytest.raises(ConfigError, match=r"methods.ablation.set: .*model.nope: unknown key"):
+        method_params(params_from_dict(raw), "ablation")
+    raw["methods"]["ablation"]["set"] = {"model.num_clusters": "many"}
+    with pytest.raises(ConfigError, match=r"methods.ablation.set: .*num_clusters: expected an int"):
+        method_params(params_from_dict(raw), "ablation")
+
+
 def test_ci_runs_the_readme_test_command(repo_root):
     readme = (repo_root / "README.md").read_text()
     ci = (repo_root / ".ci" / "run").read_text()

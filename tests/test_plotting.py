@@ -1,4 +1,4 @@
-"""msvlad.plotting: figures have the expected panels, border colours, titles; saving is atomic."""
+"""msvlad.report.figures: expected panels, border colours and titles; saving is atomic."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
 from fixtures_runs import DATASET, make_run_tree
-from msvlad import plotting, reporting
 from msvlad.config import load_params
-from msvlad.datasets import load_dataset
+from msvlad.data.testsets import load_dataset
+from msvlad.report import figures, results, runs
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +40,18 @@ def _border(ax) -> str:
 def test_save_figure_png_and_pdf(tmp_path: Path) -> None:
     fig = Figure()
     fig.subplots().plot([0, 1], [1, 0])
-    out = plotting.save_figure(fig, "demo", "line", tmp_path)
+    out = figures.save_figure(fig, "demo", "line", tmp_path)
     assert [p.name for p in out] == ["line.png", "line.pdf"]
     assert out[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out[1].read_bytes()[:5] == b"%PDF-"
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
         "line.pdf",
         "line.png",
     ]  # no temp files
-    assert [p.name for p in plotting.save_figure(fig, "demo", "only", tmp_path, pdf=False)] == [
+    assert [p.name for p in figures.save_figure(fig, "demo", "only", tmp_path, pdf=False)] == [
         "only.png"
     ]
     with pytest.raises(ValueError, match="name"):
-        plotting.save_figure(fig, "demo", "../escape", tmp_path)
+        figures.save_figure(fig, "demo", "../escape", tmp_path)
 
 
 def test_plot_ranking_borders_and_ap(dataset) -> None:
@@ -66,9 +66,9 @@ def test_plot_ranking_borders_and_ap(dataset) -> None:
         *[i for i in range(len(dataset.imlist)) if i not in {easy, junk, other[0], hard}],
     ]
     ranks = np.stack([np.array(column)] * len(dataset.qimlist), axis=1)
-    fig = plotting.plot_ranking(dataset, ranks, 0, top_k=4, setup="medium")
+    fig = figures.plot_ranking(dataset, ranks, 0, top_k=4, setup="medium")
     assert isinstance(fig, Figure) and len(fig.axes) == 5
-    c = plotting.COLORS
+    c = figures.COLORS
     assert [_border(ax) for ax in fig.axes] == [
         c["query"],
         c["positive"],
@@ -77,22 +77,22 @@ def test_plot_ranking_borders_and_ap(dataset) -> None:
         c["positive"],
     ]
     assert [ax.get_title() for ax in fig.axes[1:]] == ["#1 easy", "#2 junk", "#3 neg", "#4 hard"]
-    ap = reporting.query_ap(dataset, ranks, 0, "medium")
+    ap = results.query_ap(dataset, ranks, 0, "medium")
     assert f"AP {ap:.1f}" in fig.axes[0].get_title()
     # the query thumbnail is the bbx crop (60 x 44 pixels of an 80 x 60 image)
     assert fig.axes[0].images[0].get_array().shape[:2] == (44, 60)
     # hard setup: easy positives become junk
-    hard_fig = plotting.plot_ranking(dataset, ranks, 0, top_k=2, setup="hard")
+    hard_fig = figures.plot_ranking(dataset, ranks, 0, top_k=2, setup="hard")
     assert [_border(ax) for ax in hard_fig.axes[1:]] == [c["junk"], c["junk"]]
 
 
 def test_plot_rankings_grid_and_comparison(tree, dataset) -> None:
-    ranks = reporting.load_ranks(tree.results_dir, "msvlad", DATASET)
-    fig = plotting.plot_rankings_grid(dataset, ranks, [0, 2, 3], top_k=3)
+    ranks = results.load_ranks(tree.results_dir, "msvlad", DATASET)
+    fig = figures.plot_rankings_grid(dataset, ranks, [0, 2, 3], top_k=3)
     assert len(fig.axes) == 3 * 4
     assert "query q2" in fig.axes[4].get_title()
-    other = reporting.load_ranks(tree.results_dir, "msvlad-ots", DATASET)
-    cmp = plotting.plot_ranking_comparison(
+    other = results.load_ranks(tree.results_dir, "msvlad-ots", DATASET)
+    cmp = figures.plot_ranking_comparison(
         dataset, {"trained": ranks, "off-the-shelf": other}, 1, top_k=2
     )
     assert len(cmp.axes) == 2 * 3
@@ -100,16 +100,16 @@ def test_plot_rankings_grid_and_comparison(tree, dataset) -> None:
         "off-the-shelf"
     )
     with pytest.raises(ValueError, match="out of range"):
-        plotting.plot_rankings_grid(dataset, ranks, [9], top_k=2)
+        figures.plot_rankings_grid(dataset, ranks, [9], top_k=2)
     with pytest.raises(ValueError, match="ranks"):
-        plotting.plot_rankings_grid(dataset, ranks[:, :2], [3], top_k=2)
+        figures.plot_rankings_grid(dataset, ranks[:, :2], [3], top_k=2)
 
 
 def test_plot_triplets_gallery(tree) -> None:
-    trip = reporting.load_triplets(tree.runs_dir / "msvlad" / "train")
-    fig = plotting.plot_triplets(tree.train_root, trip, n=4)
+    trip = runs.load_triplets(tree.runs_dir / "msvlad" / "train")
+    fig = figures.plot_triplets(tree.train_root, trip, n=4)
     assert len(fig.axes) == 4 * 3
-    c = plotting.COLORS
+    c = figures.COLORS
     assert [_border(ax) for ax in fig.axes[:3]] == [c["query"], c["positive"], c["negative"]]
     first = trip.iloc[0]
     assert f"rank {first['pos_rank']}" in fig.axes[1].get_title()
@@ -118,53 +118,50 @@ def test_plot_triplets_gallery(tree) -> None:
         and first["kind"] in fig.axes[0].get_title()
     )
     assert fig.axes[0].images[0].get_array().shape[:2] == (56, 56)
-    empty = plotting.plot_triplets(tree.train_root, trip.iloc[:0])
+    empty = figures.plot_triplets(tree.train_root, trip.iloc[:0])
     assert len(empty.axes) == 1 and empty.axes[0].texts[0].get_text() == "no mined triplets to show"
 
 
 def test_missing_image_becomes_grey_tile(tree) -> None:
     trip = (
-        reporting.load_triplets(tree.runs_dir / "msvlad" / "train")
-        .head(1)
-        .assign(anchor="gone/0.jpg")
+        runs.load_triplets(tree.runs_dir / "msvlad" / "train").head(1).assign(anchor="gone/0.jpg")
     )
-    fig = plotting.plot_triplets(tree.train_root, trip)
+    fig = figures.plot_triplets(tree.train_root, trip)
     tile = fig.axes[0].images[0].get_array()
-    assert tile.shape == (plotting.THUMB, plotting.THUMB, 3) and np.all(np.asarray(tile) == 200)
+    assert tile.shape == (figures.THUMB, figures.THUMB, 3) and np.all(np.asarray(tile) == 200)
 
 
 def test_plot_miner_stats_panels(tree) -> None:
     run = tree.runs_dir / "msvlad" / "train"
-    stats, trip = reporting.miner_stats(run), reporting.load_triplets(run)
-    fig = plotting.plot_miner_stats(stats, trip)
+    stats, trip = runs.miner_stats(run), runs.load_triplets(run)
+    fig = figures.plot_miner_stats(stats, trip)
     assert len(fig.axes) == 4
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == list(stats["triplets"])
-    assert (
-        "similarities" in fig.axes[3].get_title() and len(fig.axes[3].patches) == 60
-    )  # 2 x 30 bins
+    # 2 x 30 bins
+    assert "similarities" in fig.axes[3].get_title() and len(fig.axes[3].patches) == 60
     mix = fig.axes[1]
     assert [t.get_text() for t in mix.get_legend().get_texts()] == ["hard", "semi-hard"]
     hard = [p.get_height() for p in mix.patches[:5]]
     np.testing.assert_allclose(hard, list(stats["hard_frac"].fillna(0.0)))
     # another miner's kinds get their own band; each round's bands sum to 1
-    other = plotting.plot_miner_stats(stats, trip.assign(kind="hardest-negative"))
+    other = figures.plot_miner_stats(stats, trip.assign(kind="hardest-negative"))
     assert [t.get_text() for t in other.axes[1].get_legend().get_texts()] == ["hardest-negative"]
     np.testing.assert_allclose([p.get_height() for p in other.axes[1].patches][:4], [1.0] * 4)
 
 
 def test_plot_training_curves(tree, params) -> None:
-    logs = reporting.load_training_logs(tree.runs_dir, params)
-    fig = plotting.plot_training_curves(logs)
+    logs = runs.load_training_logs(tree.runs_dir, params)
+    fig = figures.plot_training_curves(logs)
     assert len(fig.axes) == 4
     assert len(fig.axes[0].lines) == 2 and fig.axes[2].get_yscale() == "log"
     np.testing.assert_allclose(fig.axes[3].lines[0].get_ydata(), [46.0, 51.0, 56.0])
-    assert len(plotting.plot_training_curves(logs.iloc[:0]).axes) == 1
+    assert len(figures.plot_training_curves(logs.iloc[:0]).axes) == 1
 
 
 def test_plot_results_bars_and_bootstrap(tree, params) -> None:
-    df = reporting.load_results(tree.results_dir, params)
-    fig = plotting.plot_results_bars(df)
+    df = results.load_results(tree.results_dir, params)
+    fig = figures.plot_results_bars(df)
     assert len(fig.axes) == 1
     plain = df[(df["variant"] == "plain") & (df["setup"] == "medium")]
     widths = sorted(
@@ -172,28 +169,28 @@ def test_plot_results_bars_and_bootstrap(tree, params) -> None:
         for p in fig.axes[0].patches
         if p.get_facecolor()[:3]
         == pytest.approx(
-            tuple(int(plotting.SETUP_COLORS["medium"][i : i + 2], 16) / 255 for i in (1, 3, 5))
+            tuple(int(figures.SETUP_COLORS["medium"][i : i + 2], 16) / 255 for i in (1, 3, 5))
         )
     )
     assert widths == sorted(round(v, 6) for v in plain["mAP"])
-    boot = reporting.bootstrap_table(tree.results_dir, "msvlad-ots", params, n_boot=100)
-    bfig = plotting.plot_bootstrap(boot)
+    boot = results.bootstrap_table(tree.results_dir, "msvlad-ots", params, n_boot=100)
+    bfig = figures.plot_bootstrap(boot)
     assert len(bfig.axes) == 1 and [t.get_text() for t in bfig.axes[0].get_yticklabels()] == list(
         boot["Method"]
     )
 
 
 def test_plot_query_gains(tree) -> None:
-    gains = reporting.per_query_gains(tree.results_dir, "msvlad", "msvlad-ots", DATASET)
-    fig = plotting.plot_query_gains(gains)
+    gains = results.per_query_gains(tree.results_dir, "msvlad", "msvlad-ots", DATASET)
+    fig = figures.plot_query_gains(gains)
     assert len(fig.axes) == 2
     np.testing.assert_allclose([p.get_height() for p in fig.axes[1].patches], gains["gain"])
-    assert len(plotting.plot_query_gains(gains.iloc[:0]).axes) == 1
+    assert len(figures.plot_query_gains(gains.iloc[:0]).axes) == 1
 
 
 def test_triplet_explorer_widget(tree) -> None:
-    trip = reporting.load_triplets(tree.runs_dir / "msvlad" / "train")
-    box = plotting.triplet_explorer(tree.train_root, trip, per_round=2)
+    trip = runs.load_triplets(tree.runs_dir / "msvlad" / "train")
+    box = figures.triplet_explorer(tree.train_root, trip, per_round=2)
     slider, dropdown = box.children[0].children
     assert list(slider.options) == [0, 1, 2, 3]
     assert list(dropdown.options) == ["all", *sorted(pd.unique(trip["anchor_label"]))]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msvlad import functional as LF
-from msvlad.pooling import MAC, RMAC, GeM, NetVLAD, SPoC, VLADConcat, build_pooling
+from msvlad.nn import functional as LF
+from msvlad.nn.pooling import MAC, RMAC, GeM, NetVLAD, SPoC, VLADConcat, build_pooling
 
 
 def test_global_poolings_match_functional(gen):

@@ -1,4 +1,4 @@
-"""msvlad.reporting: tables against hand-built metrics, per-query logic, miner stats, exports."""
+"""msvlad.report: tables against hand-built metrics, per-query logic, miner stats, exports."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from fixtures_runs import DATASET, TRAIN_SET, make_run_tree
-from msvlad import reporting
 from msvlad.config import load_params, params_from_dict
-from msvlad.datasets import load_dataset
+from msvlad.data.testsets import load_dataset
+from msvlad.report import results, runs, tables
 from msvlad.storage import read_json, write_json
 
 
@@ -76,7 +76,7 @@ def hand_results(tmp_path: Path, tree):
 
 def test_load_results_long_format(hand_results) -> None:
     res, params = hand_results
-    df = reporting.load_results(res, params)
+    df = results.load_results(res, params)
     # 3 + 2 + 3 + 1 variants, each 3 revisited setups + 1 classic setup; "absent" skipped
     assert len(df) == (3 + 2 + 3 + 1) * 4
     assert list(dict.fromkeys(df["method"])) == [
@@ -102,7 +102,7 @@ def test_load_results_long_format(hand_results) -> None:
 
 def test_results_table_cells_rows_and_training_set(hand_results) -> None:
     res, params = hand_results
-    table = reporting.results_table(reporting.load_results(res, params))
+    table = results.results_table(results.load_results(res, params))
     assert list(table.index) == [
         "msvlad",
         "msvlad+qe",
@@ -141,8 +141,8 @@ def test_results_table_cells_rows_and_training_set(hand_results) -> None:
 
 def test_results_table_options(hand_results) -> None:
     res, params = hand_results
-    df = reporting.load_results(res, params)
-    plain = reporting.results_table(df, variants=("plain",), kappa=None, setups=("medium", "hard"))
+    df = results.load_results(res, params)
+    plain = results.results_table(df, variants=("plain",), kappa=None, setups=("medium", "hard"))
     assert list(plain.index) == ["msvlad", "msvlad-hardest", "msvlad-ots", "gem-ots"]
     assert list(plain.columns) == [
         "Method",
@@ -152,14 +152,14 @@ def test_results_table_options(hand_results) -> None:
         "oxford5k mAP",
     ]
     with pytest.raises(ValueError, match="mP@20"):
-        reporting.results_table(df, kappa=20)
+        results.results_table(df, kappa=20)
 
 
 def test_load_results_errors(tmp_path: Path, params) -> None:
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
-        reporting.load_results(tmp_path, params)
+        results.load_results(tmp_path, params)
     with pytest.raises(ValueError, match="nope"):
-        reporting.load_results(tmp_path, params, methods=["nope"])
+        results.load_results(tmp_path, params, methods=["nope"])
 
 
 def _csv_ap(tree, method: str, setup: str = "medium") -> dict[str, float]:
@@ -169,19 +169,19 @@ def _csv_ap(tree, method: str, setup: str = "medium") -> dict[str, float]:
 
 
 def test_per_query_matches_metrics_json(tree) -> None:
-    pq = reporting.per_query_ap(tree.results_dir, "msvlad", DATASET, setup="hard")
+    pq = results.per_query_ap(tree.results_dir, "msvlad", DATASET, setup="hard")
     assert list(pq["query"]) == ["q0", "q1", "q2", "q3"]
     assert list(pq["query_index"]) == [0, 1, 2, 3]
     js = read_json(tree.results_dir / "msvlad" / "metrics.json")
     assert pq["AP"].mean() == pytest.approx(js[DATASET]["plain"]["mAP"]["hard"], abs=0.006)
-    qe = reporting.per_query_ap(tree.results_dir, "msvlad", DATASET, variant="qe")
+    qe = results.per_query_ap(tree.results_dir, "msvlad", DATASET, variant="qe")
     assert qe["AP"].mean() == pytest.approx(js[DATASET]["qe"]["mAP"]["medium"], abs=0.006)
     with pytest.raises(FileNotFoundError, match="per_query_dba.csv"):
-        reporting.per_query_ap(tree.results_dir, "msvlad", "other-set", variant="dba")
+        results.per_query_ap(tree.results_dir, "msvlad", "other-set", variant="dba")
 
 
 def test_per_query_gains_sorted_and_exact(tree) -> None:
-    gains = reporting.per_query_gains(tree.results_dir, "msvlad", "msvlad-ots", DATASET)
+    gains = results.per_query_gains(tree.results_dir, "msvlad", "msvlad-ots", DATASET)
     a, b = _csv_ap(tree, "msvlad"), _csv_ap(tree, "msvlad-ots")
     expected = sorted(((a[q] - b[q], q) for q in a), key=lambda t: -t[0])
     assert list(gains["query"]) == [q for _, q in expected]
@@ -191,14 +191,14 @@ def test_per_query_gains_sorted_and_exact(tree) -> None:
 
 def test_pick_queries_spreads_from_best_to_worst() -> None:
     frame = pd.DataFrame({"query_index": [0, 1, 2, 3, 4], "AP": [10.0, 90.0, 50.0, math.nan, 70.0]})
-    assert reporting.pick_queries(frame, 3) == [1, 2, 0]
-    assert reporting.pick_queries(frame, 10) == [1, 4, 2, 0]
+    assert results.pick_queries(frame, 3) == [1, 2, 0]
+    assert results.pick_queries(frame, 10) == [1, 4, 2, 0]
     with pytest.raises(ValueError, match="n:"):
-        reporting.pick_queries(frame, 0)
+        results.pick_queries(frame, 0)
 
 
 def test_bootstrap_table_against_per_query_csv(tree, params) -> None:
-    boot = reporting.bootstrap_table(tree.results_dir, "msvlad-ots", params, n_boot=300, seed=1)
+    boot = results.bootstrap_table(tree.results_dir, "msvlad-ots", params, n_boot=300, seed=1)
     assert list(boot.index) == ["msvlad", "msvlad-hardest"]
     a, ref = _csv_ap(tree, "msvlad"), _csv_ap(tree, "msvlad-ots")
     diff = np.mean([a[q] - ref[q] for q in a])
@@ -209,38 +209,38 @@ def test_bootstrap_table_against_per_query_csv(tree, params) -> None:
     assert row["Queries"] == 4 and row["Setup"] == "medium" and row["Dataset"] == DATASET
     assert row["Reference"] == params.methods["msvlad-ots"].label
     with pytest.raises(ValueError, match="reference"):
-        reporting.bootstrap_table(tree.results_dir, "unknown", params)
+        results.bootstrap_table(tree.results_dir, "unknown", params)
 
 
 def test_query_ground_truth_and_ap(tree) -> None:
     ds = load_dataset(tree.data_root, DATASET)
     g = ds.gnd[1]
-    setup, ok, junk = reporting.query_ground_truth(ds, 1, "medium")
+    setup, ok, junk = results.query_ground_truth(ds, 1, "medium")
     assert setup == "medium"
     assert sorted(ok) == sorted([*g["easy"], *g["hard"]]) and sorted(junk) == sorted(g["junk"])
-    _, ok, junk = reporting.query_ground_truth(ds, 1, "hard")
+    _, ok, junk = results.query_ground_truth(ds, 1, "hard")
     assert sorted(ok) == sorted(g["hard"]) and sorted(junk) == sorted([*g["junk"], *g["easy"]])
-    ranks = reporting.load_ranks(tree.results_dir, "msvlad-hardest", DATASET)
+    ranks = results.load_ranks(tree.results_dir, "msvlad-hardest", DATASET)
     csv_ap = _csv_ap(tree, "msvlad-hardest", "hard")
     for q, name in enumerate(ds.qimlist):
-        assert reporting.query_ap(ds, ranks, q, "hard") == pytest.approx(csv_ap[name])
+        assert results.query_ap(ds, ranks, q, "hard") == pytest.approx(csv_ap[name])
     # classic and Holidays protocols: a single setup; Holidays' own db copy is junk
     classic = SimpleNamespace(protocol="classic", gnd=[{"ok": [2, 0], "junk": [1]}])
-    assert reporting.query_ground_truth(classic, 0, "medium")[0] == "all"
+    assert results.query_ground_truth(classic, 0, "medium")[0] == "all"
     rank = np.array([[1], [2], [3], [0]])
     # positives at positions 0 and 2 after dropping junk (1): AP = (1 + (1/1 + 2/3)/2 ... ) by hand
     expected = ((1.0 + 1.0) / 2 + (1 / 2 + 2 / 3) / 2) / 2 * 100
-    assert reporting.query_ap(classic, rank, 0) == pytest.approx(expected)
+    assert results.query_ap(classic, rank, 0) == pytest.approx(expected)
     holidays = SimpleNamespace(protocol="holidays", gnd=[{"ok": [3], "query_db_index": 0}])
-    _, ok, junk = reporting.query_ground_truth(holidays, 0)
+    _, ok, junk = results.query_ground_truth(holidays, 0)
     assert list(ok) == [3] and list(junk) == [0]
     with pytest.raises(IndexError):
-        reporting.query_ground_truth(holidays, 5)
+        results.query_ground_truth(holidays, 5)
 
 
 def test_miner_stats_counts_and_fractions(tree) -> None:
     run = tree.runs_dir / "msvlad" / "train"
-    stats = reporting.miner_stats(run)
+    stats = runs.miner_stats(run)
     trip = pd.read_csv(run / "triplets.csv")
     assert list(stats["round"]) == [0, 1, 2, 3, 4]
     for r in range(4):
@@ -259,46 +259,46 @@ def test_miner_stats_without_rounds_csv(tmp_path: Path, tree) -> None:
     (tmp_path / "triplets.csv").write_bytes(
         (tree.runs_dir / "msvlad" / "train" / "triplets.csv").read_bytes()
     )
-    stats = reporting.miner_stats(tmp_path)
+    stats = runs.miner_stats(tmp_path)
     assert list(stats["round"]) == [0, 1, 2, 3]
     assert list(stats["triplets"]) == [3, 3, 3, 3]
     assert list(stats["hard"]) == [1, 2, 1, 2]
-    assert reporting.miner_stats(tmp_path / "nothing").empty
+    assert runs.miner_stats(tmp_path / "nothing").empty
 
 
 def test_select_and_spread_triplets(tree) -> None:
-    trip = reporting.load_triplets(tree.runs_dir / "msvlad" / "train")
-    assert reporting.spread_rounds(trip, 3) == [0, 2, 3]
-    assert reporting.spread_rounds(trip.iloc[:0], 3) == []
-    chosen = reporting.select_triplets(trip, rounds=[1, 3], per_round=2)
+    trip = runs.load_triplets(tree.runs_dir / "msvlad" / "train")
+    assert runs.spread_rounds(trip, 3) == [0, 2, 3]
+    assert runs.spread_rounds(trip.iloc[:0], 3) == []
+    chosen = runs.select_triplets(trip, rounds=[1, 3], per_round=2)
     assert list(chosen["round"]) == [1, 1, 3, 3]
     for r in (1, 3):
         top = trip[trip["round"] == r]["loss"].sort_values(ascending=False).head(2).to_numpy()
         np.testing.assert_allclose(chosen[chosen["round"] == r]["loss"], top)
-    by_class = reporting.select_triplets(trip, label="church", per_round=10)
+    by_class = runs.select_triplets(trip, label="church", per_round=10)
     assert len(by_class) == (trip["anchor_label"] == "church").sum() and set(
         by_class["anchor_label"]
     ) == {"church"}
     with pytest.raises(ValueError, match="order"):
-        reporting.select_triplets(trip, order="bogus")
+        runs.select_triplets(trip, order="bogus")
 
 
 def test_training_logs_only_trained_methods(tree, params) -> None:
-    logs = reporting.load_training_logs(tree.runs_dir, params)
+    logs = runs.load_training_logs(tree.runs_dir, params)
     assert list(dict.fromkeys(logs["method"])) == ["msvlad", "msvlad-hardest"]
     assert set(logs["label"]) == {
         params.methods["msvlad"].label,
         params.methods["msvlad-hardest"].label,
     }
     assert list(logs[logs["method"] == "msvlad"]["val_map"]) == [46.0, 51.0, 56.0]
-    assert reporting.training_curves(tree.runs_dir / "msvlad-ots" / "train").empty
+    assert runs.training_curves(tree.runs_dir / "msvlad-ots" / "train").empty
     with pytest.raises(FileNotFoundError, match="log.csv"):
-        reporting.training_curves(tree.runs_dir / "missing")
+        runs.training_curves(tree.runs_dir / "missing")
 
 
 def test_to_markdown_exact() -> None:
     frame = pd.DataFrame({"Method": ["a|b", "c"], "mAP": [1.234, math.nan]})
-    assert reporting.to_markdown(frame) == (
+    assert tables.to_markdown(frame) == (
         "| Method |  mAP |\n| ------ | ---: |\n| a\\|b   | 1.23 |\n| c      |    – |\n"
     )
 
@@ -308,7 +308,7 @@ def test_export_table_writes_three_formats(tmp_path: Path) -> None:
         {"Method": ["MS_NetVLAD & co"], "mAP M": [61.2345], "n": [70]},
         index=pd.Index(["msvlad"], name="run"),
     )
-    out = reporting.export_table(frame, "demo", tmp_path, caption="mAP in %")
+    out = tables.export_table(frame, "demo", tmp_path, caption="mAP in %")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.csv", "demo.md", "demo.tex"]
     assert set(out) == {"md", "csv", "tex"}
     back = pd.read_csv(out["csv"])
@@ -318,4 +318,4 @@ def test_export_table_writes_three_formats(tmp_path: Path) -> None:
     assert r"\caption{mAP in \%}" in tex and r"\begin{tabular}{lrr}" in tex
     assert "| MS_NetVLAD & co | 61.23 |  70 |" in out["md"].read_text()
     with pytest.raises(ValueError, match="stem"):
-        reporting.export_table(frame, "../x", tmp_path)
+        tables.export_table(frame, "../x", tmp_path)

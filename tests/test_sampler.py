@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msvlad.sampler import ClassBalancedPool
+from msvlad.mining.pool import ClassBalancedPool
 
 
 def _labels() -> np.ndarray:
@@ -47,9 +47,8 @@ def test_deterministic_per_seed_and_round() -> None:
     b = ClassBalancedPool(labels, 40, 4, seed=7)
     c = ClassBalancedPool(labels, 40, 4, seed=8)
     assert np.array_equal(a.sample(3), b.sample(3))
-    assert np.array_equal(
-        a.sample(3), a.sample(3)
-    )  # no hidden state: a resumed run re-draws round 3
+    # no hidden state: a resumed run re-draws round 3
+    assert np.array_equal(a.sample(3), a.sample(3))
     assert not np.array_equal(a.sample(3), a.sample(4))
     assert not np.array_equal(a.sample(3), c.sample(3))
 

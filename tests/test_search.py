@@ -7,7 +7,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from msvlad.search import alpha_dba, alpha_qe, build_index, search, search_index, set_threads
+from msvlad.evaluation.search import (
+    alpha_dba,
+    alpha_qe,
+    build_index,
+    search,
+    search_index,
+    set_threads,
+)
 
 
 @pytest.fixture(autouse=True)

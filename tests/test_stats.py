@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msvlad.stats import paired_bootstrap
+from msvlad.evaluation.stats import paired_bootstrap
 
 
 def test_identical_runs_give_zero_difference() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msvlad.synthetic import VIEW_SPECS, ViewSpec, box_overlap, synthesize_view
+from msvlad.mini.synthetic import VIEW_SPECS, ViewSpec, box_overlap, synthesize_view
 
 
 def _photo(w: int = 160, h: int = 120) -> Image.Image:

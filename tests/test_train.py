@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from msvlad.config import load_params, with_overrides
-from msvlad.model import build_model, save_model
-from msvlad.schedule import lr_at
+from msvlad.nn.model import build_model, save_model
+from msvlad.training.schedule import lr_at
 from tinydata import make_retrieval_set, make_train_set
 
 
@@ -53,7 +53,7 @@ def setup(tmp_path, repo_root):
 
 
 def _run(params, init, out, max_steps=None):
-    from msvlad.train import Trainer
+    from msvlad.training.trainer import Trainer
 
     trainer = Trainer(params, init, out, device=torch.device("cpu"))
     trainer.run(max_steps)
@@ -75,9 +75,8 @@ def test_interrupted_run_resumes_to_identical_weights(setup):
     full = _run(params, init, tmp / "full")
     assert full.step == 6 and (tmp / "full" / "model.pt").exists()
 
-    part = _run(
-        params, init, tmp / "part", max_steps=4
-    )  # stops mid-round (6 triplets = 2 steps per round)
+    # stops mid-round (6 triplets = 2 steps per round)
+    part = _run(params, init, tmp / "part", max_steps=4)
     assert part.step == 4 and not (tmp / "part" / "model.pt").exists()
     resumed = _run(params, init, tmp / "part")
     assert resumed.step == 6

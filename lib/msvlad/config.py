@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 PoolingName = Literal["msvlad", "netvlad", "vlad_concat", "gem", "mac", "spoc", "rmac"]
+VLAD_POOLINGS: tuple[str, ...] = ("msvlad", "netvlad", "vlad_concat")  # need k-means init
 MinerName = Literal["difficulty", "random", "hardest_negative", "semi_hard", "batch_hard"]
 
 
@@ -164,6 +165,7 @@ class MethodConfig:
     label: str
     pooling: PoolingName
     miner: MinerName | None = None  # None: off-the-shelf (k-means init only, no training)
+    set: dict[str, Any] = field(default_factory=dict)  # "section.key": value, for this row only
 
 
 @dataclass(frozen=True)
@@ -220,9 +222,19 @@ def method_params(params: Params, method: str) -> Params:
     if method not in params.methods:
         raise ConfigError(f"methods.{method}: unknown method; choose from {sorted(params.methods)}")
     m = params.methods[method]
-    return with_overrides(
-        params, model={"pooling": m.pooling}, miner={"name": m.miner or params.miner.name}
-    )
+    sections: dict[str, dict[str, Any]] = {
+        "model": {"pooling": m.pooling},
+        "miner": {"name": m.miner or params.miner.name},
+    }
+    for dotted, value in m.set.items():
+        section, _, key = dotted.partition(".")
+        if not key or section in ("methods",):
+            raise ConfigError(f"methods.{method}.set: {dotted!r} is not a section.key")
+        sections.setdefault(section, {})[key] = value
+    try:
+        return with_overrides(params, **sections)
+    except ConfigError as err:
+        raise ConfigError(f"methods.{method}.set: {err}") from None
 
 
 def with_overrides(params: Params, **sections: dict[str, Any]) -> Params:

@@ -1,0 +1,336 @@
+"""Retrieval test sets in revisitop layout: loading, ground-truth checks, protocol, rotations."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import numpy as np
+
+from msvlad.data.safe_pickle import load_pickle
+
+log = logging.getLogger(__name__)
+
+
+Protocol = Literal["revisited", "classic", "holidays"]
+DatasetKind = Literal["test", "train", "distractors"]
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+ROTATIONS = "rotations.json"
+
+
+GND_PICKLE_PROTOCOL = 4
+
+
+@dataclass(frozen=True)
+class RetrievalDataset:
+    """A retrieval benchmark in revisitop layout: names, ground truth and evaluation protocol."""
+
+    name: str
+    root: Path  # the folder holding jpg/ and gnd_<name>.pkl
+    imlist: list[str]
+    qimlist: list[str]
+    gnd: list[dict]
+    protocol: Protocol
+    ext: str = ".jpg"
+    rotations: dict[str, int] = field(default_factory=dict)  # image name -> clockwise degrees
+
+    def __len__(self) -> int:
+        """Number of database images."""
+        return len(self.imlist)
+
+    @property
+    def num_queries(self) -> int:
+        """Number of queries."""
+        return len(self.qimlist)
+
+    def _path(self, name: str) -> Path:
+        suffix = PurePosixPath(name).suffix.lower()
+        return self.root / "jpg" / (name if suffix in IMAGE_EXTS else name + self.ext)
+
+    def image_path(self, i: int) -> Path:
+        """File of database image `i`."""
+        return self._path(self.imlist[i])
+
+    def query_path(self, i: int) -> Path:
+        """File of query `i` (uncropped: pass `query_bbx(i)` to `load_image`)."""
+        return self._path(self.qimlist[i])
+
+    def query_bbx(self, i: int) -> tuple[float, float, float, float] | None:
+        """Query crop (x1, y1, x2, y2) in original pixels, or None (Holidays, or no box given)."""
+        if self.protocol == "holidays":
+            return None
+        bbx = self.gnd[i].get("bbx")
+        return None if bbx is None else tuple(float(v) for v in bbx)  # type: ignore[return-value]
+
+
+def _index_array(value: Any, n_db: int, where: str) -> np.ndarray:
+    if value is None:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        arr = np.asarray(value).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: indices must be a flat list of integers") from None
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        try:
+            as_float = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: indices must be integers") from None
+        if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
+            raise ValueError(f"{where}: indices must be integers")
+        arr = as_float
+    arr = arr.astype(np.int64)
+    bad = arr[(arr < 0) | (arr >= n_db)]
+    if bad.size:
+        raise ValueError(f"{where}: index {int(bad[0])} out of range [0, {n_db})")
+    return arr
+
+
+def _bbx(value: Any, where: str) -> tuple[float, float, float, float]:
+    try:
+        arr = np.asarray(value, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: bbx must be 4 numbers (x1, y1, x2, y2)") from None
+    if arr.size != 4 or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{where}: bbx must be 4 finite numbers (x1, y1, x2, y2), got {value!r}")
+    if arr[2] <= arr[0] or arr[3] <= arr[1]:
+        raise ValueError(f"{where}: bbx {tuple(arr.tolist())} is empty (need x2 > x1 and y2 > y1)")
+    return tuple(float(v) for v in arr)  # type: ignore[return-value]
+
+
+def infer_protocol(gnd: Sequence[Mapping[str, Any]], source: str = "gnd") -> Protocol | None:
+    """Protocol from gnd keys: easy/hard -> revisited, query_db_index -> holidays, ok -> classic."""
+    found: Protocol | None = None
+    for i, g in enumerate(gnd):
+        if not isinstance(g, Mapping):
+            raise ValueError(
+                f"{source}: query {i}: gnd entry must be a dict, got {type(g).__name__}"
+            )
+        if "easy" in g and "hard" in g:
+            proto: Protocol = "revisited"
+        elif "query_db_index" in g:
+            proto = "holidays"
+        elif "ok" in g:
+            proto = "classic"
+        else:
+            raise ValueError(
+                f"{source}: query {i}: gnd keys {sorted(g)} match no protocol "
+                "(need easy/hard/junk, ok/junk, or ok/query_db_index)"
+            )
+        if found is not None and proto != found:
+            raise ValueError(f"{source}: query {i}: {proto} keys after {found} entries")
+        found = proto
+    return found
+
+
+def validate_gnd(
+    cfg: Any, source: str, protocol: Protocol | None = None
+) -> tuple[list[str], list[str], list[dict], Protocol]:
+    """Check a revisitop-style gnd dict; return (imlist, qimlist, normalised gnd, protocol).
+
+    Index lists become int64 arrays checked to lie in [0, len(imlist)), boxes become 4-tuples of
+    floats; every error names `source` and the query index.
+    """
+    if not isinstance(cfg, Mapping):
+        raise ValueError(
+            f"{source}: expected a dict with imlist, qimlist and gnd, got {type(cfg).__name__}"
+        )
+    missing = [k for k in ("imlist", "qimlist", "gnd") if k not in cfg]
+    if missing:
+        raise ValueError(f"{source}: missing key(s) {missing} (need imlist, qimlist, gnd)")
+    imlist = [str(x) for x in cfg["imlist"]]
+    qimlist = [str(x) for x in cfg["qimlist"]]
+    raw = list(cfg["gnd"])
+    if len(raw) != len(qimlist):
+        raise ValueError(f"{source}: {len(raw)} gnd entries for {len(qimlist)} queries")
+    inferred = infer_protocol(raw, source)
+    if inferred is None and protocol is None:
+        raise ValueError(f"{source}: no queries, so the protocol cannot be inferred")
+    if inferred is not None and protocol is not None and inferred != protocol:
+        raise ValueError(f"{source}: gnd keys give the {inferred} protocol, expected {protocol}")
+    proto: Protocol = inferred or protocol  # type: ignore[assignment]
+    n_db = len(imlist)
+    index_keys = {
+        "revisited": ("easy", "hard", "junk"),
+        "classic": ("ok", "junk"),
+        "holidays": ("ok",),
+    }[proto]
+    gnd: list[dict] = []
+    for i, g in enumerate(raw):
+        where = f"{source}: query {i} ({qimlist[i]})"
+        entry = dict(g)
+        for key in index_keys:
+            if key not in entry and not (key == "junk" and proto == "classic"):
+                raise ValueError(f"{where}: missing '{key}'")
+            entry[key] = _index_array(entry.get(key), n_db, f"{where} '{key}'")
+        if entry.get("bbx") is not None:
+            entry["bbx"] = _bbx(entry["bbx"], where)
+        elif proto == "revisited":
+            raise ValueError(f"{where}: missing 'bbx' (revisited queries must be cropped)")
+        if proto == "holidays":
+            q = int(_index_array([entry["query_db_index"]], n_db, f"{where} 'query_db_index'")[0])
+            if q in set(entry["ok"].tolist()):
+                raise ValueError(f"{where}: query_db_index {q} is also listed in 'ok'")
+            if imlist[q] != qimlist[i]:
+                raise ValueError(f"{where}: query_db_index {q} names {imlist[q]!r}, not the query")
+            entry["query_db_index"] = q
+        gnd.append(entry)
+    return imlist, qimlist, gnd, proto
+
+
+def read_rotations(path: str | os.PathLike) -> dict[str, int]:
+    """Read a rotation list (name -> clockwise degrees): JSON/YAML or 'name deg' lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: rotation list not found")
+    text = path.read_text()
+    data: Any
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = {}
+        for n, line in enumerate(text.splitlines(), start=1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = re.split(r"[\s:,]+", line)
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{n}: expected 'name degrees', got {line!r}")
+            data[parts[0]] = parts[1]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a mapping of image name -> degrees")
+    out: dict[str, int] = {}
+    for name, deg in data.items():
+        try:
+            value = int(float(deg))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: {name}: rotation {deg!r} is not a number") from None
+        if value % 90:
+            raise ValueError(f"{path}: {name}: rotation {value} is not a multiple of 90 degrees")
+        value %= 360
+        if value:
+            out[_stem(str(name))] = value
+    return out
+
+
+def _stem(name: str) -> str:
+    p = PurePosixPath(name)
+    return p.name[: -len(p.suffix)] if p.suffix.lower() in IMAGE_EXTS else p.name
+
+
+def _not_found_hint(data_root: Path, name: str, kind: DatasetKind = "test") -> str:
+    from msvlad.data.registry import DATASETS  # lazy: the registry imports this module
+
+    if name in DATASETS:
+        return (
+            f"run `python -m msvlad prepare` with {name} listed in params.yaml (data.test_sets/"
+            f"train_set), or call msvlad.data.registry.prepare_dataset({name!r}, "
+            f"{str(data_root)!r})"
+        )
+    folder = data_root / name
+    if kind == "train":
+        where = f"place images in class folders {folder}/<class>/<image>.jpg"
+    else:
+        where = (
+            f"place images in {folder / 'jpg'} and the ground truth in {folder / f'gnd_{name}.pkl'}"
+        )
+    if name.startswith("mini-"):
+        where += " (or run `python -m msvlad prepare`: the mini profile builds mini-* offline)"
+    return where
+
+
+def load_dataset(data_root: str | os.PathLike, name: str) -> RetrievalDataset:
+    """Load ROOT/NAME (jpg/ + gnd_NAME.pkl, via the restricted unpickler) as a RetrievalDataset."""
+    data_root = Path(data_root)
+    root = data_root / name
+    gnd_file = root / f"gnd_{name}.pkl"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{root}: dataset folder not found; {_not_found_hint(data_root, name)}"
+        )
+    if not gnd_file.is_file():
+        raise FileNotFoundError(
+            f"{gnd_file}: ground truth not found; {_not_found_hint(data_root, name)}"
+        )
+    from msvlad.data.registry import DATASETS
+
+    spec = DATASETS.get(name)
+    imlist, qimlist, gnd, protocol = validate_gnd(
+        load_pickle(gnd_file), str(gnd_file), spec.protocol if spec is not None else None
+    )
+    rotations: dict[str, int] = {}
+    if (root / ROTATIONS).is_file():
+        rotations = read_rotations(root / ROTATIONS)
+        unknown = sorted(set(rotations) - set(imlist) - set(qimlist))
+        if unknown:
+            raise ValueError(
+                f"{root / ROTATIONS}: {len(unknown)} name(s) not in the dataset, "
+                f"e.g. {unknown[0]!r}"
+            )
+    ds = RetrievalDataset(name, root, imlist, qimlist, gnd, protocol, rotations=rotations)
+    _check_images(ds, data_root)
+    return ds
+
+
+def _check_images(ds: RetrievalDataset, data_root: Path) -> None:
+    names = dict.fromkeys([*ds.imlist, *ds.qimlist])
+    missing = [n for n in names if not ds._path(n).is_file()]
+    if missing and len(missing) == len(names):
+        raise FileNotFoundError(
+            f"{ds.root / 'jpg'}: none of the {len(names)} images of {ds.name} found "
+            f"(e.g. {missing[0]}); "
+            f"{_not_found_hint(data_root, ds.name)}"
+        )
+    if missing:
+        log.warning(
+            "%s: %d of %d images missing under %s (e.g. %s); they will be skipped",
+            ds.name,
+            len(missing),
+            len(names),
+            ds.root / "jpg",
+            missing[0],
+        )
+
+
+def _natural_key(s: str) -> tuple[int, int | str]:
+    return (0, int(s)) if s.isdigit() else (1, s)
+
+
+def load_distractors(data_root: str | os.PathLike, name: str = "revisitop1m") -> list[Path]:
+    """Paths of the prepared R1M distractors listed in ROOT/NAME/NAME.txt that exist on disk."""
+    root = Path(data_root) / name
+    listing = root / f"{name}.txt"
+    if not listing.is_file():
+        raise FileNotFoundError(
+            f"{listing}: distractor list not found; {_not_found_hint(Path(data_root), name)}"
+        )
+    names = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip()]
+    paths = [root / "jpg" / (n if PurePosixPath(n).suffix else n + ".jpg") for n in names]
+    present = [p for p in paths if p.is_file()]
+    if not present:
+        raise FileNotFoundError(
+            f"{root / 'jpg'}: none of the {len(names)} listed distractors found"
+        )
+    if len(present) < len(paths):
+        log.warning(
+            "%s: %d of %d listed distractors present (partial download)",
+            name,
+            len(present),
+            len(paths),
+        )
+    return present

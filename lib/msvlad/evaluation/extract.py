@@ -1,0 +1,216 @@
+"""Descriptor extraction: images -> (N, D) float32 descriptors, one row per image.
+
+Multi-scale test-time extraction follows the paper: describe the image at each scale of the base
+size, sum the raw L2 descriptors, L2, then PCA-whiten and L2. Images are batched: with the square
+policy every image has the same size; with the aspect-preserving max-side policy images are bucketed
+by their exact resized shape, so no padding changes a descriptor. A broken image is logged and
+skipped (its row is zero) instead of stopping a long run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from msvlad.data.images import (
+    ImageItem,
+    ImageLoadError,
+    ResizePolicy,
+    clip_bbx,
+    load_resized,
+    target_size,
+)
+from msvlad.nn import functional as LF
+
+log = logging.getLogger(__name__)
+
+
+class _ImageSet(Dataset):
+    def __init__(self, items: Sequence[ImageItem], size: int, policy: ResizePolicy) -> None:
+        self.items, self.size, self.policy = items, size, policy
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+        try:
+            return load_resized(self.items[i], self.size, self.policy), i, True
+        except ImageLoadError as err:
+            log.warning("skipping image: %s", err)
+            w, h = (self.size, self.size)
+            return torch.zeros(3, h, w), i, False
+
+
+def _batches(
+    items: Sequence[ImageItem], size: int, policy: ResizePolicy, batch_size: int
+) -> list[list[int]]:
+    """Index batches whose images share one resized shape (aspect-aware bucketing)."""
+    if policy == "square":
+        idx = list(range(len(items)))
+        return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        try:
+            with Image.open(item.path) as im:
+                w, h = im.size
+            if item.bbx is not None:
+                x1, y1, x2, y2 = clip_bbx(item.bbx, w, h)
+                w, h = x2 - x1, y2 - y1
+            if item.rotation in (90, 270):
+                w, h = h, w
+            shape = target_size(w, h, size, policy)
+        except (OSError, ValueError):
+            shape = (size, size)  # unreadable: its own loader reports it
+        buckets[shape].append(i)
+    out = []
+    for shape in sorted(buckets):
+        idx = buckets[shape]
+        out.extend(idx[i : i + batch_size] for i in range(0, len(idx), batch_size))
+    return out
+
+
+def _collate(
+    batch: list[tuple[torch.Tensor, int, bool]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shapes = {t.shape for t, _, _ in batch}
+    if len(shapes) > 1:  # a broken image's placeholder can differ in shape: pad to the largest
+        h = max(s[1] for s in shapes)
+        w = max(s[2] for s in shapes)
+        batch = [
+            (torch.nn.functional.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])), i, ok)
+            for t, i, ok in batch
+        ]
+    return (
+        torch.stack([t for t, _, _ in batch]),
+        torch.tensor([i for _, i, _ in batch]),
+        torch.tensor([ok for _, _, ok in batch]),
+    )
+
+
+def _shard() -> tuple[int, int]:
+    """(rank, world) of an initialised torchrun process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def embed_images(
+    model: torch.nn.Module,
+    items: Sequence[ImageItem],
+    *,
+    image_size: int,
+    resize: ResizePolicy = "square",
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    progress: str = "extract",
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Raw single-scale network outputs (N, raw_dim) on the CPU and a bool mask of loaded images.
+
+    Under torchrun (an initialised process group) every rank embeds its own slice of `items` and
+    the slices are gathered, so every rank gets all N rows: this is the one sharded path, used by
+    evaluation, whitening and the training pool alike. Unreadable images get zero rows.
+    """
+    rank, world = _shard()
+    if world > 1:
+        mine = np.array_split(np.arange(len(items)), world)[rank]
+        desc, ok = _embed_local(
+            model,
+            [items[i] for i in mine],
+            image_size,
+            resize,
+            batch_size,
+            device,
+            num_workers,
+            progress,
+        )
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (desc.numpy(), ok))
+        return torch.from_numpy(np.concatenate([g[0] for g in gathered])), np.concatenate(
+            [g[1] for g in gathered]
+        )
+    return _embed_local(model, items, image_size, resize, batch_size, device, num_workers, progress)
+
+
+def _embed_local(
+    model: torch.nn.Module,
+    items: Sequence[ImageItem],
+    image_size: int,
+    resize: ResizePolicy,
+    batch_size: int,
+    device: torch.device | str,
+    num_workers: int,
+    progress: str,
+) -> tuple[torch.Tensor, np.ndarray]:
+    model.eval()
+    device = torch.device(device)
+    out = torch.zeros(len(items), model.raw_dim)
+    ok = np.zeros(len(items), dtype=bool)
+    loader = DataLoader(
+        _ImageSet(items, image_size, resize),
+        batch_sampler=_batches(items, image_size, resize, batch_size),
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    use_amp = device.type == "cuda"
+    for images, idx, good in tqdm(loader, desc=progress, leave=False):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            d = model(images.to(device, non_blocking=True))
+        out[idx] = d.float().cpu()
+        ok[idx.numpy()] = good.numpy()
+    out[~torch.from_numpy(ok)] = 0.0
+    return out, ok
+
+
+def extract_descriptors(
+    model: torch.nn.Module,
+    items: Sequence[ImageItem],
+    *,
+    image_size: int,
+    scales: Sequence[float] = (1.0,),
+    resize: ResizePolicy = "square",
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    whiten: bool = True,
+    progress: str = "extract",
+) -> tuple[np.ndarray, list[int]]:
+    """Descriptors (N, D) float32: multi-scale sum -> L2 -> whitening -> L2; and failed indices."""
+    total = torch.zeros(len(items), model.raw_dim)
+    ok = np.ones(len(items), dtype=bool)
+    for s in scales:
+        size = max(32, round(image_size * s))
+        d, good = embed_images(
+            model,
+            items,
+            image_size=size,
+            resize=resize,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress=f"{progress}@{size}",
+        )
+        total += d
+        ok &= good
+    total = LF.l2n(total)
+    if whiten and getattr(model, "whitening", None) is not None:
+        total = model.whiten(total.to(next(model.parameters()).device)).cpu()
+    total[~torch.from_numpy(ok)] = 0.0
+    failed = np.flatnonzero(~ok).tolist()
+    if failed:
+        log.warning(
+            "%d of %d images could not be read; their descriptors are zero", len(failed), len(items)
+        )
+    return total.numpy().astype(np.float32), failed

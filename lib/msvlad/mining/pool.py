@@ -1,0 +1,83 @@
+"""Class-balanced mining pools: each round draws classes, then a few images per class.
+
+Vaccaro et al., MVA 2022 (docs/method.md, "Mining"): a mining round samples P // I landmark classes,
+up to I random images of each, shuffles them and truncates to the pool size P (paper: P = 8000,
+I = 15). Only classes with at least two images can give an anchor a positive, so only they are
+drawn. The draw depends on (seed, round_index) alone, so a resumed run re-draws the same pools.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class ClassBalancedPool:
+    """Draws the pool of training-image indices for each mining round, class-balanced and seeded."""
+
+    def __init__(
+        self, labels: np.ndarray, pool_size: int, images_per_class: int, seed: int
+    ) -> None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"labels: expected a non-empty 1-D integer array, got {labels.dtype} {labels.shape}"
+            )
+        for name, value, low in (
+            ("pool_size", pool_size, 2),
+            ("images_per_class", images_per_class, 2),
+        ):
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
+        if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed: must be an int >= 0, got {seed!r}")
+        if pool_size // images_per_class < 2:
+            raise ValueError(
+                f"pool_size: {pool_size} // images_per_class {images_per_class} must be >= 2"
+            )
+        classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        usable = np.flatnonzero(counts >= 2)
+        if usable.size < 2:
+            raise ValueError(
+                f"labels: need at least 2 classes with >= 2 images, found {usable.size} "
+                f"(of {classes.size} classes)"
+            )
+        order = np.argsort(inverse, kind="stable")  # image indices grouped by class, ascending
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self._members = [order[starts[c] : starts[c] + counts[c]] for c in usable]
+        self.labels = labels
+        self.classes = classes[usable]  # labels that can be drawn
+        self.pool_size = int(pool_size)
+        self.images_per_class = int(images_per_class)
+        self.seed = int(seed)
+        self.classes_per_pool = min(self.pool_size // self.images_per_class, usable.size)
+        log.debug("ClassBalancedPool: %d usable of %d classes", usable.size, classes.size)
+
+    def sample(self, round_index: int) -> np.ndarray:
+        """Pool indices (int64) into `labels` for one round; same (seed, round_index), same pool."""
+        if (
+            not isinstance(round_index, int | np.integer)
+            or isinstance(round_index, bool)
+            or round_index < 0
+        ):
+            raise ValueError(f"round_index: must be an int >= 0, got {round_index!r}")
+        rng = np.random.default_rng([self.seed, int(round_index)])
+        picked = rng.choice(len(self._members), size=self.classes_per_pool, replace=False)
+        parts = []
+        for c in picked:
+            members = self._members[c]
+            take = min(self.images_per_class, members.size)
+            parts.append(rng.choice(members, size=take, replace=False))
+        pool = np.concatenate(parts).astype(np.int64)
+        rng.shuffle(pool)
+        return pool[: self.pool_size]
+
+    def __repr__(self) -> str:
+        return (
+            f"ClassBalancedPool(pool_size={self.pool_size}, "
+            f"images_per_class={self.images_per_class}, classes_per_pool={self.classes_per_pool}, "
+            f"usable_classes={self.classes.size}, seed={self.seed})"
+        )

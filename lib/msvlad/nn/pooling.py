@@ -1,0 +1,219 @@
+"""nn.Module wrappers around `msvlad.nn.functional`: global poolings and (multi-scale) NetVLAD.
+
+Every pooling maps a feature map (B, C, H, W) to an L2-normalised descriptor (B, D) and reports
+`out_dim`. VLAD poolings also expose `local_features` (the bag fed to NetVLAD, used for k-means).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from msvlad.nn import functional as LF
+
+
+class MAC(nn.Module):
+    """Max pooling over space (Tolias et al.)."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.out_dim = in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return LF.l2n(LF.mac(x))
+
+
+class SPoC(nn.Module):
+    """Average pooling over space (Babenko & Lempitsky)."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.out_dim = in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return LF.l2n(LF.spoc(x))
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling with a learnable exponent p (Radenovic et al.)."""
+
+    def __init__(self, in_channels: int, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.out_dim = in_channels
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return LF.l2n(LF.gem(x, self.p, self.eps))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.4f}"
+
+
+class RMAC(nn.Module):
+    """Regional MAC over a 3-level square grid (Tolias et al.)."""
+
+    def __init__(self, in_channels: int, levels: int = 3) -> None:
+        super().__init__()
+        self.out_dim = in_channels
+        self.levels = levels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return LF.l2n(LF.rmac(x, self.levels))
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}"
+
+
+class NetVLAD(nn.Module):
+    """NetVLAD over a bag of local features pooled at several window sizes (the paper's layer).
+
+    pool_sizes=(2, 3) with split=512 is the paper's multi-scale pooled NetVLAD (one shared bag);
+    pool_sizes=(1,) with split=None is the plain single-scale NetVLAD of Arandjelovic et al.
+    Centroids, assignment weights and biases are three independent trainable tensors.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_clusters: int = 64,
+        pool_sizes: Sequence[int] = (2, 3),
+        split: int | None = 512,
+        alpha: float = 30.0,
+    ) -> None:
+        super().__init__()
+        if split is not None and in_channels > split and in_channels % split:
+            raise ValueError(
+                f"model.split={split} must divide the backbone's {in_channels} channels"
+            )
+        self.pool_sizes = tuple(pool_sizes)
+        self.split = split
+        self.dim = in_channels if split is None or in_channels <= split else split
+        self.num_clusters = num_clusters
+        self.alpha = alpha
+        self.out_dim = num_clusters * self.dim
+        self.centroids = nn.Parameter(torch.randn(num_clusters, self.dim) * 0.1)
+        weight, bias = LF.netvlad_params_from_centroids(self.centroids.data, alpha)
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+    def local_features(self, x: Tensor) -> Tensor:
+        """The L2-normalised bag (B, N, D) that NetVLAD aggregates."""
+        return LF.multiscale_local_features(x, self.pool_sizes, self.split)
+
+    @torch.no_grad()
+    def init_from_centroids(self, centroids: Tensor, alpha: float | None = None) -> None:
+        """Set centroids (K, D) from k-means and the decoupled weight/bias from them."""
+        if tuple(centroids.shape) != tuple(self.centroids.shape):
+            raise ValueError(
+                f"centroids have shape {tuple(centroids.shape)}, "
+                f"expected {tuple(self.centroids.shape)}"
+            )
+        self.alpha = self.alpha if alpha is None else float(alpha)
+        weight, bias = LF.netvlad_params_from_centroids(centroids.to(self.centroids), self.alpha)
+        self.centroids.copy_(centroids)
+        self.weight.copy_(weight)
+        self.bias.copy_(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return LF.netvlad(self.local_features(x), self.centroids, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"K={self.num_clusters}, D={self.dim}, pool_sizes={self.pool_sizes}, split={self.split}"
+        )
+
+
+class VLADConcat(NetVLAD):
+    """Ablation: one NetVLAD per channel split, concatenated then L2 (the early "multivlad")."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_clusters: int = 64,
+        pool_sizes: Sequence[int] = (2, 3),
+        split: int | None = 512,
+        alpha: float = 30.0,
+    ) -> None:
+        super().__init__(in_channels, num_clusters, pool_sizes, split, alpha)
+        self.groups = in_channels // self.dim
+        self.out_dim = self.groups * num_clusters * self.dim
+        c = torch.randn(self.groups, num_clusters, self.dim) * 0.1
+        weight, bias = LF.netvlad_params_from_centroids(c, alpha)
+        self.centroids = nn.Parameter(c)
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+    def grouped_local_features(self, x: Tensor) -> Tensor:
+        """Bag per channel group: (B, G, N, D)."""
+        bags = [
+            LF.multiscale_local_features(
+                x[:, g * self.dim : (g + 1) * self.dim], self.pool_sizes, None
+            )
+            for g in range(self.groups)
+        ]
+        return torch.stack(bags, dim=1)
+
+    def local_features(self, x: Tensor) -> Tensor:
+        return self.grouped_local_features(x).flatten(1, 2)
+
+    @torch.no_grad()
+    def init_from_centroids(self, centroids: Tensor, alpha: float | None = None) -> None:
+        """Shared k-means centroids (K, D) copied to every group, or per-group (G, K, D)."""
+        if centroids.dim() == 2:
+            centroids = centroids.unsqueeze(0).expand(self.groups, -1, -1)
+        super().init_from_centroids(centroids.contiguous(), alpha)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return LF.netvlad_grouped(
+            self.grouped_local_features(x), self.centroids, self.weight, self.bias
+        )
+
+
+def _msvlad(
+    c: int, k: int, sizes: Sequence[int], split: int | None, a: float, p: float
+) -> nn.Module:
+    return NetVLAD(c, k, sizes, split, a)
+
+
+def _netvlad(
+    c: int, k: int, sizes: Sequence[int], split: int | None, a: float, p: float
+) -> nn.Module:
+    return NetVLAD(c, k, (1,), None, a)
+
+
+def _vlad_concat(
+    c: int, k: int, sizes: Sequence[int], split: int | None, a: float, p: float
+) -> nn.Module:
+    return VLADConcat(c, k, sizes, split, a)
+
+
+# model.pooling name -> builder(in_channels, num_clusters, pool_sizes, split, alpha, gem_p); the
+# names equal config.PoolingName (tests/test_config.py), the VLAD ones config.VLAD_POOLINGS.
+POOLINGS: dict[str, Callable[..., nn.Module]] = {
+    "msvlad": _msvlad,  # the paper: 2x2 + 3x3 stride-1 regions, 512-d chunks, one shared bag
+    "netvlad": _netvlad,  # plain single-scale NetVLAD on the raw cells (Arandjelovic et al.)
+    "vlad_concat": _vlad_concat,  # one NetVLAD per channel split, concatenated (ablation)
+    "gem": lambda c, k, sizes, split, a, p: GeM(c, p),
+    "mac": lambda c, k, sizes, split, a, p: MAC(c),
+    "spoc": lambda c, k, sizes, split, a, p: SPoC(c),
+    "rmac": lambda c, k, sizes, split, a, p: RMAC(c),
+}
+
+
+def build_pooling(
+    name: str,
+    in_channels: int,
+    *,
+    num_clusters: int = 64,
+    pool_sizes: Sequence[int] = (2, 3),
+    split: int | None = 512,
+    alpha: float = 30.0,
+    gem_p: float = 3.0,
+) -> nn.Module:
+    """Pooling by its params.yaml name (`model.pooling`)."""
+    if name not in POOLINGS:
+        raise ValueError(f"model.pooling: unknown pooling {name!r}; choose from {sorted(POOLINGS)}")
+    return POOLINGS[name](in_channels, num_clusters, pool_sizes, split, alpha, gem_p)

@@ -1,0 +1,346 @@
+"""Evaluation outputs -> pandas tables: the results table, per-query AP, gains, bootstrap CIs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from msvlad.config import VLAD_POOLINGS, Params
+from msvlad.report.tables import SETUP_ORDER, SETUP_SHORT, VARIANT_SUFFIX
+from msvlad.storage import read_json
+
+if TYPE_CHECKING:
+    from msvlad.data.testsets import RetrievalDataset
+
+log = logging.getLogger(__name__)
+
+
+def training_set_label(params: Params, method: str) -> str:
+    """What a results row was trained on: the training set, or ImageNet (+ k-means) if untrained."""
+    m = params.methods[method]
+    if m.miner is not None:
+        return params.data.train_set
+    if m.pooling in VLAD_POOLINGS:
+        return f"ImageNet + k-means on {params.data.train_set}"
+    return "ImageNet only"
+
+
+def load_results(
+    results_dir: str | os.PathLike, params: Params, methods: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Long table of every method's metrics.json: one row per (method, dataset, variant, setup).
+
+    Columns: method, label, training_set, pooling, miner, dataset, protocol, variant, setup, mAP,
+    mP@k for each k found, num_queries. Methods without a metrics.json are skipped with a warning.
+    """
+    results_dir = Path(results_dir)
+    keys = list(params.methods) if methods is None else list(methods)
+    unknown = [k for k in keys if k not in params.methods]
+    if unknown:
+        raise ValueError(f"methods: {unknown} not in params methods {sorted(params.methods)}")
+    rows: list[dict[str, Any]] = []
+    for key in keys:
+        path = results_dir / key / "metrics.json"
+        if not path.is_file():
+            log.warning("%s: no metrics.json, method %s left out", path, key)
+            continue
+        m = params.methods[key]
+        for dataset, variants in read_json(path).items():
+            if not isinstance(variants, Mapping) or "plain" not in variants:
+                raise ValueError(
+                    f"{path}: {dataset}: expected {{variant: metrics}} with a 'plain' variant"
+                )
+            for variant, js in variants.items():
+                for setup, value in js["mAP"].items():
+                    row = {
+                        "method": key,
+                        "label": m.label,
+                        "training_set": training_set_label(params, key),
+                        "pooling": m.pooling,
+                        "miner": m.miner or "none",
+                        "dataset": dataset,
+                        "protocol": js.get("protocol", ""),
+                        "variant": variant,
+                        "setup": setup,
+                        "mAP": _num(value),
+                        "num_queries": js.get("num_queries"),
+                    }
+                    for k, v in js.get("mP@k", {}).get(setup, {}).items():
+                        row[f"mP@{k}"] = _num(v)
+                    rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"{results_dir}: no metrics.json for any of the methods {keys}")
+    frame = pd.DataFrame(rows)
+    # datasets in params order (data.test_sets), then others by name; methods keep params order
+    ordered = dict.fromkeys([*params.data.test_sets, *sorted(set(frame["dataset"]))])
+    frame["_order"] = frame["dataset"].map({ds: i for i, ds in enumerate(ordered)})
+    frame["_method"] = frame["method"].map({k: i for i, k in enumerate(keys)})
+    frame = frame.sort_values(["_method", "_order"], kind="stable").drop(
+        columns=["_order", "_method"]
+    )
+    return frame.reset_index(drop=True)
+
+
+def results_table(
+    results: pd.DataFrame,
+    *,
+    variants: Sequence[str] = ("plain", "qe", "dba"),
+    kappa: int | None = 10,
+    setups: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Paper-style table: a row per method and variant ("label +QE"), mAP (and mP@k) per dataset.
+
+    Columns are "Method", "Training set", then "<dataset> mAP <E|M|H>" (no setup letter for
+    single-setup protocols) and, when `kappa` is set, "<dataset> mP@<kappa> <E|M|H>". The index is
+    the run key ("msvlad", "msvlad+qe"). Rows follow the order of `results` with each method's
+    +QE / +DBA rows right under it.
+    """
+    if results.empty:
+        raise ValueError("results: empty table")
+    datasets = list(dict.fromkeys(results["dataset"])) if datasets is None else list(datasets)
+    columns: list[tuple[str, str, str, str]] = []  # (header, dataset, setup, value column)
+    for ds in datasets:
+        present = set(results.loc[results["dataset"] == ds, "setup"])
+        ds_setups = [s for s in (SETUP_ORDER if setups is None else setups) if s in present]
+        if not ds_setups and len(present) == 1:  # classic / Holidays: their single setup
+            ds_setups = list(present)
+        metrics = ["mAP"] + ([f"mP@{kappa}"] if kappa is not None else [])
+        for metric in metrics:
+            if metric not in results.columns:
+                raise ValueError(f"results: no {metric} column (kappas found: {_kappas(results)})")
+            for s in ds_setups:
+                header = f"{ds} {metric} {SETUP_SHORT.get(s, s)}".rstrip()
+                columns.append((header, ds, s, metric))
+    lookup = results.set_index(["method", "variant", "dataset", "setup"])
+    if not lookup.index.is_unique:
+        raise ValueError("results: duplicate (method, variant, dataset, setup) rows")
+    rows, index = [], []
+    for key in dict.fromkeys(results["method"]):
+        first = results[results["method"] == key].iloc[0]
+        for variant in variants:
+            if not ((results["method"] == key) & (results["variant"] == variant)).any():
+                continue
+            row: dict[str, Any] = {
+                "Method": f"{first['label']}{VARIANT_SUFFIX.get(variant, ' +' + variant)}",
+                "Training set": first["training_set"],
+            }
+            for header, ds, s, metric in columns:
+                where = (key, variant, ds, s)
+                row[header] = lookup.at[where, metric] if where in lookup.index else math.nan
+            rows.append(row)
+            index.append(key if variant == "plain" else f"{key}+{variant}")
+    table = pd.DataFrame(rows, index=pd.Index(index, name="run"))
+    return table
+
+
+def load_per_query(
+    results_dir: str | os.PathLike, method: str, dataset: str, variant: str = "plain"
+) -> pd.DataFrame:
+    """Per-query metrics of one run (query_index, query, setup, AP, P@k) in percent."""
+    tag = "" if variant == "plain" else f"_{variant}"
+    path = Path(results_dir) / method / dataset / f"per_query{tag}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: per-query results not found")
+    frame = pd.read_csv(path, keep_default_na=True, dtype={"query": str})
+    missing = {"query", "setup", "AP"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+    frame.insert(0, "query_index", frame.groupby("setup", sort=False).cumcount())
+    value_cols = ["AP"] + [c for c in frame.columns if c.startswith("P@")]
+    frame[value_cols] = frame[value_cols].astype(float) * 100.0
+    return frame
+
+
+def pick_setup(available: Sequence[str], setup: str) -> str:
+    """`setup` if the protocol has it, else its only setup ("all" for classic/Holidays)."""
+    available = list(dict.fromkeys(available))
+    if setup in available:
+        return setup
+    if len(available) == 1:
+        return available[0]
+    raise ValueError(f"setup: {setup!r} is not one of {available}")
+
+
+def per_query_ap(
+    results_dir: str | os.PathLike,
+    method: str,
+    dataset: str,
+    *,
+    setup: str = "medium",
+    variant: str = "plain",
+) -> pd.DataFrame:
+    """AP and P@k per query (percent) of one run under one setup, in query order."""
+    frame = load_per_query(results_dir, method, dataset, variant)
+    s = pick_setup(frame["setup"], setup)
+    return frame[frame["setup"] == s].reset_index(drop=True)
+
+
+def per_query_gains(
+    results_dir: str | os.PathLike,
+    method_a: str,
+    method_b: str,
+    dataset: str,
+    *,
+    setup: str = "medium",
+    variant: str = "plain",
+) -> pd.DataFrame:
+    """Per-query AP of two methods and the gain a - b (percent points), largest gain first.
+
+    Queries without positives (NaN AP) are left out. Columns: query_index, query, AP_a, AP_b, gain.
+    """
+    a = per_query_ap(results_dir, method_a, dataset, setup=setup, variant=variant)
+    b = per_query_ap(results_dir, method_b, dataset, setup=setup, variant=variant)
+    if len(a) != len(b) or not (a["query"].to_numpy() == b["query"].to_numpy()).all():
+        raise ValueError(
+            f"{dataset}: {method_a} and {method_b} were evaluated on different queries"
+        )
+    out = pd.DataFrame(
+        {"query_index": a["query_index"], "query": a["query"], "AP_a": a["AP"], "AP_b": b["AP"]}
+    )
+    out["gain"] = out["AP_a"] - out["AP_b"]
+    out = out.dropna(subset=["gain"])
+    out.attrs.update(
+        method_a=method_a, method_b=method_b, dataset=dataset, setup=str(a["setup"].iloc[0])
+    )
+    return out.sort_values(
+        ["gain", "query_index"], ascending=[False, True], kind="stable"
+    ).reset_index(drop=True)
+
+
+def pick_queries(per_query: pd.DataFrame, n: int) -> list[int]:
+    """`n` query indices spread from the best to the worst AP (NaN queries skipped)."""
+    if n < 1:
+        raise ValueError(f"n: expected at least 1 query, got {n}")
+    ranked = per_query.dropna(subset=["AP"]).sort_values(
+        ["AP", "query_index"], ascending=[False, True]
+    )
+    if ranked.empty:
+        raise ValueError("per_query: no query has a finite AP")
+    pos = np.unique(np.round(np.linspace(0, len(ranked) - 1, min(n, len(ranked)))).astype(int))
+    return [int(i) for i in ranked["query_index"].to_numpy()[pos]]
+
+
+def bootstrap_table(
+    results_dir: str | os.PathLike,
+    reference: str,
+    params: Params,
+    *,
+    methods: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    setup: str = "medium",
+    variant: str = "plain",
+    n_boot: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """Paired bootstrap CI of the mAP difference (percent points) of every method vs `reference`.
+
+    One row per (method, dataset), indexed by method key; methods whose per-query results are
+    missing are skipped with a warning. The reference's per-query results must exist.
+    """
+    from msvlad.evaluation.stats import paired_bootstrap
+
+    results_dir = Path(results_dir)
+    if reference not in params.methods:
+        raise ValueError(f"reference: {reference!r} not in params methods {sorted(params.methods)}")
+    keys = [k for k in (params.methods if methods is None else methods) if k != reference]
+    datasets = list(params.data.test_sets) if datasets is None else list(datasets)
+    rows, index = [], []
+    for ds in datasets:
+        ref = per_query_ap(results_dir, reference, ds, setup=setup, variant=variant)
+        for key in keys:
+            try:
+                other = per_query_ap(results_dir, key, ds, setup=setup, variant=variant)
+            except FileNotFoundError as err:
+                log.warning("bootstrap: %s left out (%s)", key, err)
+                continue
+            if not (other["query"].to_numpy() == ref["query"].to_numpy()).all():
+                raise ValueError(f"{ds}: {key} and {reference} were evaluated on different queries")
+            res = paired_bootstrap(
+                other["AP"].to_numpy() / 100.0,
+                ref["AP"].to_numpy() / 100.0,
+                n_boot=n_boot,
+                seed=seed,
+                ci=ci,
+            )
+            rows.append(
+                {
+                    "Method": params.methods[key].label,
+                    "Reference": params.methods[reference].label,
+                    "Dataset": ds,
+                    "Setup": other["setup"].iloc[0],
+                    "mAP": float(np.nanmean(other["AP"])),
+                    "mAP ref": float(np.nanmean(ref["AP"])),
+                    "Δ mAP": res.diff,
+                    "CI low": res.ci_low,
+                    "CI high": res.ci_high,
+                    "p": res.p_value,
+                    "Queries": res.n_queries,
+                }
+            )
+            index.append(key)
+    if not rows:
+        raise FileNotFoundError(f"{results_dir}: no per-query results to compare with {reference}")
+    return pd.DataFrame(rows, index=pd.Index(index, name="run"))
+
+
+def query_ground_truth(
+    dataset: RetrievalDataset, query_index: int, setup: str = "medium"
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """(setup used, positive db indices, junk db indices) of one query under the dataset's protocol.
+
+    From `msvlad.evaluation.protocol.ground_truth`, the one place positives and junk are made:
+    revisited sets build Easy/Medium/Hard as revisitop does; classic sets use ok/junk; Holidays
+    marks the query's own database copy as junk.
+    """
+    from msvlad.evaluation.protocol import ground_truth
+
+    gnd = dataset.gnd["gnd"] if isinstance(dataset.gnd, Mapping) else dataset.gnd
+    if not 0 <= query_index < len(gnd):
+        raise IndexError(f"query_index: {query_index} out of range for {len(gnd)} queries")
+    setups = ground_truth([gnd[query_index]], dataset.protocol)
+    s = pick_setup(list(setups), setup)
+    truth = setups[s][0]
+    return s, np.asarray(truth["ok"], dtype=np.int64), np.asarray(truth["junk"], dtype=np.int64)
+
+
+def query_ap(
+    dataset: RetrievalDataset, ranks: np.ndarray, query_index: int, setup: str = "medium"
+) -> float:
+    """AP (percent) of one query from its ranking column, by `msvlad.evaluation.protocol`."""
+    from msvlad.evaluation.protocol import compute_map
+
+    _, ok, junk = query_ground_truth(dataset, query_index, setup)
+    if ok.size == 0:
+        return math.nan
+    _, aps, _, _ = compute_map(ranks[:, [query_index]], [{"ok": ok, "junk": junk}], kappas=(1,))
+    return float(aps[0]) * 100.0
+
+
+def load_ranks(results_dir: str | os.PathLike, method: str, dataset: str) -> np.ndarray:
+    """The (n_db, n_q) ranking a method produced on a dataset (ranks.npy, no pickles)."""
+    path = Path(results_dir) / method / dataset / "ranks.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ranking not found")
+    ranks = np.load(path, allow_pickle=False)
+    if ranks.ndim != 2 or ranks.dtype.kind not in "iu":
+        raise ValueError(
+            f"{path}: expected an integer (n_db, n_queries) array, got {ranks.dtype} {ranks.shape}"
+        )
+    return ranks
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _kappas(results: pd.DataFrame) -> list[str]:
+    return [c for c in results.columns if c.startswith("mP@")]

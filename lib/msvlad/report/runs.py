@@ -1,0 +1,163 @@
+"""Training-run outputs -> pandas tables: epoch logs, mined triplets, per-round miner statistics."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from msvlad.config import Params
+from msvlad.training.logs import TRIPLET_FIELDS
+
+log = logging.getLogger(__name__)
+
+
+def training_curves(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Per-epoch training log (epoch, step, lr, loss, triplets, rounds, yield, val_map, seconds)."""
+    path = Path(run_dir) / "log.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: training log not found")
+    return pd.read_csv(path)
+
+
+def load_training_logs(
+    runs_dir: str | os.PathLike, params: Params, methods: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Training logs of all trained methods, stacked with `method` and `label` columns.
+
+    Off-the-shelf methods (miner null) and runs without a log are left out.
+    """
+    frames = []
+    for key in params.methods if methods is None else methods:
+        if params.methods[key].miner is None:
+            continue
+        path = Path(runs_dir) / key / "train"
+        try:
+            frame = training_curves(path)
+        except FileNotFoundError as err:
+            log.warning("%s left out: %s", key, err)
+            continue
+        if frame.empty:
+            continue
+        frames.append(frame.assign(method=key, label=params.methods[key].label))
+    if not frames:
+        return pd.DataFrame(
+            columns=["method", "label", "epoch", "step", "lr", "loss", "yield", "val_map"]
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_triplets(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every mined triplet of a run (triplets.csv); empty when the run mined nothing."""
+    path = Path(run_dir) / "triplets.csv"
+    if not path.is_file():
+        log.warning("%s: no mined triplets", path)
+        return pd.DataFrame(columns=TRIPLET_FIELDS)
+    return pd.read_csv(path, dtype={"anchor_label": str, "negative_label": str, "kind": str})
+
+
+def miner_stats(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Per mining round: yield, semi-hard / hard counts and fractions, predicted loss, ranks, sims.
+
+    Built from rounds.csv (which also lists rounds that yielded nothing) joined with per-round
+    means of triplets.csv; without rounds.csv the rounds come from triplets.csv alone.
+    """
+    run_dir = Path(run_dir)
+    trip = load_triplets(run_dir)
+    agg = pd.DataFrame({"round": pd.Series(dtype=int)})
+    if not trip.empty:
+        g = trip.groupby("round")
+        agg = pd.DataFrame(
+            {
+                "n_triplets": g.size(),
+                "n_semi_hard": g["kind"].apply(lambda k: int((k == "semi-hard").sum())),
+                "n_hard": g["kind"].apply(lambda k: int((k == "hard").sum())),
+                "mean_pred_loss": g["loss"].mean(),
+                "mean_pos_rank": g["pos_rank"].mean(),
+                "mean_neg_rank": g["neg_rank"].mean(),
+                "mean_pos_sim": g["pos_sim"].mean(),
+                "mean_neg_sim": g["neg_sim"].mean(),
+            }
+        ).reset_index()
+    rounds_path = run_dir / "rounds.csv"
+    if rounds_path.is_file():
+        stats = pd.read_csv(rounds_path).merge(
+            agg.drop(columns=["n_triplets", "n_semi_hard", "n_hard"], errors="ignore"),
+            on="round",
+            how="left",
+        )
+    else:
+        stats = agg.rename(
+            columns={"n_triplets": "triplets", "n_semi_hard": "semi_hard", "n_hard": "hard"}
+        )
+        if not stats.empty:
+            stats.insert(1, "step", trip.groupby("round")["step"].min().to_numpy())
+            stats["mean_loss"] = stats["mean_pred_loss"]
+    if stats.empty:
+        return pd.DataFrame(
+            columns=[
+                "round",
+                "step",
+                "triplets",
+                "semi_hard",
+                "hard",
+                "other",
+                "semi_hard_frac",
+                "hard_frac",
+                "mean_loss",
+            ]
+        )
+    stats["other"] = stats["triplets"] - stats["semi_hard"] - stats["hard"]
+    denom = stats["triplets"].where(stats["triplets"] > 0)
+    stats["semi_hard_frac"] = stats["semi_hard"] / denom
+    stats["hard_frac"] = stats["hard"] / denom
+    return stats.sort_values("round").reset_index(drop=True)
+
+
+def spread_rounds(triplets: pd.DataFrame, n: int) -> list[int]:
+    """`n` mining rounds evenly spread from the first to the last one that yielded triplets."""
+    rounds = np.unique(triplets["round"].to_numpy()) if len(triplets) else np.zeros(0, dtype=int)
+    if rounds.size == 0 or n < 1:
+        return []
+    pos = np.unique(np.round(np.linspace(0, rounds.size - 1, min(n, rounds.size))).astype(int))
+    return [int(r) for r in rounds[pos]]
+
+
+def select_triplets(
+    triplets: pd.DataFrame,
+    *,
+    rounds: Sequence[int] | None = None,
+    label: str | None = None,
+    per_round: int = 4,
+    order: Literal["loss", "neg_rank", "mined"] = "loss",
+) -> pd.DataFrame:
+    """Triplets to show: of the given rounds (all when None) and anchor class, `per_round` each.
+
+    order "loss" shows the highest predicted loss first, "neg_rank" the closest negatives first,
+    "mined" the miner's own order.
+    """
+    frame = triplets.reset_index(drop=True).rename_axis("mined").reset_index()
+    if rounds is not None:
+        frame = frame[frame["round"].isin(list(rounds))]
+    if label is not None:
+        frame = frame[frame["anchor_label"].astype(str) == str(label)]
+    keys = {
+        "loss": (["loss", "mined"], [False, True]),
+        "neg_rank": (["neg_rank", "mined"], [True, True]),
+        "mined": (["mined"], [True]),
+    }
+    if order not in keys:
+        raise ValueError(f"order: expected one of {sorted(keys)}, got {order!r}")
+    by, ascending = keys[order]
+    frame = frame.sort_values(["round", *by], ascending=[True, *ascending], kind="stable")
+    return (
+        frame.groupby("round", sort=True)
+        .head(per_round)
+        .drop(columns="mined")
+        .reset_index(drop=True)
+    )

@@ -1,0 +1,66 @@
+"""`cluster` stage: build the network and k-means-initialise its NetVLAD centroids."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from msvlad.config import Params
+from msvlad.data.images import ImageItem, load_batch
+from msvlad.data.trainsets import load_training_set
+from msvlad.nn.kmeans import init_netvlad, kmeans_centroids, sample_local_features
+from msvlad.nn.model import build_model, save_model
+from msvlad.runtime import resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def image_batches(paths: Sequence[Path], size: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Square-resized batches of training images; unreadable ones are left out (and logged)."""
+    for start in range(0, len(paths), batch_size):
+        items = [ImageItem(p) for p in paths[start : start + batch_size]]
+        batch, _ = load_batch(items, size, "square", on_error="skip")
+        if batch is not None:
+            yield batch
+
+
+def run(params: Params, out: Path) -> Path:
+    """Write the initial model: pooling as built, NetVLAD centroids from k-means on its bag."""
+    seed_everything(params.base.seed)
+    device = resolve_device(params.base.device)
+    model = build_model(params.model).to(device)
+    extra: dict[str, Any] = {}
+    if model.is_vlad:
+        train_set = load_training_set(Path(params.data.root) / params.data.train_set)
+        rng = np.random.default_rng(params.base.seed)
+        n = min(params.cluster.num_images, len(train_set.paths))
+        pick = np.sort(rng.choice(len(train_set.paths), n, replace=False))
+        t0 = time.time()
+        batches = image_batches(
+            [train_set.paths[i] for i in pick], params.model.image_size, params.cluster.batch_size
+        )
+        local = sample_local_features(
+            model,
+            batches,
+            max_locals=params.cluster.max_locals,
+            seed=params.base.seed,
+            device=device,
+        )
+        centroids = kmeans_centroids(
+            local, params.model.num_clusters, niter=params.cluster.niter, seed=params.base.seed
+        )
+        alpha = init_netvlad(model, local, centroids, params.model.alpha_rule)
+        log.info(
+            "k-means: %d locals from %d images -> %d centroids, alpha %.2f (%.1fs)",
+            *(len(local), n, len(centroids), alpha, time.time() - t0),
+        )
+        extra = {"alpha": alpha, "num_locals": len(local)}
+    save_model(model.cpu(), out, **extra)
+    log.info("initial model -> %s", out)
+    return out

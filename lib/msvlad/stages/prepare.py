@@ -1,0 +1,44 @@
+"""`prepare` stage: build the offline mini benchmark, or download and lay out the real datasets."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from msvlad.config import Params
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params) -> None:
+    """Mini profile: registry photos -> mini benchmark; paper profile: every dataset it names."""
+    root = Path(params.data.root)
+    if params.base.profile == "mini":
+        from msvlad.mini.assets import fetch_assets
+        from msvlad.mini.builder import build_mini_benchmark
+
+        fetch_assets(Path(params.data.assets))
+        summary = build_mini_benchmark(
+            Path(params.data.assets),
+            root,
+            seed=params.base.seed,
+            image_max_side=params.prepare.mini_image_max_side,
+            train_views_per_class=params.prepare.mini_train_views,
+        )
+        log.info("mini benchmark: %s", summary)
+        return
+    from msvlad.data.registry import prepare_dataset
+
+    names = [params.data.train_set, params.data.val_set, *params.data.test_sets]
+    for name in dict.fromkeys(n for n in names if n):
+        options: dict[str, Any] = {}
+        if name.startswith("gldv2"):
+            options = {
+                "num_classes": params.prepare.gldv2_num_classes,
+                "min_images_per_class": params.prepare.gldv2_min_images,
+                "seed": params.base.seed,
+            }
+        if name == "holidays_rotated" and params.prepare.holidays_rotations:
+            options = {"rotations": params.prepare.holidays_rotations}
+        prepare_dataset(name, root, mirror=params.data.mirror, **options)

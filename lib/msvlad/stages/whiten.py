@@ -1,0 +1,51 @@
+"""`whiten` stage: PCA-whitening learned on single-scale training-set descriptors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msvlad.config import Params
+from msvlad.data.images import ImageItem
+from msvlad.data.trainsets import load_training_set
+from msvlad.evaluation.extract import embed_images
+from msvlad.nn.model import load_model, save_model
+from msvlad.nn.whitening import Whitening
+from msvlad.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, checkpoint: Path, out: Path) -> Path:
+    """Describe `whiten.num_images` random training images, fit the whitening, save the model."""
+    device = resolve_device(params.base.device)
+    model = load_model(checkpoint).to(device)
+    train_set = load_training_set(Path(params.data.root) / params.data.train_set)
+    rng = np.random.default_rng(params.base.seed)
+    n = min(params.whiten.num_images, len(train_set.paths))
+    pick = np.sort(rng.choice(len(train_set.paths), n, replace=False))
+    desc, ok = embed_images(
+        model,
+        [ImageItem(train_set.paths[i]) for i in pick],
+        image_size=params.model.image_size,
+        batch_size=params.whiten.batch_size,
+        device=device,
+        num_workers=params.base.num_workers,
+        progress="whiten",
+    )
+    desc = desc[torch.from_numpy(ok)]
+    dim = min(params.whiten.dim, desc.shape[1], len(desc) - 1)
+    if dim < params.whiten.dim:
+        log.warning(
+            "whiten.dim=%d reduced to %d (descriptor dim %d, %d training images)",
+            *(params.whiten.dim, dim, desc.shape[1], len(desc)),
+        )
+    model.whitening = Whitening.fit(desc, dim, params.whiten.power).to(device)
+    save_model(model.cpu(), out, whiten_images=len(desc))
+    log.info(
+        "PCA-whitening %d -> %d learned on %d images -> %s", desc.shape[1], dim, len(desc), out
+    )
+    return out

@@ -1,0 +1,159 @@
+"""The CSV logs of a training run, stated once: their columns and the builders of their rows.
+
+`log.csv` has one row per epoch (and the epoch-0 row of the initial model), `rounds.csv` one row
+per mining round, `triplets.csv` one row per mined triplet. The trainer writes them; the reports,
+`dvc plots` and the tests read them through these column lists.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from msvlad.storage import atomic_path
+
+LOG_FIELDS = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map", "seconds"]
+ROUND_FIELDS = [
+    "round",
+    "step",
+    "pool",
+    "candidates",
+    "triplets",
+    "semi_hard",
+    "hard",
+    "mean_loss",
+    "describe_seconds",
+    "mine_seconds",
+]
+TRIPLET_FIELDS = [
+    "round",
+    "step",
+    "anchor",
+    "positive",
+    "negative",
+    "anchor_label",
+    "negative_label",
+    "pos_rank",
+    "neg_rank",
+    "pos_sim",
+    "neg_sim",
+    "loss",
+    "kind",
+]
+
+
+def append_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    """Append rows (header first if the file is new)."""
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_header(path: Path, fields: list[str]) -> None:
+    """An empty log with its header only (e.g. for an untrained, off-the-shelf method)."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        csv.DictWriter(fh, fieldnames=fields).writeheader()
+
+
+def truncate_csv(path: Path, column: str, limit: float) -> None:
+    """Drop rows logged after the checkpoint being resumed (atomic rewrite)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        rows = [r for r in reader if float(r[column]) <= limit]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def round_row(
+    round_index: int,
+    step: int,
+    pool_size: int,
+    candidates: int,
+    frame: pd.DataFrame,
+    describe_seconds: float,
+    mine_seconds: float,
+) -> dict[str, Any]:
+    """The `rounds.csv` row of one mining round, from its `MinedTriplets.to_frame()`."""
+    kinds = frame["kind"].value_counts() if len(frame) else {}
+    return {
+        "round": round_index,
+        "step": step,
+        "pool": pool_size,
+        "candidates": candidates,
+        "triplets": len(frame),
+        "semi_hard": int(kinds.get("semi-hard", 0)),
+        "hard": int(kinds.get("hard", 0)),
+        "mean_loss": float(frame["loss"].mean()) if len(frame) else float("nan"),
+        "describe_seconds": round(describe_seconds, 3),
+        "mine_seconds": round(mine_seconds, 3),
+    }
+
+
+def triplet_rows(
+    round_index: int,
+    step: int,
+    frame: pd.DataFrame,
+    pool_idx: np.ndarray,
+    names: Sequence[str],
+    labels: np.ndarray,
+    classes: Sequence[str],
+) -> list[dict[str, Any]]:
+    """The `triplets.csv` rows of one round: pool indices mapped to image names and class names."""
+    rows = []
+    for r in frame.itertuples(index=False):
+        a, p, n = int(pool_idx[r.anchor]), int(pool_idx[r.positive]), int(pool_idx[r.negative])
+        rows.append(
+            {
+                "round": round_index,
+                "step": step,
+                "anchor": names[a],
+                "positive": names[p],
+                "negative": names[n],
+                "anchor_label": classes[labels[a]],
+                "negative_label": classes[labels[n]],
+                "pos_rank": int(r.pos_rank),
+                "neg_rank": int(r.neg_rank),
+                "pos_sim": round(float(r.pos_sim), 6),
+                "neg_sim": round(float(r.neg_sim), 6),
+                "loss": round(float(r.loss), 6),
+                "kind": r.kind,
+            }
+        )
+    return rows
+
+
+def epoch_row(
+    epoch: int,
+    step: int,
+    lr: float,
+    losses: Sequence[float],
+    triplets: int,
+    round_sizes: Sequence[int],
+    val_map: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """The `log.csv` row of one epoch."""
+    return {
+        "epoch": epoch,
+        "step": step,
+        "lr": lr,
+        "loss": float(np.mean(losses)) if len(losses) else float("nan"),
+        "triplets": triplets,
+        "rounds": len(round_sizes),
+        "yield": float(np.mean(round_sizes)) if len(round_sizes) else float("nan"),
+        "val_map": round(val_map, 4),
+        "seconds": round(seconds, 1),
+    }
