@@ -342,24 +342,68 @@ def test_random_miner_equals_reference() -> None:
         _check_common(res, x, labels, 5, 0.1)
 
 
-def test_hardest_negative_miner() -> None:
+def _cirtorch_negatives(s: np.ndarray, lab: np.ndarray, a: int, nnum: int) -> list[int]:
+    """cirtorch create_epoch_tuples for query a: walk its ranked list, keep an image of another
+    class unless its class already gave one of *this query's* negatives, stop at nnum."""
+    negatives, clusters = [], set()
+    for j in _ranked(s, a):
+        if lab[j] != lab[a] and lab[j] not in clusters:
+            negatives.append(j)
+            clusters.add(lab[j])
+        if len(negatives) == nnum:
+            break
+    return negatives
+
+
+def test_hardest_negative_miner_equals_cirtorch_reference() -> None:
+    total = 0
     for seed in range(6):
         x, labels = _pool(seed + 40, n_classes=10)
         s, lab = _sim(x), labels.numpy()
         res = HardestNegativeMiner(seed=seed, triplets_per_round=6).mine(x, labels)
         _check_common(res, x, labels, 6, 0.1)
-        assert len(res) > 0 and set(res.kinds) == {"hardest-negative"}
+        assert set(res.kinds) == {"hardest-negative"}
         order, u_pos, _ = _baseline_draws(seed, len(lab))
-        used = set()
-        for r in res.to_frame().itertuples(index=False):
-            pos = [j for j in range(len(lab)) if lab[j] == lab[r.anchor] and j != r.anchor]
-            assert r.positive == pos[int(u_pos[r.anchor] * len(pos))]
-            eligible = [
-                j for j in _ranked(s, r.anchor) if lab[j] != lab[r.anchor] and lab[j] not in used
+        ref, seen = [], set()
+        for a in order:
+            pos = [j for j in range(len(lab)) if lab[j] == lab[a] and j != a]
+            if lab[a] in seen or not pos:
+                continue
+            seen.add(lab[a])
+            ref.append((a, pos[int(u_pos[a] * len(pos))], _cirtorch_negatives(s, lab, a, 1)[0]))
+            if len(ref) == 6:
+                break
+        assert list(zip(*(t.tolist() for t in res.as_tuple()), strict=True)) == ref
+        total += len(ref)
+    assert total == 36
+
+
+def test_hardest_negative_reuses_a_negative_class_across_anchors() -> None:
+    # class 2 sits between classes 0 and 1 and is the nearest other class of class 3 too:
+    # every other anchor's nearest negative is image 4 (a tie with image 5 goes to the lower index)
+    x = torch.nn.functional.normalize(
+        torch.tensor(
+            [
+                [1.0, 0.0, 0.0],
+                [1.0, 0.1, 0.0],
+                [0.0, 1.0, 0.0],
+                [0.1, 1.0, 0.0],
+                [0.7, 0.7, 0.1],
+                [0.7, 0.7, -0.1],
+                [0.0, 0.0, 1.0],
+                [0.0, 0.1, 1.0],
             ]
-            assert r.negative == eligible[0]  # nearest negative of a class not used yet this round
-            used.add(lab[r.negative])
-        assert res.to_frame()["negative_label"].is_unique
+        ),
+        dim=1,
+    )
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for seed in range(4):
+        frame = HardestNegativeMiner(seed=seed, triplets_per_round=10).mine(x, labels).to_frame()
+        assert sorted(frame["anchor_label"]) == [0, 1, 2, 3]
+        others = frame[frame["anchor_label"] != 2]
+        assert others["negative"].tolist() == [4, 4, 4]  # no round-wide one-class-per-round rule
+        assert others["neg_rank"].tolist() == [1, 1, 1]  # right after the anchor's classmate
+        assert frame[frame["anchor_label"] == 2]["negative"].tolist() == [1]  # tie 1 = 3: lower
 
 
 def test_semi_hard_miner() -> None:

@@ -1,4 +1,4 @@
-"""Seeded synthetic views: determinism, geometry of the returned quad/box, difficulty ranges."""
+"""Seeded synthetic views: determinism, geometry (tilt, fit), occlusion, lighting, difficulty."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msvlad.mini.synthetic import VIEW_SPECS, ViewSpec, box_overlap, synthesize_view
+from msvlad.mini.synthetic import (
+    FOCAL,
+    VIEW_SPECS,
+    ViewSpec,
+    box_overlap,
+    fit_inside,
+    lighting,
+    synthesize_view,
+    tilt_quad,
+)
 
 
 def _photo(w: int = 160, h: int = 120) -> Image.Image:
@@ -80,11 +89,16 @@ def test_roi_constrains_crop_overlap() -> None:
 
 
 def test_levels_are_ordered_by_strength() -> None:
-    easy, hard, junk = (VIEW_SPECS[k] for k in ("easy", "hard", "junk"))
+    query, easy, hard, junk = (VIEW_SPECS[k] for k in ("query", "easy", "hard", "junk"))
     assert junk.area[1] <= hard.area[0] and hard.area[1] <= easy.area[1] and junk.area[1] <= 0.1
-    assert sum(hard.area) < sum(easy.area)
+    assert sum(hard.area) < sum(easy.area) < sum(query.area)
+    assert query.occlusion_p == 0 and query.tilt < easy.tilt
     for attr in (
-        "perspective",
+        "tilt",
+        "occlusion_p",
+        "gamma",
+        "temperature",
+        "shade",
         "rotation",
         "brightness",
         "contrast",
@@ -110,3 +124,76 @@ def test_bad_spec_and_args_fail_with_names() -> None:
         ViewSpec(area=(0.1, 0.2), jpeg_quality=(0, 50))
     with pytest.raises(ValueError, match="max_side"):
         synthesize_view(_photo(), VIEW_SPECS["easy"], 0, max_side=2)
+    with pytest.raises(ValueError, match="tilt"):
+        ViewSpec(area=(0.1, 0.2), tilt=85.0)
+    with pytest.raises(ValueError, match="occlusion_area"):
+        ViewSpec(area=(0.1, 0.2), occlusion_area=(0.3, 0.1))
+    with pytest.raises(ValueError, match="gamma"):
+        ViewSpec(area=(0.1, 0.2), gamma=0.5)
+
+
+def test_tilt_quad_is_the_pinhole_projection_of_the_turned_crop() -> None:
+    crop = (0.0, 0.0, 100.0, 50.0)  # centre (50, 25), focal 1.2 * 100
+    assert np.allclose(tilt_quad(crop, 0.0, 0.0, 0.0), [[0, 0], [100, 0], [100, 50], [0, 50]])
+    f, a = FOCAL * 100.0, np.deg2rad(30.0)
+    expected = []
+    for x, y in ((-50, -25), (50, -25), (50, 25), (-50, 25)):
+        depth = f - x * np.sin(a)  # yaw about the vertical axis: Z = -X sin(a)
+        expected.append([50 + f * x * np.cos(a) / depth, 25 + f * y / depth])
+    got = tilt_quad(crop, 30.0, 0.0, 0.0)
+    assert np.allclose(got, expected)
+    # the side turned towards the camera (x > 0 here) is longer than the other: a keystone
+    assert got[2, 1] - got[1, 1] > got[3, 1] - got[0, 1] > 0
+    # roll alone is an in-plane rotation about the centre
+    r = np.deg2rad(90.0)
+    rolled = tilt_quad(crop, 0.0, 0.0, 90.0)
+    x, y = -50.0, -25.0
+    assert np.allclose(
+        rolled[0], [50 + x * np.cos(r) - y * np.sin(r), 25 + x * np.sin(r) + y * np.cos(r)]
+    )
+
+
+def test_fit_inside_shrinks_about_the_centroid() -> None:
+    quad = np.array([[-10.0, 0.0], [30.0, 0.0], [30.0, 20.0], [-10.0, 20.0]])  # centroid (10, 10)
+    got = fit_inside(quad, 100.0, 100.0)
+    assert np.allclose(got, [[0, 5], [20, 5], [20, 15], [0, 15]])  # s = 10 / 20 about (10, 10)
+    inside = np.array([[1.0, 1.0], [5.0, 1.0], [5.0, 5.0], [1.0, 5.0]])
+    assert np.array_equal(fit_inside(inside, 10.0, 10.0), inside)
+
+
+def test_lighting_hand_values() -> None:
+    img = np.full((2, 5, 3), 0.5)
+    assert np.allclose(lighting(img, 2.0, 0.0, 0.0, 0.0), 0.25)
+    warm = lighting(img, 1.0, 0.2, 0.0, 0.0)
+    assert np.allclose(warm[..., 0], 0.6) and np.allclose(warm[..., 1], 0.5)
+    assert np.allclose(warm[..., 2], 0.4)
+    shaded = lighting(img, 1.0, 0.0, 0.5, 0.0)  # ramp along +x: dark at x = 0, unchanged at x = 4
+    assert np.allclose(shaded[:, :, 0], [[0.25, 0.3125, 0.375, 0.4375, 0.5]] * 2)
+    assert np.allclose(lighting(np.ones((2, 2, 3)), 1.0, 0.5, 0.0, 0.0)[..., 0], 1.0)  # clipped
+
+
+def test_occluders_change_only_their_boxes() -> None:
+    img = _photo(200, 160)
+    base = dict(area=(0.5, 0.5), tilt=20.0, brightness=0.2, jpeg_quality=(100, 100))
+    on = ViewSpec(**base, occlusion_p=1.0, occlusion_area=(0.2, 0.3))
+    off = ViewSpec(**base, occlusion_p=0.0, occlusion_area=(0.2, 0.3))
+    hit = 0
+    for seed in range(6):
+        a, b = (
+            synthesize_view(img, on, seed, max_side=96),
+            synthesize_view(img, off, seed, max_side=96),
+        )
+        assert (
+            a.params["quad"] == b.params["quad"]
+            and a.params["brightness"] == b.params["brightness"]
+        )
+        assert b.params["occluders"] == [] and 1 <= len(a.params["occluders"]) <= 3
+        diff = np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16)).max(-1)
+        w, h = a.image.size
+        mask = np.zeros((h, w), bool)
+        for occ in a.params["occluders"]:
+            x1, y1, x2, y2 = occ["box"]
+            mask[max(0, int(y1) - 10) : int(y2) + 11, max(0, int(x1) - 10) : int(x2) + 11] = True
+        assert diff[~mask].max() <= 8  # outside the boxes: JPEG noise only
+        hit += diff[mask].mean() > 5
+    assert hit >= 5

@@ -48,7 +48,10 @@ class PrepareConfig:
     """Dataset preparation: the mini benchmark offline, real datasets for the paper profile."""
 
     mini_image_max_side: int = 384
-    mini_train_views: int = 12
+    mini_train_views: int = 12  # images per mini-train class (real photos first)
+    mini_queries_per_scene: int = 8  # every real photo of a scene, then mild synthetic views
+    mini_scene_views: list[int] = field(default_factory=lambda: [4, 6, 2])  # easy/hard/junk db
+    mini_distractor_views: int = 6  # synthetic views per distractor photo
     gldv2_num_classes: int | None = None  # None: the whole GLDv2-clean
     gldv2_min_images: int = 2
     holidays_rotations: str | None = None  # name->degrees file for holidays_rotated

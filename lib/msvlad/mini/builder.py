@@ -1,16 +1,21 @@
 """Offline mini benchmark: real registry photos plus seeded synthetic views, revisitop layout.
 
 Writes under `out_root`:
-  mini-test/jpg/*.jpg, gnd_mini-test.pkl  revisited protocol: queries (full image + bbx, not in the
-                                          db) with per-query easy / hard / junk db indices
-  mini-val/ (same layout)                 held-out scenes for validation during training
-  mini-train/<class>/<k>.jpg              ImageFolder classes, disjoint from test and val scenes
-  manifest.json                           provenance of every image (photo, transform, seed), counts
-A scene is one real photo (the query source) plus its real other views. Its db positives are those
-real views, labelled easy or hard by how wide the baseline is, and seeded synthetic views at the
-`synthetic.VIEW_SPECS` difficulty levels. Distractors are photos used nowhere else, together with
-synthetic views of them; look-alikes (Chartres for Montmartre, satellite images for the aerial
-scene) make hard negatives. A rebuild with the same seed and assets gives byte-identical files.
+  mini-test/jpg/*.jpg, gnd_mini-test.pkl  revisited protocol: queries (image + bbx, not in the db)
+                                          with per-query easy / hard / junk db indices
+  mini-val/ (same layout)                 other scenes and other distractors, for choosing
+  mini-train/<class>/<k>.jpg              ImageFolder classes, disjoint from every eval photo
+  manifest.json                           provenance of every image (photo, seed, drawn values),
+                                          counts, the sources and a fingerprint of all files
+A scene is two or more real photos of one place or object. Each real photo is a query in turn (its
+region of interest as bbx) and also a db image; seeded mild synthetic views of the photos add
+queries up to `queries_per_scene`. For a query from photo i, the other real photos are positives
+(hard if either photo is labelled hard, else easy), the db copy of photo i is junk (the same
+picture), and the scene's synthetic db views (`synthetic.VIEW_SPECS` easy / hard / junk, cut around
+each photo's region of interest) count at their level. Distractors are landmark look-alikes and
+other photos used nowhere else, each with synthetic views at every level. Which photo plays which
+role is the `role` column of `assets.PHOTOS_CSV`; a rebuild with the same seed and assets gives
+byte-identical files.
 """
 
 from __future__ import annotations
@@ -28,8 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from msvlad.mini.assets import MANIFEST_NAME as ASSETS_MANIFEST
-from msvlad.mini.assets import Manifest, read_manifest
+from msvlad.mini.assets import PhotoRow, photo_table, read_manifest
 from msvlad.mini.synthetic import VIEW_SPECS, Box, View, spec_record, synthesize_view
 from msvlad.storage import atomic_dir, write_json
 
@@ -38,30 +42,42 @@ log = logging.getLogger(__name__)
 DATASETS = ("mini-test", "mini-val", "mini-train")
 PICKLE_PROTOCOL = 4
 JPEG_QUALITY = 90
-SYNTHETIC_LEVELS = ("easy", "hard", "junk")
+SYNTHETIC_LEVELS = ("easy", "hard", "junk")  # the order of `views_per_scene`
 TRAIN_LEVELS = ("easy", "hard")
+_TRANSPOSE = {
+    90: Image.Transpose.ROTATE_270,  # PIL's ROTATE_n turn counter-clockwise
+    180: Image.Transpose.ROTATE_180,
+    270: Image.Transpose.ROTATE_90,
+}
 
 
 @dataclass(frozen=True)
 class Group:
-    """Photos of one scene or class; for a scene, photos[0] is the query source."""
+    """Photos of one scene, class or distractor; for a scene, photos[0] is the reference view."""
 
     name: str
     photos: tuple[str, ...]  # photo ids `<source>/<name>` from the assets manifest
-    levels: tuple[str, ...] = ()  # label ("easy" / "hard") of each real other view photos[1:]
-    roi: Box | None = None  # query region as fractions (x1, y1, x2, y2) of the query photo
+    levels: tuple[str, ...] = ()  # "easy" / "hard" of each photo in photos[1:] vs photos[0]
+    rois: tuple[Box | None, ...] = ()  # per photo: scene region as fractions, None: seeded
 
     def __post_init__(self) -> None:
         if not self.photos:
             raise ValueError(f"group {self.name}: no photos")
         if self.levels and len(self.levels) != len(self.photos) - 1:
-            raise ValueError(f"group {self.name}: need one level per real other view")
+            raise ValueError(f"group {self.name}: need one level per photo after the first")
         if any(lv not in ("easy", "hard") for lv in self.levels):
             raise ValueError(f"group {self.name}: levels must be easy or hard, got {self.levels}")
+        if self.rois and len(self.rois) != len(self.photos):
+            raise ValueError(f"group {self.name}: need one roi (or None) per photo")
 
-    def level(self, i: int) -> str:
-        """Label of real photo i >= 1 as a positive (easy unless listed)."""
-        return self.levels[i - 1] if self.levels else "easy"
+    def pair_level(self, i: int, j: int) -> str:
+        """Label of real photo j as a positive of a query from photo i != j."""
+        labels = ("easy", *self.levels) if self.levels else ("easy",) * len(self.photos)
+        return "hard" if "hard" in (labels[i], labels[j]) else "easy"
+
+    def roi(self, i: int) -> Box | None:
+        """Curated scene region of photo i (fractions), or None."""
+        return self.rois[i] if self.rois else None
 
 
 @dataclass(frozen=True)
@@ -71,11 +87,12 @@ class Catalogue:
     test: tuple[Group, ...]
     val: tuple[Group, ...]
     train: tuple[Group, ...]
-    distractors: tuple[Group, ...]
+    test_distractors: tuple[Group, ...] = ()
+    val_distractors: tuple[Group, ...] = ()
 
     def __post_init__(self) -> None:
         seen: dict[str, str] = {}
-        for part in ("test", "val", "train", "distractors"):
+        for part in ("test", "val", "train", "test_distractors", "val_distractors"):
             for g in getattr(self, part):
                 for p in g.photos:
                     if p in seen:
@@ -83,136 +100,60 @@ class Catalogue:
                             f"catalogue: photo {p} in both {seen[p]} and {part}/{g.name}"
                         )
                     seen[p] = f"{part}/{g.name}"
-        names = [
-            g.name for part in (self.test, self.val, self.train, self.distractors) for g in part
-        ]
+        names = [g.name for part in self.parts() for g in part]
         if len(set(names)) != len(names):
             raise ValueError("catalogue: group names must be unique")
 
-    def restrict(self, available: set[str]) -> Catalogue:
-        """Drop unavailable photos, scenes whose query photo is missing, and groups left empty."""
-        parts = {}
-        for part in ("test", "val", "train", "distractors"):
-            kept = []
-            for g in getattr(self, part):
-                idx = [i for i, p in enumerate(g.photos) if p in available]
-                if not idx or (part in ("test", "val") and idx[0] != 0):
-                    continue
-                levels = tuple(g.level(i) for i in idx[1:]) if g.levels else ()
-                kept.append(Group(g.name, tuple(g.photos[i] for i in idx), levels, g.roi))
-            parts[part] = tuple(kept)
-        return Catalogue(**parts)
+    def parts(self) -> tuple[tuple[Group, ...], ...]:
+        """All groups, part by part."""
+        return self.test, self.val, self.train, self.test_distractors, self.val_distractors
+
+    def photos(self) -> list[str]:
+        """Every photo id it uses."""
+        return [p for part in self.parts() for g in part for p in g.photos]
 
 
-def _s(*names: str, source: str = "opencv-doc") -> tuple[str, ...]:
-    return tuple(f"{source}/{n}" for n in names)
+_ROLE_PART = {
+    "test": "test",
+    "val": "val",
+    "train": "train",
+    "distractor-test": "test_distractors",
+    "distractor-val": "val_distractors",
+}
 
 
-# Curated from looking at every photo: pairs are two real views of one scene (Oxford-VGG
-# graf/leuven, Middlebury stereo and flow pairs, vismatch's wide-baseline landmark pairs, a Tokyo
-# 24/7 pair).
-CURATED = Catalogue(
-    test=(
-        Group("graf", _s("graf1.png", "graf3.png"), ("easy",)),
-        Group("leuven", _s("leuvenA.jpg", "leuvenB.jpg"), ("easy",)),
-        Group("aero", _s("aero1.jpg", "aero3.jpg"), ("hard",)),
-        Group("box", _s("box.png", "box_in_scene.png"), ("hard",), (0.02, 0.02, 0.98, 0.98)),
-        Group(
-            "motorcycle",
-            _s("motorcycle_left.png", "motorcycle_right.png", source="skimage"),
-            ("easy",),
-            (0.05, 0.25, 0.95, 0.95),
-        ),
-        Group(
-            "montmartre",
-            _s("montmartre_close.jpg", "montmartre_far.jpg", source="vismatch"),
-            ("easy",),
-        ),
-        Group("grand_central", _s("gcs_close.jpg", "gcs_far.jpg", source="vismatch"), ("hard",)),
-        Group("tokyo", _s("tokyo_query.jpg", "tokyo_db.png", source="patchnetvlad"), ("hard",)),
-    ),
-    val=(
-        Group("rubberwhale", _s("rubberwhale1.png", "rubberwhale2.png"), ("easy",)),
-        Group("aloe", _s("aloeL.jpg", "aloeR.jpg"), ("easy",)),
-        Group("books", _s("left.jpg", "right.jpg"), ("easy",)),
-    ),
-    train=(
-        *(
-            Group(n.split(".")[0], _s(n, source="skimage"))
-            for n in (
-                "astronaut.png",
-                "camera.png",
-                "cell.png",
-                "chelsea.png",
-                "clock_motion.png",
-                "coffee.png",
-                "coins.png",
-                "grass.png",
-                "gravel.png",
-                "hubble_deep_field.jpg",
-                "ihc.png",
-                "moon.png",
-                "retina.jpg",
-                "rocket.jpg",
-                "text.png",
-            )
-        ),
-        *(
-            Group(n.split(".")[0], _s(n))
-            for n in (
-                "apple.jpg",
-                "baboon.jpg",
-                "board.jpg",
-                "butterfly.jpg",
-                "chicky_512.png",
-                "fruits.jpg",
-                "home.jpg",
-                "licenseplate_motion.jpg",
-                "messi5.jpg",
-                "orange.jpg",
-                "smarties.png",
-                "squirrel_cls.jpg",
-                "stuff.jpg",
-                "sudoku.png",
-                "pca_test1.jpg",
-            )
-        ),
-        *(
-            Group(n.split(".")[0], _s(n, source="darknet"))
-            for n in (
-                "dog.jpg",
-                "eagle.jpg",
-                "giraffe.jpg",
-                "horses.jpg",
-                "person.jpg",
-            )
-        ),
-        Group("sist_chapel", _s("sist_chapel.jpg", source="vismatch")),
-        Group("pavilion", _s("visible.jpg", "thermal.jpg", source="vismatch")),
-        Group("basketball", _s("basketball1.png", "basketball2.png")),
-        Group("notebook", _s("ela_original.jpg", "ela_modified.jpg")),
-        Group(
-            "chessboard",
-            _s(
-                "left01.jpg",
-                "right01.jpg",
-                "left05.jpg",
-                "right05.jpg",
-                "left09.jpg",
-                "right09.jpg",
-            ),
-        ),
-    ),
-    distractors=(
-        Group("chartres", _s("chartres.jpg", source="vismatch")),
-        Group("notre_dame", _s("notre_dame.jpg", source="vismatch")),
-        Group("satellite", _s("satellite_img.jpg", source="vismatch")),
-        Group("iss", _s("photo_from_iss.jpg", source="vismatch")),
-        Group("building", _s("building.jpg")),
-        Group("brick", _s("brick.png", source="skimage")),
-        Group("kite", _s("kite.jpg", source="darknet")),
-    ),
-)
+def catalogue_from_rows(rows: Sequence[PhotoRow]) -> Catalogue:
+    """Catalogue of photos.csv rows: groups and their photos in row order, with levels and rois."""
+    members: dict[tuple[str, str], list[PhotoRow]] = {}
+    for r in rows:
+        members.setdefault((_ROLE_PART[r.role], r.group), []).append(r)
+    parts: dict[str, list[Group]] = {p: [] for p in _ROLE_PART.values()}
+    for (part, name), group in members.items():
+        levels = tuple(r.level for r in group[1:]) if part in ("test", "val") else ()
+        rois = tuple(_fractions(r.roi) for r in group)
+        parts[part].append(
+            Group(name, tuple(r.photo for r in group), levels, rois if any(rois) else ())
+        )
+    return Catalogue(**{k: tuple(v) for k, v in parts.items()})
+
+
+def curated_catalogue() -> Catalogue:
+    """The project's catalogue: every row of photos.csv."""
+    return catalogue_from_rows(photo_table())
+
+
+def curated_rotations() -> dict[str, int]:
+    """Clockwise degrees that show a photo upright, for the photos of photos.csv that need it."""
+    return {r.photo: r.rotate for r in photo_table() if r.rotate}
+
+
+def _fractions(text: str) -> Box | None:
+    if not text.strip():
+        return None
+    x1, y1, x2, y2 = (float(v) for v in text.split())
+    if not 0 <= x1 < x2 <= 1 or not 0 <= y1 < y2 <= 1:
+        raise ValueError(f"roi {text!r}: need 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1")
+    return (x1, y1, x2, y2)
 
 
 @dataclass(frozen=True)
@@ -222,10 +163,21 @@ class _Item:
     name: str
     group: str
     role: str  # query / db / train
-    level: str  # real / easy / hard / junk (db), query, or train level
+    level: str  # real, query (synthetic query), easy / hard / junk, distractor[-level], train level
     photo: str
     seed: int | None
     params: dict | None
+
+
+@dataclass(frozen=True)
+class _Db:
+    """A db image before shuffling: its scene, which real photo it shows or derives from, level."""
+
+    group: str
+    photo_index: int
+    level: str  # real / easy / hard / junk / distractor
+    image: Image.Image
+    item: _Item
 
 
 def build_mini_benchmark(
@@ -234,14 +186,13 @@ def build_mini_benchmark(
     *,
     seed: int = 0,
     image_max_side: int = 384,
-    n_test_scenes: int | None = None,
-    n_val_scenes: int | None = None,
-    queries_per_scene: int = 2,
-    views_per_scene: tuple[int, int, int] = (4, 4, 2),
-    distractor_views: int = 12,
+    queries_per_scene: int = 8,
+    views_per_scene: tuple[int, int, int] = (4, 6, 2),
+    distractor_views: int = 6,
     train_views_per_class: int = 12,
     source_max_side: int = 1024,
     catalogue: Catalogue | None = None,
+    rotations: dict[str, int] | None = None,
 ) -> dict:
     """Build mini-test, mini-val (revisitop) and mini-train (class folders) from the assets cache.
 
@@ -250,65 +201,79 @@ def build_mini_benchmark(
         out_root: parent folder of the three datasets and manifest.json.
         seed: master seed; every view seed is derived from it and the image's name.
         image_max_side: longest side of every written image.
-        n_test_scenes, n_val_scenes: keep only the first n scenes (None: all available).
-        queries_per_scene: 1 real query (the full photo with a bbx) plus mild synthetic ones.
-        views_per_scene: synthetic (easy, hard, junk) db views per scene, on top of its real views.
+        queries_per_scene: queries per scene: every real photo, then mild synthetic views of them
+            in turn up to this number.
+        views_per_scene: synthetic (easy, hard, junk) db views per scene, on top of its real photos.
         distractor_views: synthetic views per distractor photo, on top of the photo itself.
-        train_views_per_class: images per train class (real views first, then synthetic ones).
+        train_views_per_class: images per train class (real photos first, then synthetic views).
         source_max_side: photos are downscaled to this side before views are cut from them.
-        catalogue: roles of the photos (default `CURATED`, restricted to the photos present).
+        catalogue: roles of the photos (default: photos.csv); every photo must be in the assets.
+        rotations: clockwise degrees per photo id (default: photos.csv).
     Returns:
-        The counts written to `<out_root>/manifest.json`.
+        The summary written to `<out_root>/manifest.json` (counts, params, sources, fingerprint).
     """
     if image_max_side < 32:
         raise ValueError(f"image_max_side: must be >= 32, got {image_max_side}")
-    if queries_per_scene < 1 or train_views_per_class < 1 or min(views_per_scene) < 0:
-        raise ValueError("queries_per_scene, train_views_per_class must be >= 1; views >= 0")
+    if queries_per_scene < 1 or train_views_per_class < 1:
+        raise ValueError("queries_per_scene, train_views_per_class: must be >= 1")
+    if len(views_per_scene) != 3 or min(views_per_scene) < 0 or distractor_views < 0:
+        raise ValueError("views_per_scene: three counts >= 0; distractor_views: >= 0")
     assets_dir, out_root = Path(assets_dir), Path(out_root)
     manifest = read_manifest(assets_dir)
     photos = {p.photo_id: assets_dir / p.path for p in manifest.photos}
-    cat = (catalogue or CURATED).restrict(set(photos))
-    test = cat.test[:n_test_scenes] if n_test_scenes is not None else cat.test
-    val = cat.val[:n_val_scenes] if n_val_scenes is not None else cat.val
-    if not test:
-        raise ValueError(f"{assets_dir}: no test scene has its photos in the assets manifest")
-    if not cat.train:
-        raise ValueError(f"{assets_dir}: no train class has its photos in the assets manifest")
-    loader = _Loader(photos, source_max_side)
+    cat = catalogue if catalogue is not None else curated_catalogue()
+    missing = sorted(set(cat.photos()) - set(photos))
+    if missing:
+        raise ValueError(
+            f"{assets_dir}: {len(missing)} catalogue photos are not in the assets manifest "
+            f"(first: {missing[:3]}); fetch them with msvlad.mini.assets.fetch_assets"
+        )
+    if not cat.test or not cat.train:
+        raise ValueError("catalogue: needs test scenes and train classes")
+    if any(len(g.photos) < 2 for g in (*cat.test, *cat.val)):
+        raise ValueError("catalogue: every test and val scene needs two or more real photos")
+    rot = rotations if rotations is not None else curated_rotations()
+    loader = _Loader(photos, source_max_side, rot)
     cfg = dict(seed=seed, max_side=image_max_side, loader=loader)
+    digests: list[str] = []
 
     records: dict[str, list[dict]] = {}
     counts: dict[str, dict] = {}
-    for ds, scenes in (("mini-test", test), ("mini-val", val)):
+    for ds, scenes, distractors in (
+        ("mini-test", cat.test, cat.test_distractors),
+        ("mini-val", cat.val, cat.val_distractors),
+    ):
         if not scenes:
-            log.warning("%s: no scenes available, skipped", ds)
             continue
         with atomic_dir(out_root / ds) as tmp:
             items, gnd = _build_retrieval(
                 tmp,
                 ds,
                 scenes,
-                cat.distractors,
+                distractors,
                 queries_per_scene,
                 views_per_scene,
                 distractor_views,
                 **cfg,
             )
-            with open(tmp / f"gnd_{ds}.pkl", "wb") as f:
-                pickle.dump(gnd, f, protocol=PICKLE_PROTOCOL)
+            blob = pickle.dumps(gnd, protocol=PICKLE_PROTOCOL)
+            (tmp / f"gnd_{ds}.pkl").write_bytes(blob)
+            digests += _digests(tmp, ds)
         records[ds] = [_record(it, f"jpg/{it.name}.jpg") for it in items]
-        counts[ds] = {
-            "scenes": [g.name for g in scenes],
-            "queries": len(gnd["qimlist"]),
-            "db": len(gnd["imlist"]),
-            "distractor_groups": [g.name for g in cat.distractors],
-        }
+        counts[ds] = _retrieval_counts(items, gnd, scenes, distractors)
     with atomic_dir(out_root / "mini-train") as tmp:
         items = _build_train(tmp, cat.train, train_views_per_class, **cfg)
+        digests += _digests(tmp, "mini-train")
     records["mini-train"] = [_record(it, f"{it.group}/{it.name}.jpg") for it in items]
-    counts["mini-train"] = {"classes": len(cat.train), "images": len(items)}
-
+    counts["mini-train"] = {
+        "classes": len(cat.train),
+        "images": len(items),
+        "real_images": sum(it.level == "real" for it in items),
+    }
+    used = {pid.split("/", 1)[0] for pid in loader.used}
+    by_id = manifest.by_id()
     summary = {
+        "fingerprint": hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest(),
         "counts": counts,
         "params": {
             "seed": seed,
@@ -321,14 +286,11 @@ def build_mini_benchmark(
             "jpeg_quality": JPEG_QUALITY,
             "view_specs": {k: spec_record(v) for k, v in sorted(VIEW_SPECS.items())},
         },
-        "assets": {
-            "manifest_sha256": _sha256(assets_dir / ASSETS_MANIFEST),
-            "photos": {pid: _photo_sha(manifest, pid) for pid in sorted(loader.used)},
-        },
+        "sources": {k: v for k, v in sorted(manifest.sources.items()) if k in used},
+        "photos": {pid: by_id[pid].sha256 for pid in sorted(loader.used)},
     }
     write_json(out_root / "manifest.json", {**summary, "images": records})
-    total = sum(len(v) for v in records.values())
-    log.info("mini benchmark in %s: %d images %s", out_root, total, counts)
+    log.info("mini benchmark in %s: %s", out_root, _brief(counts))
     return summary
 
 
@@ -352,99 +314,78 @@ def _build_retrieval(
     jpg = root / "jpg"
     jpg.mkdir()
     items: list[_Item] = []
-    db: list[tuple[str, str, Image.Image, _Item]] = []  # (group, level, image, item)
-    queries: list[tuple[str, list[float]]] = []
-    scene_rois: dict[str, Box] = {}
+    db: list[_Db] = []
+    queries: list[tuple[str, Group, int, list[float]]] = []  # name, scene, photo index, bbx
     for g in tqdm(scenes, desc=f"{ds} scenes", leave=False):
-        src = loader(g.photos[0])
-        roi = _query_roi(g, src.size, _seed(seed, ds, g.name, "roi"))
-        scene_rois[g.name] = roi
-        for k in range(queries_per_scene):
-            name = f"{g.name}_q{k}"
-            if k == 0:
-                img, scale = _resize(src, max_side)
-                bbx = [v * scale for v in roi]
-                it = _Item(name, g.name, "query", "real", g.photos[0], None, None)
+        srcs = [loader(p) for p in g.photos]
+        rois = [
+            _scene_roi(g, i, s.size, _seed(seed, ds, g.name, "roi", i)) for i, s in enumerate(srcs)
+        ]
+        for k in range(max(len(srcs), queries_per_scene)):
+            i, name = k % len(srcs), f"{g.name}_q{k}"
+            if k < len(srcs):
+                img, _ = _resize(srcs[i], max_side)
+                sx, sy = img.width / srcs[i].width, img.height / srcs[i].height
+                x1, y1, x2, y2 = rois[i]
+                bbx = [x1 * sx, y1 * sy, min(x2 * sx, img.width), min(y2 * sy, img.height)]
+                it = _Item(name, g.name, "query", "real", g.photos[i], None, None)
             else:
                 s = _seed(seed, ds, name)
-                view = synthesize_view(src, VIEW_SPECS["query"], s, max_side=max_side)
-                img = view.image
-                bbx = _map_box(view, roi)
-                it = _Item(name, g.name, "query", "query", g.photos[0], s, view.params)
+                view = synthesize_view(srcs[i], VIEW_SPECS["query"], s, max_side=max_side)
+                img, bbx = view.image, _map_box(view, rois[i])
+                it = _Item(name, g.name, "query", "query", g.photos[i], s, view.params)
             _save(img, jpg / f"{name}.jpg")
             items.append(it)
-            queries.append((name, [round(float(v), 2) for v in bbx]))
-        for i, pid in enumerate(g.photos[1:], start=1):
-            img, _ = _resize(loader(pid), max_side)
+            queries.append((name, g, i, [round(float(v), 2) for v in bbx]))
+        for i, src in enumerate(srcs):
+            img, _ = _resize(src, max_side)
             db.append(
-                (
-                    g.name,
-                    g.level(i),
-                    img,
-                    _Item("", g.name, "db", f"real-{g.level(i)}", pid, None, None),
-                )
+                _Db(g.name, i, "real", img, _Item("", g.name, "db", "real", g.photos[i], *_NO))
             )
         for level, n in zip(SYNTHETIC_LEVELS, views_per_scene, strict=True):
             for j in range(n):
-                # Hard views come from the real other views when there are some (viewpoint change
-                # on top of the synthetic one); easy and junk views alternate over all photos.
-                n_other = len(g.photos) - 1
-                pidx = 1 + j % n_other if level == "hard" and n_other else j % len(g.photos)
-                pid = g.photos[pidx]
-                s = _seed(seed, ds, g.name, level, j)
-                view = synthesize_view(
-                    loader(pid),
-                    VIEW_SPECS[level],
-                    s,
-                    max_side=max_side,
-                    roi=roi if pidx == 0 else None,
-                )
+                i = j % len(srcs)
+                view = _view(srcs[i], level, _seed(seed, ds, g.name, level, j), max_side, rois[i])
                 db.append(
-                    (g.name, level, view.image, _Item("", g.name, "db", level, pid, s, view.params))
+                    _Db(g.name, i, level, view.image, _view_item(g.name, level, g.photos[i], view))
                 )
     for g in tqdm(distractors, desc=f"{ds} distractors", leave=False):
-        for pid in g.photos:
+        for i, pid in enumerate(g.photos):
             img, _ = _resize(loader(pid), max_side)
             db.append(
-                (g.name, "distractor", img, _Item("", g.name, "db", "distractor", pid, None, None))
+                _Db(g.name, i, "distractor", img, _Item("", g.name, "db", "distractor", pid, *_NO))
             )
         for j in range(distractor_views):
-            pid = g.photos[j % len(g.photos)]
-            level = SYNTHETIC_LEVELS[j % len(SYNTHETIC_LEVELS)]
+            i, level = j % len(g.photos), SYNTHETIC_LEVELS[j % len(SYNTHETIC_LEVELS)]
             s = _seed(seed, ds, g.name, "distractor", j)
-            view = synthesize_view(loader(pid), VIEW_SPECS[level], s, max_side=max_side)
-            db.append(
-                (
-                    g.name,
-                    "distractor",
-                    view.image,
-                    _Item("", g.name, "db", f"distractor-{level}", pid, s, view.params),
-                )
-            )
+            view = _view(loader(g.photos[i]), level, s, max_side, None)
+            item = _view_item(g.name, f"distractor-{level}", g.photos[i], view)
+            db.append(_Db(g.name, i, "distractor", view.image, item))
 
     # Shuffle the db with a seeded permutation so that index order carries no label.
     order = np.random.default_rng(_seed(seed, ds, "order")).permutation(len(db))
+    shuffled = [db[int(k)] for k in order]
     imlist: list[str] = []
     per_group: dict[str, int] = {}
-    labels: list[tuple[str, str]] = []
-    for idx in order:
-        group, level, img, it = db[int(idx)]
-        k = per_group.get(group, 0)
-        per_group[group] = k + 1
-        name = f"{group}_{k:03d}"
-        _save(img, jpg / f"{name}.jpg")
+    for d in shuffled:
+        k = per_group.get(d.group, 0)
+        per_group[d.group] = k + 1
+        name = f"{d.group}_{k:03d}"
+        _save(d.image, jpg / f"{name}.jpg")
         imlist.append(name)
-        labels.append((group, level))
-        items.append(_Item(name, it.group, it.role, it.level, it.photo, it.seed, it.params))
+        items.append(_renamed(d.item, name))
     gnd = []
-    for qname, bbx in queries:
-        group = qname.rsplit("_q", 1)[0]
-        ix = {
-            lv: [i for i, (gr, le) in enumerate(labels) if gr == group and le == lv]
-            for lv in SYNTHETIC_LEVELS
-        }
+    for _, g, i, bbx in queries:
+        ix: dict[str, list[int]] = {lv: [] for lv in SYNTHETIC_LEVELS}
+        for k, d in enumerate(shuffled):
+            if d.group != g.name:
+                continue
+            if d.level == "real":
+                ix["junk" if d.photo_index == i else g.pair_level(i, d.photo_index)].append(k)
+            else:
+                ix[d.level].append(k)
         gnd.append({"easy": ix["easy"], "hard": ix["hard"], "junk": ix["junk"], "bbx": bbx})
-    return items, {"imlist": imlist, "qimlist": [q for q, _ in queries], "gnd": gnd}
+    return items, {"imlist": imlist, "qimlist": [q[0] for q in queries], "gnd": gnd}
 
 
 def _build_train(
@@ -462,10 +403,10 @@ def _build_train(
                 it = _Item(name, g.name, "train", "real", pid, None, None)
             else:
                 level = TRAIN_LEVELS[k % len(TRAIN_LEVELS)]
-                s = _seed(seed, "mini-train", g.name, k)
-                view = synthesize_view(loader(pid), VIEW_SPECS[level], s, max_side=max_side)
-                img = view.image
-                it = _Item(name, g.name, "train", level, pid, s, view.params)
+                view = _view(
+                    loader(pid), level, _seed(seed, "mini-train", g.name, k), max_side, None
+                )
+                img, it = view.image, _renamed(_view_item(g.name, level, pid, view), name, "train")
             _save(img, root / g.name / f"{name}.jpg")
             items.append(it)
     return items
@@ -473,12 +414,14 @@ def _build_train(
 
 # -------------------------------------------------------------------------------- helpers
 
+_NO = (None, None)  # no seed, no drawn parameters: a real photo
+
 
 class _Loader:
     """Open photos once, upright, RGB, downscaled to `max_side`; records which ids were used."""
 
-    def __init__(self, paths: dict[str, Path], max_side: int) -> None:
-        self.paths, self.max_side = paths, max_side
+    def __init__(self, paths: dict[str, Path], max_side: int, rotations: dict[str, int]) -> None:
+        self.paths, self.max_side, self.rotations = paths, max_side, rotations
         self.used: set[str] = set()
         self._load = lru_cache(maxsize=None)(self._open)
 
@@ -491,8 +434,22 @@ class _Loader:
         with Image.open(path) as im:
             im.draft("RGB", (self.max_side, self.max_side))  # fast JPEG decode at a reduced scale
             img = ImageOps.exif_transpose(im).convert("RGB")
+        if self.rotations.get(photo_id, 0):
+            img = img.transpose(_TRANSPOSE[self.rotations[photo_id]])
         img, _ = _resize(img, self.max_side)
         return img
+
+
+def _view(src: Image.Image, level: str, seed: int, max_side: int, roi: Box | None) -> View:
+    return synthesize_view(src, VIEW_SPECS[level], seed, max_side=max_side, roi=roi)
+
+
+def _view_item(group: str, level: str, photo: str, view: View) -> _Item:
+    return _Item("", group, "db", level, photo, int(view.params["seed"]), view.params)
+
+
+def _renamed(it: _Item, name: str, role: str | None = None) -> _Item:
+    return _Item(name, it.group, role or it.role, it.level, it.photo, it.seed, it.params)
 
 
 def _resize(img: Image.Image, max_side: int) -> tuple[Image.Image, float]:
@@ -505,11 +462,12 @@ def _resize(img: Image.Image, max_side: int) -> tuple[Image.Image, float]:
     return out, out.width / img.width
 
 
-def _query_roi(g: Group, size: tuple[int, int], seed: int) -> Box:
-    """Query region in source pixels: curated fractions, or a seeded central box of 40-70 % area."""
+def _scene_roi(g: Group, i: int, size: tuple[int, int], seed: int) -> Box:
+    """Scene region of photo i in pixels: curated fractions, or a seeded central 40-70 % box."""
     w, h = size
-    if g.roi is not None:
-        x1, y1, x2, y2 = g.roi
+    roi = g.roi(i)
+    if roi is not None:
+        x1, y1, x2, y2 = roi
     else:
         rng = np.random.default_rng(seed)
         side = float(np.sqrt(rng.uniform(0.4, 0.7)))
@@ -535,6 +493,15 @@ def _save(img: Image.Image, path: Path) -> None:
     path.write_bytes(buf.getvalue())
 
 
+def _digests(root: Path, ds: str) -> list[str]:
+    """`<sha256>  <ds>/<path>` of every file under a dataset folder (for the fingerprint)."""
+    return [
+        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {ds}/{p.relative_to(root).as_posix()}"
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    ]
+
+
 def _seed(*parts: object) -> int:
     """Stable 63-bit seed from a tuple of names (independent of PYTHONHASHSEED)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
@@ -549,9 +516,31 @@ def _record(it: _Item, file: str) -> dict:
     return rec
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+def _retrieval_counts(
+    items: Sequence[_Item], gnd: dict, scenes: Sequence[Group], distractors: Sequence[Group]
+) -> dict:
+    queries = [it for it in items if it.role == "query"]
+    db = [it for it in items if it.role == "db"]
+    return {
+        "scenes": [g.name for g in scenes],
+        "queries": len(gnd["qimlist"]),
+        "real_queries": sum(it.level == "real" for it in queries),
+        "db": len(gnd["imlist"]),
+        "db_real": sum(it.level == "real" for it in db),
+        "db_distractors": sum(it.level.startswith("distractor") for it in db),
+        "distractor_groups": [g.name for g in distractors],
+        "positives_per_query": {
+            lv: round(float(np.mean([len(g[lv]) for g in gnd["gnd"]])), 2)
+            for lv in SYNTHETIC_LEVELS
+        },
+    }
 
 
-def _photo_sha(manifest: Manifest, photo_id: str) -> str:
-    return manifest.by_id()[photo_id].sha256
+def _brief(counts: dict) -> str:
+    parts = []
+    for ds, c in counts.items():
+        if "queries" in c:
+            parts.append(f"{ds} {len(c['scenes'])} scenes {c['queries']} queries {c['db']} db")
+        else:
+            parts.append(f"{ds} {c['classes']} classes {c['images']} images")
+    return "; ".join(parts)

@@ -1,4 +1,9 @@
-"""Baseline miners: random, hardest negative (cirtorch), semi-hard (FaceNet), batch-hard."""
+"""Baseline miners: random, hardest negative (cirtorch), semi-hard (FaceNet), batch-hard.
+
+All four draw anchors in a seeded random order and keep at most one triplet per anchor class and
+`triplets_per_round` triplets, like the paper's miner; they differ only in how an anchor's positive
+and negative are chosen (each class docstring says exactly how).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,6 @@ class _Round:
     class_ids: Tensor  # (N,) labels mapped to 0..C-1
     u_pos: Tensor  # (N,) uniform draws for a random positive
     u_neg: Tensor  # (N,) uniform draws for a random negative
-    used_negative_class: Tensor  # (C,) bool, for the one-negative-per-class rule
     margin: float
 
 
@@ -45,8 +49,7 @@ class _PerAnchorMiner(TripletMiner):
         u_neg = torch.rand(n, generator=self._generator, dtype=torch.float64).to(dev)
         _, class_ids = torch.unique(labels, return_inverse=True)
         num_classes = int(class_ids.max()) + 1
-        used = torch.zeros(num_classes, dtype=torch.bool, device=dev)
-        ctx = _Round(labels, class_ids, u_pos, u_neg, used, self.margin)
+        ctx = _Round(labels, class_ids, u_pos, u_neg, self.margin)
         filled = torch.zeros(num_classes, dtype=torch.bool, device=dev)
         block = max(16, min(1024, _ROW_BYTES // (8 * n)))
         chosen: list[tuple[int, int, int]] = []
@@ -66,7 +69,6 @@ class _PerAnchorMiner(TripletMiner):
                     continue
                 chosen.append((a, *pick))
                 filled[class_ids[a]] = True
-                ctx.used_negative_class[class_ids[pick[1]]] = True
                 if len(chosen) == self.triplets_per_round:
                     break
             if len(chosen) == self.triplets_per_round:
@@ -94,7 +96,11 @@ class _PerAnchorMiner(TripletMiner):
 
 
 class RandomMiner(_PerAnchorMiner):
-    """Baseline: a uniformly random positive and a uniformly random negative per anchor."""
+    """Baseline: a uniformly random positive and a uniformly random negative of the anchor.
+
+    Positive: uniform among the other images of the anchor's class; negative: uniform among the
+    images of every other class (both from the round's pre-drawn uniforms).
+    """
 
     name: ClassVar[str] = "random"
     kind: ClassVar[str] = "random"
@@ -108,11 +114,16 @@ class RandomMiner(_PerAnchorMiner):
 
 
 class HardestNegativeMiner(_PerAnchorMiner):
-    """Baseline after cirtorch: a random positive and the nearest negative of an unused class.
+    """Baseline after cirtorch's `create_epoch_tuples`: a random positive, the nearest negative.
 
-    As in cirtorch's `create_epoch_tuples`, positives are not mined and negatives are the
-    hardest in the pool with at most one image per class: a class that already gave a negative
-    this round is skipped, and the anchor's next nearest negative is taken instead.
+    cirtorch gives each query its `nnum` nearest pool images of other classes, walking the query's
+    ranked list and skipping an image whose class already gave one of that query's negatives (one
+    image per class among one query's negatives; nothing is excluded across queries). Here every
+    triplet has one negative and a round keeps one triplet per anchor class, as for the paper's
+    miner, so nnum = 1: the negative is the anchor's nearest pool image of another class (the
+    lowest index among equal similarities), whatever other anchors of the round chose. The positive
+    is drawn uniformly among the other images of the anchor's class: cirtorch does not mine
+    positives (it uses the query's matching image from the SfM ground truth).
     """
 
     name: ClassVar[str] = "hardest_negative"
@@ -121,10 +132,10 @@ class HardestNegativeMiner(_PerAnchorMiner):
     def _select(self, a: int, row: Tensor | None, ctx: _Round) -> tuple[int, int] | None:
         assert row is not None
         pos, _ = _positives_negatives(a, ctx)
-        eligible = (ctx.labels != ctx.labels[a]) & ~ctx.used_negative_class[ctx.class_ids]
-        if pos.numel() == 0 or not bool(eligible.any()):
+        other = ctx.labels != ctx.labels[a]
+        if pos.numel() == 0 or not bool(other.any()):
             return None
-        n = int(torch.where(eligible, row, -math.inf).argmax())  # first index among equal maxima
+        n = int(torch.where(other, row, -math.inf).argmax())  # first index among equal maxima
         return _draw(pos, ctx.u_pos[a]), n
 
 
@@ -157,7 +168,11 @@ class SemiHardMiner(_PerAnchorMiner):
 
 
 class BatchHardMiner(_PerAnchorMiner):
-    """Baseline after Hermans et al. / PML: the farthest positive and the nearest negative."""
+    """Baseline after Hermans et al. / PML: the farthest positive and the nearest negative.
+
+    Positive: the least similar other image of the anchor's class; negative: the most similar image
+    of another class (the lowest index among equal similarities), over the whole pool.
+    """
 
     name: ClassVar[str] = "batch_hard"
     kind: ClassVar[str] = "batch-hard"

@@ -24,6 +24,9 @@ def run(params: Params) -> None:
             root,
             seed=params.base.seed,
             image_max_side=params.prepare.mini_image_max_side,
+            queries_per_scene=params.prepare.mini_queries_per_scene,
+            views_per_scene=tuple(params.prepare.mini_scene_views),
+            distractor_views=params.prepare.mini_distractor_views,
             train_views_per_class=params.prepare.mini_train_views,
         )
         log.info("mini benchmark: %s", summary)
