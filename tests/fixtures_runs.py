@@ -5,7 +5,8 @@
   data/tiny-train/<class>/<k>.jpg                3 classes of 4 images
   results/evaluate/<method>/metrics.json         as `msvlad evaluate` writes it
   results/evaluate/<method>/tiny-test/           per_query{,_qe,_dba}.csv, ranks.npy, features.npz
-  runs/<method>/train/                           log.csv (+ rounds.csv, triplets.csv when trained)
+  runs/<method>/train/                           log.csv (+ rounds.csv, triplets.csv, neighbors.csv
+                                                 when trained)
   params.yaml                                    the repo's params, data.root -> data/, 3 methods
 Rankings are seeded: "msvlad" ranks positives best, "msvlad-hardest" less so, "msvlad-ots" worst.
 """
@@ -24,7 +25,13 @@ from PIL import Image
 from msvlad.config import load_params, params_to_dict
 from msvlad.evaluation.protocol import evaluate
 from msvlad.storage import save_npz, write_json, write_text
-from msvlad.training.logs import LOG_FIELDS, ROUND_FIELDS, TRIPLET_FIELDS
+from msvlad.training.logs import (
+    LOG_FIELDS,
+    NEIGHBOR_FIELDS,
+    NEIGHBOR_K,
+    ROUND_FIELDS,
+    TRIPLET_FIELDS,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "tiny-test"
@@ -258,6 +265,35 @@ def _write_runs(runs_dir: Path, train_images: list[str], rng: np.random.Generato
         _write_csv(out / "log.csv", LOG_FIELDS, logs)
         _write_csv(out / "rounds.csv", ROUND_FIELDS, rounds)
         _write_csv(out / "triplets.csv", TRIPLET_FIELDS, triplets)
+        _write_csv(out / "neighbors.csv", NEIGHBOR_FIELDS, _neighbors(triplets, train_images))
+
+
+def _neighbors(triplets: list[dict], train_images: list[str]) -> list[dict]:
+    """Each anchor's top NEIGHBOR_K list per round, holding its triplet's positive and negative
+    at their logged ranks and similarities; the other ranks get decreasing similarities."""
+    rows = []
+    for t in triplets:
+        others = [x for x in train_images if x not in (t["anchor"], t["positive"], t["negative"])]
+        ranked, fill = [], iter(others)
+        for rank in range(NEIGHBOR_K):
+            if rank == t["pos_rank"]:
+                ranked.append((t["positive"], t["pos_sim"]))
+            elif rank == t["neg_rank"]:
+                ranked.append((t["negative"], t["neg_sim"]))
+            else:
+                ranked.append((next(fill), round(0.95 - 0.04 * rank, 6)))
+        rows.extend(
+            {
+                "round": t["round"],
+                "anchor": t["anchor"],
+                "rank": rank,
+                "neighbor": name,
+                "label": name.split("/")[0],
+                "sim": sim,
+            }
+            for rank, (name, sim) in enumerate(ranked)
+        )
+    return rows
 
 
 def make_run_tree(root: Path, seed: int = 0) -> RunTree:

@@ -15,6 +15,7 @@ from msvlad.evaluation.protocol import (
     compute_ap,
     compute_map,
     evaluate,
+    metrics_summary,
     metrics_table,
     revisited_setups,
 )
@@ -320,3 +321,32 @@ def test_metrics_table() -> None:
         table.loc["roxford5k", "mAP all"]
     )
     assert table.columns[4].startswith("mP@1")
+
+
+def test_metrics_summary_keeps_only_plain_and_qe_map() -> None:
+    # revisited: positives at 0-based positions 0 and 2 of 4 (Medium) -> AP (1 + 1 + 2/3 ... )
+    rev = evaluate(
+        np.array([[0], [5], [1], [2], [3], [4]]),
+        [{"easy": [0], "hard": [1], "junk": [4], "bbx": [0, 0, 1, 1]}],
+        "revisited",
+    )
+    cls = evaluate(col(3, 1, 4, 0, 2, 5, 6, 7), [{"ok": [3, 4, 7], "junk": [1]}], "classic")
+    result = {
+        "roxford5k": {v: {**rev.to_json(), "dim": 8} for v in ("plain", "qe", "dba")},
+        "oxford5k": {"plain": cls.to_json(), "dba": cls.to_json()},
+    }
+    summary = metrics_summary(json.loads(json.dumps(result)))
+    # easy: ok [0] at position 0 -> 100; medium: ok [0, 1] at 0 and 2 -> (1 + (1/2 + 2/3)/2)/2;
+    # hard: ok [1], easy 0 is junk -> position 1 -> (0 + 1/2)/2 = 25
+    medium = round(100 * (1 + (1 / 2 + 2 / 3) / 2) / 2, 2)
+    assert summary["roxford5k"] == {
+        "E": 100.0,
+        "M": medium,
+        "H": 25.0,
+        "E+QE": 100.0,
+        "M+QE": medium,
+        "H+QE": 25.0,
+    }
+    assert summary["oxford5k"] == {"mAP": round(100 * 50 / 63, 2)}  # no qe variant: plain only
+    with pytest.raises(ValueError, match="roxford5k"):
+        metrics_summary({"roxford5k": {"qe": rev.to_json()}})

@@ -28,6 +28,7 @@ FORBIDDEN = (
     ast.GeneratorExp,
 )
 MAX_LINES = 5
+EXPLORERS = ("rankings", "triplets")  # notebooks with an interactive explorer cell
 # outputs each notebook must produce (relative to reports_dir)
 EXPECTED = {
     "results": [
@@ -143,6 +144,12 @@ def test_notebook_executes(name: str, tree, tmp_path: Path) -> None:
         if "image/png" in o.get("data", {})
     ]
     assert images, f"{name}: no figure shown in the executed notebook"
+    # under papermill the explorers show their first view as a figure, not a widget
+    explorer = [c for c in executed.cells if c.get("id") == "explorer"]
+    assert len(explorer) == (name in EXPLORERS)
+    for cell in explorer:
+        kinds = {k for o in cell.outputs for k in o.get("data", {})}
+        assert "image/png" in kinds and "application/vnd.jupyter.widget-view+json" not in kinds
 
 
 def test_paths_are_anchored_at_the_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,6 +94,10 @@ def test_cli_pipeline_end_to_end(tiny_params):
         assert set(plain["mAP"]) == {"easy", "medium", "hard"}
         assert all(0 <= v <= 100 for v in plain["mAP"].values())
         assert set(metrics["test"]) == {"plain", "qe", "dba"}
+        summary = json.loads((out / "summary.json").read_text())  # what dvc metrics show reads
+        assert summary["test"]["M"] == plain["mAP"]["medium"]
+        assert summary["test"]["H+QE"] == metrics["test"]["qe"]["mAP"]["hard"]
+        assert len(summary["test"]) == 6
         feats = np.load(out / "test" / "features.npz")
         assert (
             feats["q"].shape == (4, 8)

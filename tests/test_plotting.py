@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
@@ -186,13 +185,3 @@ def test_plot_query_gains(tree) -> None:
     assert len(fig.axes) == 2
     np.testing.assert_allclose([p.get_height() for p in fig.axes[1].patches], gains["gain"])
     assert len(figures.plot_query_gains(gains.iloc[:0]).axes) == 1
-
-
-def test_triplet_explorer_widget(tree) -> None:
-    trip = runs.load_triplets(tree.runs_dir / "msvlad" / "train")
-    box = figures.triplet_explorer(tree.train_root, trip, per_round=2)
-    slider, dropdown = box.children[0].children
-    assert list(slider.options) == [0, 1, 2, 3]
-    assert list(dropdown.options) == ["all", *sorted(pd.unique(trip["anchor_label"]))]
-    slider.value = 2  # redraws without error
-    dropdown.value = "church"

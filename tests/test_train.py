@@ -85,7 +85,7 @@ def test_interrupted_run_resumes_to_identical_weights(setup):
         "resumed weights differ from the uninterrupted run"
     )
     # the logs were cut back and continued: same rows as the uninterrupted run
-    for name in ("log.csv", "rounds.csv", "triplets.csv"):
+    for name in ("log.csv", "rounds.csv", "triplets.csv", "neighbors.csv"):
         rows_full = list(csv.DictReader((tmp / "full" / name).open()))
         rows_part = list(csv.DictReader((tmp / "part" / name).open()))
         drop = {"seconds", "describe_seconds", "mine_seconds"}
@@ -107,3 +107,61 @@ def test_triplet_log_columns_and_rules(setup):
     log = list(csv.DictReader((tmp / "run" / "log.csv").open()))
     assert [int(r["epoch"]) for r in log] == [0, 1, 2]  # epoch 0 = k-means-initialised model
     assert all(0 <= float(r["val_map"]) <= 100 for r in log)
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_between_checkpoints_logs_each_round_once(setup):
+    """A hard kill after a round was logged but before the next checkpoint: rows not duplicated."""
+    import shutil
+
+    params, init, tmp = setup
+    _run(params, init, tmp / "full")
+    part = tmp / "part"
+    _run(params, init, part, max_steps=4)  # checkpoint at step 4, rounds 0-1 logged
+    shutil.copy(part / "checkpoint.pt", tmp / "ckpt_step4.pt")
+    _run(params, init, part, max_steps=1)  # mines and logs round 2, checkpoints at step 5
+    shutil.copy(tmp / "ckpt_step4.pt", part / "checkpoint.pt")  # as if killed before that
+    _run(params, init, part)
+    for name in ("rounds.csv", "triplets.csv", "neighbors.csv"):
+        rows_full = list(csv.DictReader((tmp / "full" / name).open()))
+        rows_part = list(csv.DictReader((part / name).open()))
+        drop = {"describe_seconds", "mine_seconds"}
+        kept_full = [{k: v for k, v in r.items() if k not in drop} for r in rows_full]
+        kept_part = [{k: v for k, v in r.items() if k not in drop} for r in rows_part]
+        assert kept_full == kept_part, name
+
+
+@pytest.mark.slow
+def test_neighbor_log_matches_the_mined_ranks(setup):
+    from msvlad.training.logs import NEIGHBOR_FIELDS, NEIGHBOR_K
+
+    params, init, tmp = setup
+    _run(params, init, tmp / "run")
+    triplets = list(csv.DictReader((tmp / "run" / "triplets.csv").open()))
+    with (tmp / "run" / "neighbors.csv").open() as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == NEIGHBOR_FIELDS
+        neighbors = list(reader)
+    lists: dict[tuple[str, str], list[dict]] = {}
+    for r in neighbors:
+        lists.setdefault((r["round"], r["anchor"]), []).append(r)
+    # one list per mined anchor and round, NEIGHBOR_K long, ranked by decreasing similarity
+    assert set(lists) == {(t["round"], t["anchor"]) for t in triplets}
+    for (_, anchor), rows in lists.items():
+        assert [int(r["rank"]) for r in rows] == list(range(NEIGHBOR_K))
+        sims = [float(r["sim"]) for r in rows]
+        assert sims == sorted(sims, reverse=True)
+        assert anchor not in {r["neighbor"] for r in rows}
+        assert all(r["neighbor"].split("/")[0] == r["label"] for r in rows)
+    # the miner's positive / negative sit at their logged ranks with their logged similarities
+    checked = 0
+    for t in triplets:
+        rows = lists[(t["round"], t["anchor"])]
+        for who in ("positive", "negative"):
+            rank, sim = f"{who[:3]}_rank", f"{who[:3]}_sim"
+            if int(t[rank]) < NEIGHBOR_K:
+                row = rows[int(t[rank])]
+                assert row["neighbor"] == t[who]
+                assert float(row["sim"]) == pytest.approx(float(t[sim]), abs=2e-6)
+                checked += 1
+    assert checked >= len(triplets)  # at least one of the two per triplet falls in the top k

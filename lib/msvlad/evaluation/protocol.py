@@ -206,6 +206,30 @@ def metrics_table(metrics_by_name: Mapping[str, RetrievalMetrics]) -> pd.DataFra
     return table[first + [c for c in table.columns if c not in first]]
 
 
+SUMMARY_VARIANTS: dict[str, str] = {"plain": "", "qe": "+QE"}  # variant -> key suffix
+
+
+def metrics_summary(result: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """The few numbers a reader looks at first: mAP per dataset and setup, plain and +QE.
+
+    `result` is metrics.json content, {dataset: {variant: RetrievalMetrics.to_json() + extras}}.
+    Keys are E/M/H for revisited sets and "mAP" for single-setup protocols, "+QE" appended for
+    query expansion; this is what `dvc metrics show` prints (the full metrics.json stays beside it).
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    for dataset, variants in result.items():
+        if not isinstance(variants, Mapping) or "plain" not in variants:
+            raise ValueError(f"result: {dataset}: expected {{variant: metrics}} with 'plain'")
+        row: dict[str, float | None] = {}
+        for variant, suffix in SUMMARY_VARIANTS.items():
+            setups = variants.get(variant, {}).get("mAP", {})
+            for setup, value in setups.items():
+                name = _setup_label(setup) if setup in REVISITED_SETUPS else "mAP"
+                row[name + suffix] = value
+        out[dataset] = row
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Protocol entry points
 # --------------------------------------------------------------------------------------------

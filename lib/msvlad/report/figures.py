@@ -15,7 +15,7 @@ import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,7 @@ from matplotlib.patches import Patch
 from PIL import Image
 
 from msvlad import paths
-from msvlad.report import results, runs, tables
+from msvlad.report import results, tables
 from msvlad.storage import write_bytes
 
 if TYPE_CHECKING:
@@ -241,44 +241,6 @@ def plot_triplets(
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
-
-
-def triplet_explorer(
-    train_root: str | os.PathLike, triplets: pd.DataFrame, per_round: int = 4
-) -> Any:
-    """JupyterLab widget: a round slider and an anchor-class dropdown over a triplet gallery."""
-    import ipywidgets as widgets
-    from IPython.display import display
-
-    rounds = sorted(int(r) for r in pd.unique(triplets["round"])) if len(triplets) else [0]
-    labels = (
-        ["all", *sorted(str(v) for v in pd.unique(triplets["anchor_label"]))]
-        if len(triplets)
-        else ["all"]
-    )
-    slider = widgets.SelectionSlider(
-        options=rounds, value=rounds[0], description="round", continuous_update=False
-    )
-    dropdown = widgets.Dropdown(options=labels, value="all", description="class")
-    output = widgets.Output()
-
-    def redraw(_: Any = None) -> None:
-        label = None if dropdown.value == "all" else dropdown.value
-        chosen = runs.select_triplets(
-            triplets, rounds=[slider.value], label=label, per_round=per_round
-        )
-        output.clear_output(wait=True)
-        with output:
-            display(
-                plot_triplets(
-                    train_root, chosen, title=f"round {slider.value}, class {dropdown.value}"
-                )
-            )
-
-    slider.observe(redraw, names="value")
-    dropdown.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([widgets.HBox([slider, dropdown]), output])
 
 
 def plot_miner_stats(

@@ -28,6 +28,8 @@ def run_notebook(
         raise FileNotFoundError(f"{src}: notebook not found; choose from {list(NOTEBOOKS)}")
     dest = out_dir / "notebooks" / f"{name}.ipynb"
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if "interactive" in papermill.inspect_notebook(str(src)):  # explorers: their static view
+        parameters = {"interactive": False, **(parameters or {})}
     log.info("running %s", src.name)
     papermill.execute_notebook(
         str(src),

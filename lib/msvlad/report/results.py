@@ -325,6 +325,19 @@ def query_ap(
     return float(aps[0]) * 100.0
 
 
+def query_precision(
+    dataset: RetrievalDataset, ranks: np.ndarray, query_index: int, k: int, setup: str = "medium"
+) -> float:
+    """P@k (percent) of one query by the revisitop rule (junk skipped, k capped at last hit)."""
+    from msvlad.evaluation.protocol import compute_map
+
+    _, ok, junk = query_ground_truth(dataset, query_index, setup)
+    if ok.size == 0:
+        return math.nan
+    _, _, _, prs = compute_map(ranks[:, [query_index]], [{"ok": ok, "junk": junk}], kappas=(k,))
+    return float(prs[0, 0]) * 100.0
+
+
 def load_ranks(results_dir: str | os.PathLike, method: str, dataset: str) -> np.ndarray:
     """The (n_db, n_q) ranking a method produced on a dataset (ranks.npy, no pickles)."""
     path = Path(results_dir) / method / dataset / "ranks.npy"

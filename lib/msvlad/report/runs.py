@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from msvlad.config import Params
-from msvlad.training.logs import TRIPLET_FIELDS
+from msvlad.training.logs import NEIGHBOR_FIELDS, TRIPLET_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,80 @@ def load_triplets(run_dir: str | os.PathLike) -> pd.DataFrame:
         log.warning("%s: no mined triplets", path)
         return pd.DataFrame(columns=TRIPLET_FIELDS)
     return pd.read_csv(path, dtype={"anchor_label": str, "negative_label": str, "kind": str})
+
+
+def load_neighbors(run_dir: str | os.PathLike) -> pd.DataFrame | None:
+    """Each mined anchor's top pool neighbours per round (neighbors.csv); None if not recorded."""
+    path = Path(run_dir) / "neighbors.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path, dtype={"anchor": str, "neighbor": str, "label": str})
+    missing = set(NEIGHBOR_FIELDS) - set(frame.columns)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+    return frame
+
+
+TRIPLET_SORTS: dict[str, str] = {
+    "loss_desc": "predicted loss, highest first",
+    "loss_asc": "predicted loss, lowest first",
+    "mined": "mining order",
+}
+
+
+def filter_triplets(
+    triplets: pd.DataFrame,
+    *,
+    round_index: int | None = None,
+    label: str | None = None,
+    kind: str | None = None,
+    loss: tuple[float, float] | None = None,
+    sort: str = "loss_desc",
+) -> pd.DataFrame:
+    """Triplets of one round / anchor class / kind with predicted loss in [lo, hi], sorted.
+
+    None means no filter. The result keeps a `mined` column: the row's position in triplets.csv.
+    """
+    if sort not in TRIPLET_SORTS:
+        raise ValueError(f"sort: expected one of {sorted(TRIPLET_SORTS)}, got {sort!r}")
+    frame = triplets.reset_index(drop=True).rename_axis("mined").reset_index()
+    keep = np.ones(len(frame), dtype=bool)
+    if round_index is not None:
+        keep &= frame["round"].to_numpy() == int(round_index)
+    if label is not None:
+        keep &= frame["anchor_label"].astype(str).to_numpy() == str(label)
+    if kind is not None:
+        keep &= frame["kind"].astype(str).to_numpy() == str(kind)
+    if loss is not None:
+        values = frame["loss"].to_numpy(dtype=float)
+        keep &= (values >= loss[0]) & (values <= loss[1])
+    frame = frame[keep]
+    if sort != "mined":
+        frame = frame.sort_values(
+            ["loss", "mined"], ascending=[sort == "loss_asc", True], kind="stable"
+        )
+    return frame.reset_index(drop=True)
+
+
+def triplet_neighbors(neighbors: pd.DataFrame | None, triplet: pd.Series) -> pd.DataFrame:
+    """The anchor's ranked pool neighbours in the triplet's round, with d2 and the chosen roles.
+
+    Columns: rank, neighbor, label, sim, d2 (= 2 - 2 sim, the loss's squared distance),
+    same_class, role ("positive" / "negative" for the triplet's own images, else "").
+    """
+    cols = ["rank", "neighbor", "label", "sim", "d2", "same_class", "role"]
+    if neighbors is None or neighbors.empty:
+        return pd.DataFrame(columns=cols)
+    rows = neighbors[
+        (neighbors["round"] == int(triplet["round"]))
+        & (neighbors["anchor"].astype(str) == str(triplet["anchor"]))
+    ].sort_values("rank")
+    out = rows[["rank", "neighbor", "label", "sim"]].reset_index(drop=True)
+    out["d2"] = np.maximum(0.0, 2.0 - 2.0 * out["sim"].to_numpy(dtype=float))
+    out["same_class"] = out["label"].astype(str) == str(triplet["anchor_label"])
+    role = {str(triplet["positive"]): "positive", str(triplet["negative"]): "negative"}
+    out["role"] = [role.get(str(n), "") for n in out["neighbor"]]
+    return out[cols]
 
 
 def miner_stats(run_dir: str | os.PathLike) -> pd.DataFrame:

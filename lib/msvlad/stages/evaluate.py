@@ -3,7 +3,8 @@
 Per dataset (in `out/<dataset>/`, or `out/` itself with `flat`): `features.npz` (q, db float32,
 one row per image, plus the image lists), `ranks.npy` (revisitop orientation: column j ranks
 query j), `metrics[_qe|_dba].json` and `per_query[_qe|_dba].csv`; `out/metrics.json` gathers
-every dataset and variant (mAP and mP@k in percent).
+every dataset and variant (mAP and mP@k in percent), `out/summary.json` only the mAPs (E/M/H,
+plain and +QE) for `dvc metrics show`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from msvlad.data.images import ImageItem
 from msvlad.data.testsets import RetrievalDataset, load_dataset, load_distractors
 from msvlad.evaluation.extract import extract_descriptors
 from msvlad.evaluation.pipeline import DatasetDescriptors, extract_dataset, score
-from msvlad.evaluation.protocol import RetrievalMetrics, metrics_table
+from msvlad.evaluation.protocol import RetrievalMetrics, metrics_summary, metrics_table
 from msvlad.nn.model import RetrievalNet
 from msvlad.runtime import init_distributed, resolve_device, seed_everything
 from msvlad.storage import load_npz, save_npy, save_npz, write_json, write_text
@@ -89,6 +90,7 @@ def run(params: Params, model: RetrievalNet, request: EvaluateRequest) -> dict[s
     if dist_info.main:
         result = summary if not request.flat else next(iter(summary.values()))["plain"]
         write_json(out / "metrics.json", result)
+        write_json(out / "summary.json", metrics_summary(summary))  # what `dvc metrics show` reads
         print(metrics_table(tables).to_string(float_format="{:.2f}".format, na_rep="-"))
         return result
     return {}

@@ -1,8 +1,9 @@
 """The CSV logs of a training run, stated once: their columns and the builders of their rows.
 
 `log.csv` has one row per epoch (and the epoch-0 row of the initial model), `rounds.csv` one row
-per mining round, `triplets.csv` one row per mined triplet. The trainer writes them; the reports,
-`dvc plots` and the tests read them through these column lists.
+per mining round, `triplets.csv` one row per mined triplet, `neighbors.csv` the top `NEIGHBOR_K`
+pool neighbours of every mined anchor (what the miner saw when it chose the triplet). The trainer
+writes them; the reports, `dvc plots` and the tests read them through these column lists.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from msvlad.storage import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 LOG_FIELDS = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map", "seconds"]
 ROUND_FIELDS = [
@@ -45,6 +49,10 @@ TRIPLET_FIELDS = [
     "loss",
     "kind",
 ]
+# one row per (round, mined anchor, neighbour): rank is 0-based in the anchor's ranked list of the
+# round's pool (self excluded), as pos_rank/neg_rank in triplets.csv; sim is the cosine
+NEIGHBOR_FIELDS = ["round", "anchor", "rank", "neighbor", "label", "sim"]
+NEIGHBOR_K = 10  # neighbours kept per anchor: bounds neighbors.csv to 10 rows per mined triplet
 
 
 def append_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
@@ -132,6 +140,50 @@ def triplet_rows(
                 "kind": r.kind,
             }
         )
+    return rows
+
+
+def neighbor_rows(
+    round_index: int,
+    frame: pd.DataFrame,
+    desc: torch.Tensor,
+    pool_idx: np.ndarray,
+    names: Sequence[str],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    k: int = NEIGHBOR_K,
+) -> list[dict[str, Any]]:
+    """The `neighbors.csv` rows of one round: each mined anchor's top-k neighbours in the pool.
+
+    Ranked as the miners rank (`msvlad.mining.neighbors`: decreasing float64 cosine, ties by
+    pool index, the anchor left out), only for the round's anchors, so the cost is a few rows of
+    the pool's similarity matrix.
+    """
+    import torch
+
+    from msvlad.mining.neighbors import similarity_rows
+
+    anchors = list(dict.fromkeys(int(a) for a in frame["anchor"])) if len(frame) else []
+    k = min(k, desc.shape[0] - 1)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(anchors), 256):  # (256, N) float64 blocks
+        block = torch.tensor(anchors[start : start + 256], dtype=torch.long)
+        sims = similarity_rows(desc, block, exclude_self=True)
+        top, idx = sims.sort(dim=1, descending=True, stable=True)  # stable: ties by index
+        top, idx = top[:, :k].cpu().numpy(), idx[:, :k].cpu().numpy()
+        for a, a_sims, a_idx in zip(block.tolist(), top, idx, strict=True):
+            for rank, (s, j) in enumerate(zip(a_sims, a_idx, strict=True)):
+                n = int(pool_idx[j])
+                rows.append(
+                    {
+                        "round": round_index,
+                        "anchor": names[int(pool_idx[a])],
+                        "rank": rank,
+                        "neighbor": names[n],
+                        "label": classes[labels[n]],
+                        "sim": round(float(s), 6),
+                    }
+                )
     return rows
 
 

@@ -122,7 +122,7 @@ class Trainer:
         if run_signature(state.get("params", {})) != run_signature(params_to_dict(self.params)):
             stale = self.checkpoint_path.with_name("checkpoint.stale.pt")
             self.checkpoint_path.replace(stale)
-            for name in ("log.csv", "rounds.csv", "triplets.csv"):
+            for name in ("log.csv", "rounds.csv", "triplets.csv", "neighbors.csv"):
                 (self.out_dir / name).unlink(missing_ok=True)
             log.warning(
                 "%s was written with other parameters: moved to %s, training from scratch",
@@ -142,8 +142,8 @@ class Trainer:
         set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
         if self.dist.main:
             logs.truncate_csv(self.out_dir / "log.csv", "step", self.step)
-            logs.truncate_csv(self.out_dir / "rounds.csv", "round", self.round)
-            logs.truncate_csv(self.out_dir / "triplets.csv", "round", self.round)
+            for name in ("rounds.csv", "triplets.csv", "neighbors.csv"):  # rounds < self.round
+                logs.truncate_csv(self.out_dir / name, "round", self.round - 1)
         log.info(
             "resumed from %s at step %d (round %d)", self.checkpoint_path, self.step, self.round
         )
@@ -183,11 +183,15 @@ class Trainer:
                 self.round, self.step, len(pool_idx), mined.num_candidates, frame, t1 - t0, t2 - t1
             )
             logs.append_csv(self.out_dir / "rounds.csv", logs.ROUND_FIELDS, [row])
-            ts = self.train_set
+            ts, names = self.train_set, self.train_set.names
             rows = logs.triplet_rows(
-                self.round, self.step, frame, pool_idx, ts.names, ts.labels, ts.classes
+                self.round, self.step, frame, pool_idx, names, ts.labels, ts.classes
             )
             logs.append_csv(self.out_dir / "triplets.csv", logs.TRIPLET_FIELDS, rows)
+            rows = logs.neighbor_rows(
+                self.round, frame, desc, pool_idx, names, ts.labels, ts.classes
+            )
+            logs.append_csv(self.out_dir / "neighbors.csv", logs.NEIGHBOR_FIELDS, rows)
         self._epoch_rounds.append((self.round, len(frame)))
         log.info(
             "round %d: %d triplets mined from a pool of %d (%.1fs embed, %.2fs mine)",
