@@ -246,6 +246,55 @@ def test_difficulty_hand_built_lists() -> None:
     assert hard["loss"][:2].tolist() == pytest.approx([0.11, 0.11])
 
 
+def _anchor_is_top_ranked(s: np.ndarray, lab: np.ndarray, i: int, threshold: int):
+    """Their walk for pool row i: the anchor is the top of the list *with* self (ties: any order,
+    here the lowest index first) while the label tests use lab[i]; first candidate only."""
+    row = sorted(range(s.shape[0]), key=lambda j: (-s[i, j], j))
+    j_neg = j_pos = None
+    for j, col in enumerate(row):
+        if j_neg is None and lab[col] == lab[i]:
+            continue
+        if j_neg is None:
+            j_neg = j
+        elif lab[col] == lab[i]:
+            j_pos = j
+        if j_pos is not None:
+            return row[0], row[j_pos], row[j_neg]
+        if j - j_neg == threshold:
+            return None
+    return None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_duplicates_across_classes_never_make_the_anchor_its_own_negative(seed: int) -> None:
+    # exact copies of anchors filed under another class (a duplicate in two landmark folders)
+    x, labels = _pool(seed, n_classes=8, max_size=8)
+    lab = labels.numpy()
+    g = torch.Generator().manual_seed(seed)
+    copies = {}
+    for a in torch.randperm(len(lab), generator=g)[:6].tolist():
+        others = np.flatnonzero(lab != lab[a])
+        b = int(others[torch.randint(len(others), (1,), generator=g)])
+        if a not in copies.values() and b not in copies and b not in copies.values():
+            x[b], copies[b] = x[a], a  # row b (other class) is a copy of row a
+    s = _sim(x)
+    # the authors' anchor rule turns a tie with a lower-index copy into an a = n triplet
+    low = [b for b, a in copies.items() if b < a]
+    if low:
+        theirs = _anchor_is_top_ranked(s, lab, copies[low[0]], threshold=20)
+        assert theirs is not None and theirs[0] == theirs[2] == low[0]
+    miner = DifficultyMiner(delta=0.5, threshold=20, semi_hard_prob=0.5, triplets_per_round=999)
+    res = miner.mine(x, labels)
+    assert len(res) > 0
+    _check_common(res, x, labels, 999, 0.1)  # anchor != positive, lab[a] == lab[p] != lab[n]
+    for r in res.to_frame().itertuples(index=False):
+        assert r.anchor != r.negative
+        if copies.get(r.negative) == r.anchor or copies.get(r.anchor) == r.negative:
+            # the copy is the anchor's nearest negative: a hard triplet, loss m + d2(a, p) > m
+            assert r.kind == "hard" and r.neg_rank == 0 and r.neg_sim == pytest.approx(1.0)
+            assert r.loss == pytest.approx(0.1 + _d2(r.pos_sim)) and r.loss > 0.1
+
+
 def test_first_per_class_keeps_order_and_cap() -> None:
     labels = torch.tensor([5, 5, 7, 7, 9, 9, 2])
     keep = torch.tensor([True, True, False, True, True, True, False])

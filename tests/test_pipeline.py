@@ -183,6 +183,7 @@ def test_info_prints_dimensions(repo_root):
         "raw dim       32768" in out
         and "1684 descriptors of 512-d" in out
         and "whitened dim  2048" in out
+        and "variant       the authors' released code (8 of 8 options" in out
     )
 
 

@@ -61,7 +61,8 @@ def _run(params, init, out, max_steps=None):
 
 
 def test_lr_schedule_warmup_and_decay(repo_root):
-    cfg = load_params(repo_root / "params.paper.yaml").train
+    paper = load_params(repo_root / "params.paper.yaml")
+    cfg = with_overrides(paper, train={"lr_schedule": "aligned"}).train
     assert lr_at(0, cfg) == pytest.approx(1e-6)
     assert lr_at(1000, cfg) == pytest.approx(1e-6 + 0.5 * 9e-6)
     assert lr_at(2000, cfg) == pytest.approx(1e-5 / (1 + 2000 * 1e-6))

@@ -19,6 +19,26 @@ import yaml
 PoolingName = Literal["msvlad", "netvlad", "vlad_concat", "gem", "mac", "spoc", "rmac"]
 VLAD_POOLINGS: tuple[str, ...] = ("msvlad", "netvlad", "vlad_concat")  # need k-means init
 MinerName = Literal["difficulty", "random", "hardest_negative", "semi_hard", "batch_hard"]
+VladNorm = Literal["intra", "across_clusters"]
+BiasInit = Literal["squared_norm", "norm"]
+ResizeFilter = Literal["bilinear", "lanczos"]
+KMeansName = Literal["faiss", "sklearn_minibatch"]
+PoolClasses = Literal["with_positives", "all"]
+PoolPrecision = Literal["auto", "fp32", "fp16"]
+LrSchedule = Literal["aligned", "lagged"]
+
+# The value of each option in the authors' released code (github.com/fede-vaccaro/NetVlad), which
+# produced the paper's numbers; params.paper.yaml follows it, docs/method.md explains each one.
+AUTHORS_CODE: dict[str, Any] = {
+    "model.vlad_norm": "across_clusters",
+    "model.bias_init": "norm",
+    "model.resize_filter": "lanczos",
+    "cluster.kmeans": "sklearn_minibatch",
+    "miner.pool_classes": "all",
+    "miner.pool_precision": "fp32",
+    "train.amp": False,
+    "train.lr_schedule": "lagged",
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,10 @@ class ModelConfig:
     gem_p: float = 3.0
     image_size: int = 336
     resize: Literal["square", "max_side"] = "square"
+    # The defaults below are the behaviour of models saved before these keys existed.
+    vlad_norm: VladNorm = "intra"  # intra: L2 per cluster; across_clusters: per dim over K
+    bias_init: BiasInit = "squared_norm"  # NetVLAD bias at init: -alpha |c_k|^2 or -alpha |c_k|
+    resize_filter: ResizeFilter = "bilinear"  # PIL filter of every resize (train, mine, test)
 
 
 @dataclass(frozen=True)
@@ -82,7 +106,8 @@ class ClusterConfig:
     num_images: int = 320
     batch_size: int = 32
     max_locals: int = 600000  # locals subsampled for k-means
-    niter: int = 25
+    niter: int = 25  # faiss iterations (sklearn_minibatch uses the authors' fixed arguments)
+    kmeans: KMeansName = "faiss"
 
 
 @dataclass(frozen=True)
@@ -98,6 +123,8 @@ class MinerConfig:
     pool_size: int = 8000
     images_per_class: int = 15
     backend: Literal["torch", "faiss"] = "torch"
+    pool_classes: PoolClasses = "with_positives"  # all: single-image classes serve as negatives
+    pool_precision: PoolPrecision = "auto"  # auto: fp16 autocast on CUDA, fp32 on the CPU
 
 
 @dataclass(frozen=True)
@@ -118,6 +145,7 @@ class TrainConfig:
     amp: bool = True  # only on CUDA
     val_every: int = 1  # epochs between validation mAP
     frozen_stages: int = 0  # leading backbone stages kept frozen (0 = the paper's full fine-tuning)
+    lr_schedule: LrSchedule = "aligned"  # lagged: the authors' scheduler, stepped after Adam
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@
   coordinate rounded as PIL's `Image.crop` (and cirtorch) do, clipped to the image.
 - EXIF orientation is not applied, as in cirtorch/revisitop (boxes refer to the stored pixels);
   INRIA Holidays' sideways photos are fixed by an explicit rotation list (`rotate_image`).
+- Resizing uses PIL's bilinear or Lanczos filter (`model.resize_filter`; Lanczos is what the
+  authors' code used, through torchvision's Resize with PIL's ANTIALIAS alias).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
+
+from msvlad.config import ResizeFilter
 
 if TYPE_CHECKING:
     import torch
@@ -111,6 +115,12 @@ def rotate_image(img: Image.Image, degrees: int | float) -> Image.Image:
 
 ResizePolicy = Literal["square", "max_side"]
 
+# model.resize_filter name -> PIL filter (the names equal config.ResizeFilter)
+RESIZE_FILTERS: dict[str, Image.Resampling] = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
 
 @dataclass(frozen=True)
 class ImageItem:
@@ -137,20 +147,30 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
-def load_resized(item: ImageItem, size: int, policy: ResizePolicy) -> torch.Tensor:
+def load_resized(
+    item: ImageItem, size: int, policy: ResizePolicy, resize_filter: ResizeFilter = "bilinear"
+) -> torch.Tensor:
     """Load (crop to bbx before any resize, rotate) and resize one image to a tensor."""
+    if resize_filter not in RESIZE_FILTERS:
+        raise ValueError(
+            f"model.resize_filter: {resize_filter!r} is not one of {list(RESIZE_FILTERS)}"
+        )
     img = load_image(item.path, item.bbx)
     if item.rotation:
         img = rotate_image(img, item.rotation)
-    img = img.resize(target_size(img.width, img.height, size, policy), Image.BILINEAR)
-    return to_tensor(img)
+    size_wh = target_size(img.width, img.height, size, policy)
+    return to_tensor(img.resize(size_wh, RESIZE_FILTERS[resize_filter]))
 
 
 OnError = Literal["raise", "skip", "zero"]
 
 
 def load_batch(
-    items: Sequence[ImageItem], size: int, policy: ResizePolicy, on_error: OnError = "raise"
+    items: Sequence[ImageItem],
+    size: int,
+    policy: ResizePolicy,
+    on_error: OnError = "raise",
+    resize_filter: ResizeFilter = "bilinear",
 ) -> tuple[torch.Tensor | None, np.ndarray]:
     """Load and resize images into one (B, 3, H, W) batch, with a policy for unreadable ones.
 
@@ -166,7 +186,7 @@ def load_batch(
     tensors = []
     for i, item in enumerate(items):
         try:
-            tensors.append(load_resized(item, size, policy))
+            tensors.append(load_resized(item, size, policy, resize_filter))
             ok[i] = True
         except ImageLoadError as err:
             if on_error == "raise":

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from msvlad.config import ResizeFilter
 from msvlad.data.images import (
     ImageItem,
     ImageLoadError,
@@ -33,15 +34,22 @@ log = logging.getLogger(__name__)
 
 
 class _ImageSet(Dataset):
-    def __init__(self, items: Sequence[ImageItem], size: int, policy: ResizePolicy) -> None:
+    def __init__(
+        self,
+        items: Sequence[ImageItem],
+        size: int,
+        policy: ResizePolicy,
+        resize_filter: ResizeFilter = "bilinear",
+    ) -> None:
         self.items, self.size, self.policy = items, size, policy
+        self.resize_filter = resize_filter
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
         try:
-            return load_resized(self.items[i], self.size, self.policy), i, True
+            return load_resized(self.items[i], self.size, self.policy, self.resize_filter), i, True
         except ImageLoadError as err:
             log.warning("skipping image: %s", err)
             w, h = (self.size, self.size)
@@ -114,6 +122,8 @@ def embed_images(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     progress: str = "extract",
+    resize_filter: ResizeFilter = "bilinear",
+    fp16: bool = True,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Raw single-scale network outputs (N, raw_dim) on the CPU and a bool mask of loaded images.
 
@@ -122,6 +132,7 @@ def embed_images(
     evaluation, whitening and the training pool alike. Unreadable images get zero rows.
     """
     rank, world = _shard()
+    opts = (resize_filter, fp16)
     if world > 1:
         mine = np.array_split(np.arange(len(items)), world)[rank]
         desc, ok = _embed_local(
@@ -133,6 +144,7 @@ def embed_images(
             device,
             num_workers,
             progress,
+            *opts,
         )
         import torch.distributed as dist
 
@@ -141,7 +153,9 @@ def embed_images(
         return torch.from_numpy(np.concatenate([g[0] for g in gathered])), np.concatenate(
             [g[1] for g in gathered]
         )
-    return _embed_local(model, items, image_size, resize, batch_size, device, num_workers, progress)
+    return _embed_local(
+        model, items, image_size, resize, batch_size, device, num_workers, progress, *opts
+    )
 
 
 def _embed_local(
@@ -153,18 +167,20 @@ def _embed_local(
     device: torch.device | str,
     num_workers: int,
     progress: str,
+    resize_filter: ResizeFilter = "bilinear",
+    fp16: bool = True,
 ) -> tuple[torch.Tensor, np.ndarray]:
     model.eval()
     device = torch.device(device)
     out = torch.zeros(len(items), model.raw_dim)
     ok = np.zeros(len(items), dtype=bool)
     loader = DataLoader(
-        _ImageSet(items, image_size, resize),
+        _ImageSet(items, image_size, resize, resize_filter),
         batch_sampler=_batches(items, image_size, resize, batch_size),
         num_workers=num_workers,
         collate_fn=_collate,
     )
-    use_amp = device.type == "cuda"
+    use_amp = device.type == "cuda" and fp16
     for images, idx, good in tqdm(loader, desc=progress, leave=False):
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             d = model(images.to(device, non_blocking=True))
@@ -186,6 +202,7 @@ def extract_descriptors(
     num_workers: int = 0,
     whiten: bool = True,
     progress: str = "extract",
+    resize_filter: ResizeFilter = "bilinear",
 ) -> tuple[np.ndarray, list[int]]:
     """Descriptors (N, D) float32: multi-scale sum -> L2 -> whitening -> L2; and failed indices."""
     total = torch.zeros(len(items), model.raw_dim)
@@ -201,6 +218,7 @@ def extract_descriptors(
             device=device,
             num_workers=num_workers,
             progress=f"{progress}@{size}",
+            resize_filter=resize_filter,
         )
         total += d
         ok &= good

@@ -58,6 +58,7 @@ def extract_dataset(
     common = dict(
         scales=scales,
         resize=model_cfg.resize,
+        resize_filter=model_cfg.resize_filter,
         batch_size=extract_cfg.batch_size,
         device=device,
         num_workers=num_workers,

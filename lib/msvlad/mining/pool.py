@@ -2,8 +2,15 @@
 
 Vaccaro et al., MVA 2022 (docs/method.md, "Mining"): a mining round samples P // I landmark classes,
 up to I random images of each, shuffles them and truncates to the pool size P (paper: P = 8000,
-I = 15). Only classes with at least two images can give an anchor a positive, so only they are
-drawn. The draw depends on (seed, round_index) alone, so a resumed run re-draws the same pools.
+I = 15). `classes` chooses which classes can be drawn: "with_positives", only those with at least
+two images (only they can give an anchor a positive), or "all", every class folder, as the authors'
+code does, so single-image classes enter pools as negatives for the others. The draw depends on
+(seed, round_index) alone, so a resumed run re-draws the same pools.
+
+`pool_precision` sets the numeric precision of the pool descriptors the miner sees
+(`miner.pool_precision`): "fp32" everywhere (the authors'), "fp16" (float16 autocast on CUDA,
+and the descriptors rounded to float16 on every device, so a CPU run measures what float16 mining
+changes), or "auto" (float16 autocast on CUDA, float32 on the CPU).
 """
 
 from __future__ import annotations
@@ -11,15 +18,43 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from msvlad.config import PoolClasses, PoolPrecision
+from msvlad.nn import functional as LF
 
 log = logging.getLogger(__name__)
+
+POOL_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16")  # = config.PoolPrecision
+
+
+def pool_autocast_fp16(precision: PoolPrecision) -> bool:
+    """Whether the pool is described under float16 autocast (which only acts on CUDA)."""
+    if precision not in POOL_PRECISIONS:
+        raise ValueError(f"miner.pool_precision: {precision!r} is not one of {POOL_PRECISIONS}")
+    return precision != "fp32"
+
+
+def at_pool_precision(desc: Tensor, precision: PoolPrecision) -> Tensor:
+    """Pool descriptors as the miner sees them: "fp16" rounds to float16 and re-normalises."""
+    if precision not in POOL_PRECISIONS:
+        raise ValueError(f"miner.pool_precision: {precision!r} is not one of {POOL_PRECISIONS}")
+    if precision != "fp16":
+        return desc
+    return LF.l2n(desc.to(torch.float16).to(desc.dtype))
 
 
 class ClassBalancedPool:
     """Draws the pool of training-image indices for each mining round, class-balanced and seeded."""
 
     def __init__(
-        self, labels: np.ndarray, pool_size: int, images_per_class: int, seed: int
+        self,
+        labels: np.ndarray,
+        pool_size: int,
+        images_per_class: int,
+        seed: int,
+        classes: PoolClasses = "with_positives",
     ) -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
@@ -38,23 +73,29 @@ class ClassBalancedPool:
             raise ValueError(
                 f"pool_size: {pool_size} // images_per_class {images_per_class} must be >= 2"
             )
-        classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        usable = np.flatnonzero(counts >= 2)
-        if usable.size < 2:
+        if classes not in ("with_positives", "all"):
             raise ValueError(
-                f"labels: need at least 2 classes with >= 2 images, found {usable.size} "
-                f"(of {classes.size} classes)"
+                f"miner.pool_classes: {classes!r} is not one of ['with_positives', 'all']"
             )
+        names, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        with_positives = np.flatnonzero(counts >= 2)
+        if with_positives.size < 2:
+            raise ValueError(
+                f"labels: need at least 2 classes with >= 2 images, found {with_positives.size} "
+                f"(of {names.size} classes)"
+            )
+        usable = with_positives if classes == "with_positives" else np.arange(names.size)
         order = np.argsort(inverse, kind="stable")  # image indices grouped by class, ascending
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self._members = [order[starts[c] : starts[c] + counts[c]] for c in usable]
         self.labels = labels
-        self.classes = classes[usable]  # labels that can be drawn
+        self.classes = names[usable]  # labels that can be drawn
+        self.class_rule = classes
         self.pool_size = int(pool_size)
         self.images_per_class = int(images_per_class)
         self.seed = int(seed)
         self.classes_per_pool = min(self.pool_size // self.images_per_class, usable.size)
-        log.debug("ClassBalancedPool: %d usable of %d classes", usable.size, classes.size)
+        log.debug("ClassBalancedPool: %d usable of %d classes", usable.size, names.size)
 
     def sample(self, round_index: int) -> np.ndarray:
         """Pool indices (int64) into `labels` for one round; same (seed, round_index), same pool."""
@@ -79,5 +120,5 @@ class ClassBalancedPool:
         return (
             f"ClassBalancedPool(pool_size={self.pool_size}, "
             f"images_per_class={self.images_per_class}, classes_per_pool={self.classes_per_pool}, "
-            f"usable_classes={self.classes.size}, seed={self.seed})"
+            f"usable_classes={self.classes.size}, classes={self.class_rule!r}, seed={self.seed})"
         )

@@ -118,23 +118,53 @@ def bag_size(
 # ----------------------------------------------------------------------------- NetVLAD
 
 
+VLAD_NORMS: tuple[str, ...] = ("intra", "across_clusters")  # = config.VladNorm
+BIAS_INITS: tuple[str, ...] = ("squared_norm", "norm")  # = config.BiasInit
+
+
+def vlad_normalize(vlad: Tensor, norm: str = "intra", eps: float = 1e-6) -> Tensor:
+    """Normalise and flatten residuals (B, ..., K, D) into the final L2 descriptor (B, ...*K*D).
+
+    intra: L2 of each cluster's D-vector, flatten cluster-major, L2 (Arandjelovic et al.).
+    across_clusters: L2 of each feature dimension over the K clusters, flatten dimension-major
+    (index d*K + k), L2, with torch's max(norm, 1e-12) guard: the layer of the authors' released
+    code, which builds V as (B, D, K) and normalises its last axis.
+    """
+    if norm == "intra":
+        return l2n(l2n(vlad, dim=-1, eps=eps).flatten(1), eps=eps)
+    if norm == "across_clusters":
+        per_dim = F.normalize(vlad, p=2.0, dim=-2, eps=1e-12).transpose(-1, -2)  # (..., D, K)
+        return F.normalize(per_dim.flatten(1), p=2.0, dim=1, eps=1e-12)
+    raise ValueError(f"model.vlad_norm: {norm!r} is not one of {list(VLAD_NORMS)}")
+
+
 def netvlad(
-    local: Tensor, centroids: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6
+    local: Tensor,
+    centroids: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-6,
+    norm: str = "intra",
 ) -> Tensor:
-    """NetVLAD of a bag: soft-assign, aggregate residuals densely, intra-normalise, flatten, L2.
+    """NetVLAD of a bag: soft-assign, aggregate residuals densely, normalise, flatten, L2.
 
     local (B, N, D), centroids and weight (K, D), bias (K,) -> (B, K*D).
-    V_k = sum_i a_k(x_i) (x_i - c_k) = (sum_i a_k x_i) - (sum_i a_k) c_k, with no per-cluster loop.
+    V_k = sum_i a_k(x_i) (x_i - c_k) = (sum_i a_k x_i) - (sum_i a_k) c_k, with no per-cluster loop;
+    `norm` chooses the normalisation (`vlad_normalize`).
     """
     assign = torch.softmax(local @ weight.t() + bias, dim=-1)  # (B, N, K)
     vlad = assign.transpose(1, 2) @ local  # (B, K, D)
     vlad = vlad - assign.sum(dim=1).unsqueeze(-1) * centroids  # (B, K, D)
-    vlad = l2n(vlad, dim=-1, eps=eps)  # intra-normalisation
-    return l2n(vlad.flatten(1), eps=eps)
+    return vlad_normalize(vlad, norm, eps)
 
 
 def netvlad_grouped(
-    local: Tensor, centroids: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-6
+    local: Tensor,
+    centroids: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-6,
+    norm: str = "intra",
 ) -> Tensor:
     """One NetVLAD per channel group, concatenated then L2 (the per-split ablation).
 
@@ -143,13 +173,24 @@ def netvlad_grouped(
     assign = torch.softmax(torch.einsum("bgnd,gkd->bgnk", local, weight) + bias[:, None, :], dim=-1)
     vlad = torch.einsum("bgnk,bgnd->bgkd", assign, local)
     vlad = vlad - assign.sum(dim=2).unsqueeze(-1) * centroids  # (B, G, K, D)
-    vlad = l2n(vlad, dim=-1, eps=eps)
-    return l2n(vlad.flatten(1), eps=eps)
+    return vlad_normalize(vlad, norm, eps)
 
 
-def netvlad_params_from_centroids(centroids: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """Decoupled NetVLAD init from k-means centroids: weight = 2*alpha*c, bias = -alpha*|c|^2."""
-    return 2.0 * alpha * centroids, -alpha * centroids.pow(2).sum(dim=-1)
+def netvlad_params_from_centroids(
+    centroids: Tensor, alpha: float, bias_init: str = "squared_norm"
+) -> tuple[Tensor, Tensor]:
+    """Decoupled NetVLAD init from k-means centroids: weight = 2*alpha*c, bias from |c|.
+
+    squared_norm: bias = -alpha*|c|^2, the NetVLAD paper's (soft-assignment = -alpha*|x - c|^2 up
+    to a per-x constant); norm: bias = -alpha*|c|, the authors' released code.
+    """
+    if bias_init == "squared_norm":
+        bias = -alpha * centroids.pow(2).sum(dim=-1)
+    elif bias_init == "norm":
+        bias = -alpha * torch.linalg.vector_norm(centroids, dim=-1)
+    else:
+        raise ValueError(f"model.bias_init: {bias_init!r} is not one of {list(BIAS_INITS)}")
+    return 2.0 * alpha * centroids, bias
 
 
 def netvlad_alpha_v1(descriptors: Tensor, centroids: Tensor, ratio: float = 100.0) -> float:

@@ -1,4 +1,10 @@
-"""NetVLAD centroid initialisation: faiss k-means on the local bag of sampled training images."""
+"""NetVLAD centroid initialisation: k-means on the local bag of sampled training images.
+
+Two implementations (`cluster.kmeans`): faiss k-means, and scikit-learn's MiniBatchKMeans with the
+arguments of the authors' released code, which called it with every argument at the defaults of
+scikit-learn 0.21.3; later releases changed two of them (batch_size 100 -> 1024, n_init 3 ->
+"auto"), so they are written out here.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from msvlad.config import KMeansName
 from msvlad.nn import functional as LF
 from msvlad.nn.model import RetrievalNet
 
 log = logging.getLogger(__name__)
+
+# MiniBatchKMeans(n_clusters=K, random_state=seed) as scikit-learn 0.21.3 resolved its defaults.
+AUTHORS_MINIBATCH_KMEANS: dict[str, object] = {
+    "init": "k-means++",
+    "max_iter": 100,
+    "batch_size": 100,
+    "n_init": 3,
+    "tol": 0.0,
+    "max_no_improvement": 10,
+    "init_size": None,  # 3 * batch_size
+    "reassignment_ratio": 0.01,
+    "compute_labels": True,
+}
 
 
 @torch.no_grad()
@@ -44,13 +64,25 @@ def sample_local_features(
 
 
 def kmeans_centroids(
-    local: np.ndarray, num_clusters: int, *, niter: int = 25, seed: int = 0
+    local: np.ndarray,
+    num_clusters: int,
+    *,
+    niter: int = 25,
+    seed: int = 0,
+    method: KMeansName = "faiss",
 ) -> np.ndarray:
-    """faiss k-means centroids (K, D) of the local descriptors."""
+    """k-means centroids (K, D) float32 of the local descriptors (not re-normalised)."""
     if len(local) < num_clusters:
         raise ValueError(
             f"model.num_clusters={num_clusters} exceeds the {len(local)} local descriptors sampled"
         )
+    if method == "sklearn_minibatch":
+        from sklearn.cluster import MiniBatchKMeans
+
+        mbk = MiniBatchKMeans(num_clusters, random_state=seed, **AUTHORS_MINIBATCH_KMEANS)
+        return mbk.fit(local).cluster_centers_.astype(np.float32)
+    if method != "faiss":
+        raise ValueError(f"cluster.kmeans: {method!r} is not one of ['faiss', 'sklearn_minibatch']")
     km = faiss.Kmeans(
         local.shape[1], num_clusters, niter=niter, seed=seed, verbose=False, spherical=False
     )

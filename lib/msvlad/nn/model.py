@@ -94,6 +94,8 @@ def build_model(config: ModelConfig, pretrained: bool | None = None) -> Retrieva
         split=config.split,
         alpha=config.alpha,
         gem_p=config.gem_p,
+        vlad_norm=config.vlad_norm,
+        bias_init=config.bias_init,
     )
     return RetrievalNet(backbone, pooling, config)
 

@@ -7,6 +7,7 @@ Every pooling maps a feature map (B, C, H, W) to an L2-normalised descriptor (B,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +73,9 @@ class NetVLAD(nn.Module):
 
     pool_sizes=(2, 3) with split=512 is the paper's multi-scale pooled NetVLAD (one shared bag);
     pool_sizes=(1,) with split=None is the plain single-scale NetVLAD of Arandjelovic et al.
-    Centroids, assignment weights and biases are three independent trainable tensors.
+    Centroids, assignment weights and biases are three independent trainable tensors. `norm`
+    and `bias_init` choose the normalisation and the bias initialisation (`model.vlad_norm`,
+    `model.bias_init`; "across_clusters" and "norm" are the authors' released code).
     """
 
     def __init__(
@@ -82,20 +85,28 @@ class NetVLAD(nn.Module):
         pool_sizes: Sequence[int] = (2, 3),
         split: int | None = 512,
         alpha: float = 30.0,
+        norm: str = "intra",
+        bias_init: str = "squared_norm",
     ) -> None:
         super().__init__()
         if split is not None and in_channels > split and in_channels % split:
             raise ValueError(
                 f"model.split={split} must divide the backbone's {in_channels} channels"
             )
+        if norm not in LF.VLAD_NORMS:
+            raise ValueError(f"model.vlad_norm: {norm!r} is not one of {list(LF.VLAD_NORMS)}")
+        if bias_init not in LF.BIAS_INITS:
+            raise ValueError(f"model.bias_init: {bias_init!r} is not one of {list(LF.BIAS_INITS)}")
         self.pool_sizes = tuple(pool_sizes)
         self.split = split
         self.dim = in_channels if split is None or in_channels <= split else split
         self.num_clusters = num_clusters
         self.alpha = alpha
+        self.norm = norm
+        self.bias_init = bias_init
         self.out_dim = num_clusters * self.dim
         self.centroids = nn.Parameter(torch.randn(num_clusters, self.dim) * 0.1)
-        weight, bias = LF.netvlad_params_from_centroids(self.centroids.data, alpha)
+        weight, bias = LF.netvlad_params_from_centroids(self.centroids.data, alpha, bias_init)
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias)
 
@@ -112,17 +123,22 @@ class NetVLAD(nn.Module):
                 f"expected {tuple(self.centroids.shape)}"
             )
         self.alpha = self.alpha if alpha is None else float(alpha)
-        weight, bias = LF.netvlad_params_from_centroids(centroids.to(self.centroids), self.alpha)
+        weight, bias = LF.netvlad_params_from_centroids(
+            centroids.to(self.centroids), self.alpha, self.bias_init
+        )
         self.centroids.copy_(centroids)
         self.weight.copy_(weight)
         self.bias.copy_(bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return LF.netvlad(self.local_features(x), self.centroids, self.weight, self.bias)
+        return LF.netvlad(
+            self.local_features(x), self.centroids, self.weight, self.bias, norm=self.norm
+        )
 
     def extra_repr(self) -> str:
         return (
             f"K={self.num_clusters}, D={self.dim}, pool_sizes={self.pool_sizes}, split={self.split}"
+            f", norm={self.norm}, bias_init={self.bias_init}"
         )
 
 
@@ -136,12 +152,14 @@ class VLADConcat(NetVLAD):
         pool_sizes: Sequence[int] = (2, 3),
         split: int | None = 512,
         alpha: float = 30.0,
+        norm: str = "intra",
+        bias_init: str = "squared_norm",
     ) -> None:
-        super().__init__(in_channels, num_clusters, pool_sizes, split, alpha)
+        super().__init__(in_channels, num_clusters, pool_sizes, split, alpha, norm, bias_init)
         self.groups = in_channels // self.dim
         self.out_dim = self.groups * num_clusters * self.dim
         c = torch.randn(self.groups, num_clusters, self.dim) * 0.1
-        weight, bias = LF.netvlad_params_from_centroids(c, alpha)
+        weight, bias = LF.netvlad_params_from_centroids(c, alpha, bias_init)
         self.centroids = nn.Parameter(c)
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias)
@@ -168,38 +186,49 @@ class VLADConcat(NetVLAD):
 
     def forward(self, x: Tensor) -> Tensor:
         return LF.netvlad_grouped(
-            self.grouped_local_features(x), self.centroids, self.weight, self.bias
+            self.grouped_local_features(x),
+            self.centroids,
+            self.weight,
+            self.bias,
+            norm=self.norm,
         )
 
 
-def _msvlad(
-    c: int, k: int, sizes: Sequence[int], split: int | None, a: float, p: float
-) -> nn.Module:
-    return NetVLAD(c, k, sizes, split, a)
+@dataclass(frozen=True)
+class PoolingOptions:
+    """The `model.*` keys a pooling builder may use."""
+
+    num_clusters: int = 64
+    pool_sizes: Sequence[int] = (2, 3)
+    split: int | None = 512
+    alpha: float = 30.0
+    gem_p: float = 3.0
+    vlad_norm: str = "intra"
+    bias_init: str = "squared_norm"
 
 
-def _netvlad(
-    c: int, k: int, sizes: Sequence[int], split: int | None, a: float, p: float
-) -> nn.Module:
-    return NetVLAD(c, k, (1,), None, a)
+def _msvlad(c: int, o: PoolingOptions) -> nn.Module:
+    return NetVLAD(c, o.num_clusters, o.pool_sizes, o.split, o.alpha, o.vlad_norm, o.bias_init)
 
 
-def _vlad_concat(
-    c: int, k: int, sizes: Sequence[int], split: int | None, a: float, p: float
-) -> nn.Module:
-    return VLADConcat(c, k, sizes, split, a)
+def _netvlad(c: int, o: PoolingOptions) -> nn.Module:
+    return NetVLAD(c, o.num_clusters, (1,), None, o.alpha, o.vlad_norm, o.bias_init)
 
 
-# model.pooling name -> builder(in_channels, num_clusters, pool_sizes, split, alpha, gem_p); the
-# names equal config.PoolingName (tests/test_config.py), the VLAD ones config.VLAD_POOLINGS.
-POOLINGS: dict[str, Callable[..., nn.Module]] = {
+def _vlad_concat(c: int, o: PoolingOptions) -> nn.Module:
+    return VLADConcat(c, o.num_clusters, o.pool_sizes, o.split, o.alpha, o.vlad_norm, o.bias_init)
+
+
+# model.pooling name -> builder(in_channels, PoolingOptions); the names equal
+# config.PoolingName (tests/test_architecture.py), the VLAD ones config.VLAD_POOLINGS.
+POOLINGS: dict[str, Callable[[int, PoolingOptions], nn.Module]] = {
     "msvlad": _msvlad,  # the paper: 2x2 + 3x3 stride-1 regions, 512-d chunks, one shared bag
     "netvlad": _netvlad,  # plain single-scale NetVLAD on the raw cells (Arandjelovic et al.)
     "vlad_concat": _vlad_concat,  # one NetVLAD per channel split, concatenated (ablation)
-    "gem": lambda c, k, sizes, split, a, p: GeM(c, p),
-    "mac": lambda c, k, sizes, split, a, p: MAC(c),
-    "spoc": lambda c, k, sizes, split, a, p: SPoC(c),
-    "rmac": lambda c, k, sizes, split, a, p: RMAC(c),
+    "gem": lambda c, o: GeM(c, o.gem_p),
+    "mac": lambda c, o: MAC(c),
+    "spoc": lambda c, o: SPoC(c),
+    "rmac": lambda c, o: RMAC(c),
 }
 
 
@@ -212,8 +241,11 @@ def build_pooling(
     split: int | None = 512,
     alpha: float = 30.0,
     gem_p: float = 3.0,
+    vlad_norm: str = "intra",
+    bias_init: str = "squared_norm",
 ) -> nn.Module:
     """Pooling by its params.yaml name (`model.pooling`)."""
     if name not in POOLINGS:
         raise ValueError(f"model.pooling: unknown pooling {name!r}; choose from {sorted(POOLINGS)}")
-    return POOLINGS[name](in_channels, num_clusters, pool_sizes, split, alpha, gem_p)
+    options = PoolingOptions(num_clusters, pool_sizes, split, alpha, gem_p, vlad_norm, bias_init)
+    return POOLINGS[name](in_channels, options)

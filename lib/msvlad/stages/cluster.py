@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msvlad.config import Params
+from msvlad.config import Params, ResizeFilter
 from msvlad.data.images import ImageItem, load_batch
 from msvlad.data.trainsets import load_training_set
 from msvlad.nn.kmeans import init_netvlad, kmeans_centroids, sample_local_features
@@ -21,11 +21,13 @@ from msvlad.runtime import resolve_device, seed_everything
 log = logging.getLogger(__name__)
 
 
-def image_batches(paths: Sequence[Path], size: int, batch_size: int) -> Iterator[torch.Tensor]:
+def image_batches(
+    paths: Sequence[Path], size: int, batch_size: int, resize_filter: ResizeFilter = "bilinear"
+) -> Iterator[torch.Tensor]:
     """Square-resized batches of training images; unreadable ones are left out (and logged)."""
     for start in range(0, len(paths), batch_size):
         items = [ImageItem(p) for p in paths[start : start + batch_size]]
-        batch, _ = load_batch(items, size, "square", on_error="skip")
+        batch, _ = load_batch(items, size, "square", on_error="skip", resize_filter=resize_filter)
         if batch is not None:
             yield batch
 
@@ -43,7 +45,10 @@ def run(params: Params, out: Path) -> Path:
         pick = np.sort(rng.choice(len(train_set.paths), n, replace=False))
         t0 = time.time()
         batches = image_batches(
-            [train_set.paths[i] for i in pick], params.model.image_size, params.cluster.batch_size
+            [train_set.paths[i] for i in pick],
+            params.model.image_size,
+            params.cluster.batch_size,
+            params.model.resize_filter,
         )
         local = sample_local_features(
             model,
@@ -53,12 +58,16 @@ def run(params: Params, out: Path) -> Path:
             device=device,
         )
         centroids = kmeans_centroids(
-            local, params.model.num_clusters, niter=params.cluster.niter, seed=params.base.seed
+            local,
+            params.model.num_clusters,
+            niter=params.cluster.niter,
+            seed=params.base.seed,
+            method=params.cluster.kmeans,
         )
         alpha = init_netvlad(model, local, centroids, params.model.alpha_rule)
         log.info(
-            "k-means: %d locals from %d images -> %d centroids, alpha %.2f (%.1fs)",
-            *(len(local), n, len(centroids), alpha, time.time() - t0),
+            "k-means (%s): %d locals from %d images -> %d centroids, alpha %.2f (%.1fs)",
+            *(params.cluster.kmeans, len(local), n, len(centroids), alpha, time.time() - t0),
         )
         extra = {"alpha": alpha, "num_locals": len(local)}
     save_model(model.cpu(), out, **extra)

@@ -154,6 +154,7 @@ def _distractors(
         device=device,
         num_workers=params.base.num_workers,
         progress=name,
+        resize_filter=model.config.resize_filter,
     )
     save_npz(cache, db=db.astype(np.float16) if params.extract.float16 else db)
     return db.astype(np.float32)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from msvlad.config import Params
+from typing import Any
+
+from msvlad.config import AUTHORS_CODE, Params
 from msvlad.nn.functional import bag_size
 from msvlad.nn.model import build_model
 
@@ -27,4 +29,27 @@ def run(params: Params) -> str:
         f"whitened dim  {white} (PCA-whitening, power {params.whiten.power})",
         f"parameters    {sum(p.numel() for p in model.parameters()):,}",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + variant_lines(params))
+
+
+def option_value(params: Params, dotted: str) -> Any:
+    """The value of a "section.key" parameter."""
+    section, _, key = dotted.partition(".")
+    return getattr(getattr(params, section), key)
+
+
+def variant_lines(params: Params) -> list[str]:
+    """Which variant the params select: each option of `AUTHORS_CODE`, marked where it matches."""
+    same = [k for k, v in AUTHORS_CODE.items() if option_value(params, k) == v]
+    if len(same) == len(AUTHORS_CODE):
+        name = "the authors' released code"
+    elif not same:
+        name = "msvlad, textbook NetVLAD"
+    else:
+        name = "mixed"
+    lines = [f"variant       {name} ({len(same)} of {len(AUTHORS_CODE)} options as the authors')"]
+    for key, theirs in AUTHORS_CODE.items():
+        value = option_value(params, key)
+        mark = "authors" if value == theirs else f"authors: {theirs}"
+        lines.append(f"  {key:<22}{str(value):<18}({mark})")
+    return lines

@@ -35,6 +35,7 @@ def run(params: Params, checkpoint: Path, out: Path) -> Path:
         device=device,
         num_workers=params.base.num_workers,
         progress="whiten",
+        resize_filter=params.model.resize_filter,
     )
     desc = desc[torch.from_numpy(ok)]
     dim = min(params.whiten.dim, desc.shape[1], len(desc) - 1)

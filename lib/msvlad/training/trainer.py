@@ -26,7 +26,7 @@ from msvlad.data.testsets import load_dataset
 from msvlad.data.trainsets import TrainingSet, load_training_set
 from msvlad.evaluation.extract import embed_images
 from msvlad.evaluation.pipeline import extract_dataset, score
-from msvlad.mining.pool import ClassBalancedPool
+from msvlad.mining.pool import ClassBalancedPool, at_pool_precision, pool_autocast_fp16
 from msvlad.mining.registry import build_miner
 from msvlad.nn.loss import triplet_loss
 from msvlad.nn.model import RetrievalNet, load_model, save_model
@@ -69,7 +69,7 @@ class Trainer:
         self.trunk: FrozenTrunkCache | None = None
         m = params.miner
         self.pool = ClassBalancedPool(
-            self.train_set.labels, m.pool_size, m.images_per_class, params.base.seed
+            self.train_set.labels, m.pool_size, m.images_per_class, params.base.seed, m.pool_classes
         )
         self.miner = build_miner(
             m.name,
@@ -152,8 +152,9 @@ class Trainer:
     # ------------------------------------------------------------------ mining
     def describe_pool(self, pool_idx: np.ndarray) -> torch.Tensor:
         """Raw descriptors of the pool images with the current network (cached trunk if any)."""
+        precision = self.params.miner.pool_precision
         if self.trunk is not None:
-            return self.trunk.describe(pool_idx)
+            return at_pool_precision(self.trunk.describe(pool_idx), precision)
         desc, _ = embed_images(
             self.model,
             [ImageItem(self.train_set.paths[i]) for i in pool_idx],
@@ -162,8 +163,10 @@ class Trainer:
             device=self.device,
             num_workers=self.params.base.num_workers,
             progress=f"round {self.round}: describe pool",
+            resize_filter=self.params.model.resize_filter,
+            fp16=pool_autocast_fp16(precision),
         )
-        return desc.to(self.device).float()
+        return at_pool_precision(desc.to(self.device).float(), precision)
 
     def mine_round(self) -> None:
         """Draw the round's pool, embed it, mine triplets and log them."""
@@ -206,7 +209,8 @@ class Trainer:
             return self.trunk[triplet]
         items = [ImageItem(self.train_set.paths[i]) for i in triplet.tolist()]
         try:
-            return load_batch(items, self.params.model.image_size, "square")[0]
+            size, resize_filter = self.params.model.image_size, self.params.model.resize_filter
+            return load_batch(items, size, "square", resize_filter=resize_filter)[0]
         except ImageLoadError as err:
             log.warning("skipping triplet: %s", err)
             return None
@@ -290,6 +294,7 @@ class Trainer:
                 image_size=self.params.model.image_size,
                 batch_size=self.params.extract.batch_size,
                 device=self.device,
+                resize_filter=self.params.model.resize_filter,
             )
         if not resumed and self.step == 0:
             self.log_epoch(self.validate())  # epoch 0: the k-means-initialised model

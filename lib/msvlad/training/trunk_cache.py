@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from msvlad.config import ResizeFilter
 from msvlad.data.images import ImageItem, load_batch
 from msvlad.nn.model import RetrievalNet
 
@@ -33,8 +34,10 @@ class FrozenTrunkCache:
         image_size: int,
         batch_size: int,
         device: torch.device,
+        resize_filter: ResizeFilter = "bilinear",
     ) -> None:
         self.model, self.stages, self.device, self.batch_size = model, stages, device, batch_size
+        self.resize_filter = resize_filter
         self.features = self._build(paths, image_size)
 
     @torch.no_grad()
@@ -44,7 +47,7 @@ class FrozenTrunkCache:
         bs = self.batch_size
         for start in tqdm(range(0, len(paths), bs), desc="train: frozen-trunk cache", leave=False):
             items = [ImageItem(p) for p in paths[start : start + bs]]
-            batch, _ = load_batch(items, size, "square", on_error="zero")
+            batch, _ = load_batch(items, size, "square", "zero", self.resize_filter)
             trunk = self.model.backbone.trunk(batch.to(self.device), self.stages)
             chunks.append(trunk.cpu())
         features = torch.cat(chunks)
