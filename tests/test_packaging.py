@@ -11,10 +11,11 @@ from msvlad.config import ConfigError, load_params, params_from_dict
 
 
 def _keys(tree, prefix=""):
+    """Every section.key; the rows of `methods:` may differ (a profile can add variants)."""
     out = set()
     for k, v in tree.items():
         out.add(prefix + k)
-        if isinstance(v, dict) and not prefix.startswith("methods."):
+        if isinstance(v, dict) and prefix + k != "methods":
             out |= _keys(v, f"{prefix}{k}.")
     return out
 

@@ -93,7 +93,19 @@ def test_cli_pipeline_end_to_end(tiny_params):
         plain = metrics["test"]["plain"]
         assert set(plain["mAP"]) == {"easy", "medium", "hard"}
         assert all(0 <= v <= 100 for v in plain["mAP"].values())
-        assert set(metrics["test"]) == {"plain", "qe", "dba"}
+        assert set(metrics["test"]) == {"plain", "raw", "qe", "dba"}  # raw: before whitening
+        assert metrics["test"]["raw"]["dim"] > plain["dim"] == 8
+        assert plain["input"] == {
+            "image_size": 64,
+            "resize": "square",
+            "scales": [1.0, 0.75],
+            "query_scale": 0.7,
+        }
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["variants"] == ["plain", "raw", "qe", "dba"]
+        assert len(manifest["checkpoint"]["sha256"]) == 64 and "test/per_query_raw.csv" in (
+            manifest["files"]
+        )
         summary = json.loads((out / "summary.json").read_text())  # what dvc metrics show reads
         assert summary["test"]["M"] == plain["mAP"]["medium"]
         assert summary["test"]["H+QE"] == metrics["test"]["qe"]["mAP"]["hard"]

@@ -3,11 +3,17 @@
 Every command reads params.yaml (or --params), applies `--set section.key=value` overrides and, for
 results-table rows, `--method NAME` (see `methods:` in params.yaml). DVC stages call these commands;
 the work of each lives in its stage module.
+
+`main` is the one error boundary: an expected failure (`msvlad.errors.InputError`, a file or folder
+that cannot be read or written) prints `msvlad <command>: error: <file or parameter>: <what is
+wrong>` and exits 2; a stop by SIGTERM/SIGINT exits 143/130; anything else is a bug and keeps its
+traceback (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from msvlad.config import ConfigError, Params, load_params, method_params
+from msvlad.config import ConfigError, ModelConfig, Params, load_params, method_params
+from msvlad.errors import InputError, Interrupted
 from msvlad.runtime import setup_logging
 
 log = logging.getLogger("msvlad")
@@ -30,7 +37,10 @@ def _parse_sets(values: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        out[key] = yaml.safe_load(raw)
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: {raw!r} is not a YAML value") from None
     return out
 
 
@@ -39,6 +49,25 @@ def _params(args: argparse.Namespace) -> Params:
     if getattr(args, "method", None):
         params = method_params(params, args.method)
     return params
+
+
+def _checkpoint_fits(args: argparse.Namespace, params: Params, config: ModelConfig) -> None:
+    """A model key given explicitly (--set model.*, the --method row) must equal the checkpoint's.
+
+    The checkpoint fixes the architecture; the test-time input policy is `extract.*`.
+    """
+    keys = {k.partition(".")[2] for k in _parse_sets(args.set) if k.startswith("model.")}
+    if getattr(args, "method", None):
+        row = params.methods[args.method]
+        keys |= {"pooling"} | {k.partition(".")[2] for k in row.set if k.startswith("model.")}
+    for key in sorted(keys):
+        asked, saved = getattr(params.model, key), getattr(config, key)
+        if asked != saved:
+            raise ConfigError(
+                f"model.{key}: {asked!r} asked, but {args.checkpoint} was built with {saved!r} "
+                "(a checkpoint fixes the model; set extract.image_size, extract.resize, "
+                "extract.scales for the test-time input)"
+            )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -85,15 +114,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train with the configured miner (resumable); off-the-shelf methods copy the init."""
     from msvlad.stages import train
 
-    train.run(_params(args), Path(args.init), Path(args.out), args.method, args.max_steps)
+    params, init, out = _params(args), Path(args.init), Path(args.out)
+    train.run(params, init, out, args.method, args.max_steps, args.restart)
     return 0
 
 
 def cmd_whiten(args: argparse.Namespace) -> int:
     """Learn PCA-whitening on single-scale training-set descriptors and save the whitened model."""
+    from msvlad.nn.model import load_model
     from msvlad.stages import whiten
 
-    whiten.run(_params(args), Path(args.checkpoint), Path(args.out))
+    params = _params(args)
+    model = load_model(args.checkpoint)
+    _checkpoint_fits(args, params, model.config)
+    whiten.run(params, model, Path(args.out))
     return 0
 
 
@@ -105,6 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     params = _params(args)
     if args.checkpoint:
         model = load_model(args.checkpoint)
+        _checkpoint_fits(args, params, model.config)
     else:  # off-the-shelf ImageNet backbone + pooling (NetVLAD needs k-means: use `cluster`)
         model = build_model(
             params.model if not args.backbone else _with_backbone(params, args.backbone).model
@@ -113,9 +148,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data_root=Path(args.data_root or params.data.root),
         datasets=args.dataset or params.data.test_sets,
         out=Path(args.out),
-        variants=[v for v in args.variants.split(",") if v],
+        variants=[v for v in args.variants.split(",") if v] if args.variants else None,
         flat=args.flat,
         distractors=args.distractors,
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None,
     )
     evaluate.run(params, model, request)
     return 0
@@ -176,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Stop after this many more steps (resume later).",
     )
+    p.add_argument(
+        "--restart",
+        nargs="?",
+        const="always",
+        choices=["always", "if-changed"],
+        help="Move the run already in --out to <out>.previous/<time>/ and start over "
+        "(if-changed: only when its parameters differ; without --restart such a run is an error).",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("whiten", help="Learn PCA-whitening on training descriptors.")
@@ -204,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--variants",
-        default="plain,qe,dba",
-        help="Comma list of plain, qe (alpha-QE), dba (alpha-DBA).",
+        default=None,
+        help="Comma list of plain, raw (unwhitened), qe (alpha-QE), dba (alpha-DBA); "
+        "default evaluate.variants.",
     )
     p.add_argument(
         "--flat", action="store_true", help="Single dataset: write files directly in --out."
@@ -229,11 +274,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; errors from bad input are one line on stderr and exit status 2."""
+    """Entry point: bad input is one line on stderr and exit 2; a signal stop exits 128 + signal."""
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"msvlad {args.command}: error: {err}", file=sys.stderr)
+    except Interrupted as err:
+        _say(args.command, f"stopped: {err}")
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        _say(args.command, "interrupted")
+        return 130
+    except InputError as err:
+        _fail(args.command, str(err))
         return 2
+    except OSError as err:
+        message = _os_error(err)
+        if message is None:
+            raise
+        _fail(args.command, message)
+        return 2
+
+
+def _os_error(err: OSError) -> str | None:
+    """One line for a file system failure the user can fix; None for anything else (a bug)."""
+    if err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    expected = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    if isinstance(err, expected) or err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return str(err)
+    return None
+
+
+def _fail(command: str, message: str) -> None:
+    log.debug("traceback of the error below", exc_info=True)
+    _say(command, f"error: {message}")
+
+
+def _say(command: str, message: str) -> None:
+    print(f"msvlad {command}: {' '.join(message.split())}", file=sys.stderr)

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from msvlad.errors import InputError
+
 PoolingName = Literal["msvlad", "netvlad", "vlad_concat", "gem", "mac", "spoc", "rmac"]
 VLAD_POOLINGS: tuple[str, ...] = ("msvlad", "netvlad", "vlad_concat")  # need k-means init
 MinerName = Literal["difficulty", "random", "hardest_negative", "semi_hard", "batch_hard"]
+# plain: whitened descriptors; raw: the same multi-scale descriptors before whitening; qe: alpha-QE;
+# dba: alpha-DBA (both on the whitened descriptors)
+VariantName = Literal["plain", "raw", "qe", "dba"]
+VARIANTS: tuple[str, ...] = get_args(VariantName)
 VladNorm = Literal["intra", "across_clusters"]
 BiasInit = Literal["squared_norm", "norm"]
 ResizeFilter = Literal["bilinear", "lanczos"]
@@ -142,7 +150,7 @@ class TrainConfig:
     steps_per_epoch: int = 400
     epochs: int = 241
     checkpoint_every: int = 8000
-    amp: bool = True  # only on CUDA
+    amp: bool = True  # bf16 autocast of the training steps, only on CUDA
     val_every: int = 1  # epochs between validation mAP
     frozen_stages: int = 0  # leading backbone stages kept frozen (0 = the paper's full fine-tuning)
     lr_schedule: LrSchedule = "aligned"  # lagged: the authors' scheduler, stepped after Adam
@@ -162,10 +170,17 @@ class WhitenConfig:
 class ExtractConfig:
     """Test-time descriptor extraction."""
 
+    # The test-time input policy, independent of the training input (model.image_size/resize):
+    image_size: int | None = None  # base size of the test images; null: the model's training size
+    resize: Literal["square", "max_side"] | None = None  # null: the model's training policy
     scales: list[float] = field(default_factory=lambda: [1.5, 1.0, 0.6667])
     query_scale: float = 0.7  # queries are described at this fraction of the database size
     batch_size: int = 16
     float16: bool = False  # store descriptors in float16
+
+
+# faiss index kinds of msvlad.evaluation.search (exact flat, or an approximate family)
+IndexName = Literal["flat", "ivf", "ivfsq8", "hnsw", "ivfpq", "opq", "ivfpq_rerank"]
 
 
 @dataclass(frozen=True)
@@ -173,11 +188,14 @@ class EvaluateConfig:
     """Ranking and metrics."""
 
     kappas: list[int] = field(default_factory=lambda: [1, 5, 10])
-    index: Literal["flat", "ivf", "hnsw", "ivfpq"] = "flat"
+    index: IndexName = "flat"  # exact; R1M-scale databases: see benchmarks/README.md
     qe_k: int = 2
     qe_alpha: float = 3.0
     dba_k: int = 2
     dba_alpha: float = 3.0
+    variants: list[VariantName] = field(default_factory=lambda: list(VARIANTS))
+    skip_failed_queries: bool = False  # false: an unreadable query is an error naming it
+    max_failed_db: float = 0.01  # larger fraction of unreadable database images: an error
 
 
 @dataclass(frozen=True)
@@ -217,7 +235,7 @@ class Params:
     methods: dict[str, MethodConfig] = field(default_factory=dict)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A params file has a wrong key or value."""
 
 
@@ -239,8 +257,10 @@ def load_params(
 
 
 def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
-    """Build Params from a plain dict, rejecting unknown or missing keys."""
-    return _build(Params, raw, source, prefix="", require_all=True)
+    """Build Params from a plain dict, rejecting unknown or missing keys and out-of-range values."""
+    params = _build(Params, raw, source, prefix="", require_all=True)
+    check_ranges(params, source)
+    return params
 
 
 def params_to_dict(params: Params) -> dict[str, Any]:
@@ -266,6 +286,116 @@ def method_params(params: Params, method: str) -> Params:
         return with_overrides(params, **sections)
     except ConfigError as err:
         raise ConfigError(f"methods.{method}.set: {err}") from None
+
+
+MIN_IMAGE_SIZE = 32  # one cell of a stride-32 backbone; smaller scaled sizes are raised to it
+
+
+def _ge(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"must be >= {low}"
+
+
+def _gt(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > low), f"must be > {low}"
+
+
+def _within(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: low <= v <= high), f"must be in [{low}, {high}]"
+
+
+# The allowed range of every numeric key, stated once and checked before any work starts. A list
+# key must be non-empty and each item is checked; null (where a key allows it) always passes.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "base.seed": _ge(0),
+    "base.num_workers": _ge(0),
+    "prepare.mini_image_max_side": _ge(MIN_IMAGE_SIZE),
+    "prepare.mini_train_views": _ge(1),
+    "prepare.mini_queries_per_scene": _ge(1),
+    "prepare.mini_scene_views": _ge(0),
+    "prepare.mini_distractor_views": _ge(0),
+    "prepare.gldv2_num_classes": _ge(1),
+    "prepare.gldv2_min_images": _ge(1),
+    "model.pool_sizes": _ge(1),
+    "model.split": _ge(1),
+    "model.num_clusters": _ge(1),
+    "model.alpha": _gt(0),
+    "model.gem_p": _gt(0),
+    "model.image_size": _ge(MIN_IMAGE_SIZE),
+    "cluster.num_images": _ge(1),
+    "cluster.batch_size": _ge(1),
+    "cluster.max_locals": _ge(1),
+    "cluster.niter": _ge(1),
+    "miner.margin": _ge(0),
+    "miner.delta": _ge(0),
+    "miner.threshold": _ge(1),
+    "miner.semi_hard_prob": _within(0, 1),
+    "miner.triplets_per_round": _ge(1),
+    "miner.pool_size": _ge(2),
+    "miner.images_per_class": _ge(2),
+    "train.lr": _gt(0),
+    "train.lr_start": _gt(0),
+    "train.warmup_steps": _ge(0),
+    "train.decay_every": _ge(1),
+    "train.gamma": _within(0, 1),
+    "train.lr_decay": _ge(0),
+    "train.batch_triplets": _ge(1),
+    "train.micro_batch": _ge(1),
+    "train.steps_per_epoch": _ge(1),
+    "train.epochs": _ge(0),
+    "train.checkpoint_every": _ge(1),
+    "train.val_every": _ge(0),
+    "train.frozen_stages": _ge(0),
+    "whiten.num_images": _ge(2),
+    "whiten.dim": _ge(1),
+    "whiten.power": _gt(0),
+    "whiten.batch_size": _ge(1),
+    "extract.image_size": _ge(MIN_IMAGE_SIZE),
+    "extract.scales": _gt(0),
+    "extract.query_scale": _gt(0),
+    "extract.batch_size": _ge(1),
+    "evaluate.kappas": _ge(1),
+    "evaluate.qe_k": _ge(1),
+    "evaluate.qe_alpha": _ge(0),
+    "evaluate.dba_k": _ge(1),
+    "evaluate.dba_alpha": _ge(0),
+    "evaluate.max_failed_db": _within(0, 1),
+    "report.top_k": _ge(1),
+    "report.num_queries": _ge(1),
+    "report.bootstrap": _ge(1),
+}
+
+
+def check_ranges(params: Params, source: str = "params") -> None:
+    """Raise ConfigError naming `source: section.key` for the first value outside its range."""
+    for dotted, (ok, what) in RANGES.items():
+        section, _, key = dotted.partition(".")
+        value = getattr(getattr(params, section), key)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"{source}: {dotted}: must not be empty")
+            bad = [v for v in value if not ok(v)]
+            if bad:
+                raise ConfigError(f"{source}: {dotted}: {value!r}: every item {what}")
+        elif not ok(value):
+            raise ConfigError(f"{source}: {dotted}: {value!r} {what}")
+    variants = params.evaluate.variants
+    if not variants or len(set(variants)) < len(variants):
+        raise ConfigError(f"{source}: evaluate.variants: {variants!r} must be unique, not empty")
+    m = params.miner
+    if m.pool_size // m.images_per_class < 2:
+        raise ConfigError(
+            f"{source}: miner.pool_size: {m.pool_size} // miner.images_per_class "
+            f"{m.images_per_class} must be >= 2 (at least two classes per pool)"
+        )
+
+
+def model_config_from_dict(raw: Any, source: str = "model") -> ModelConfig:
+    """A saved model's config, checked like params.yaml's model section (older files lack keys)."""
+    config = _build(ModelConfig, raw, source, prefix="model.", require_all=False)
+    check_ranges(dataclasses.replace(Params(), model=config), source)
+    return config
 
 
 def with_overrides(params: Params, **sections: dict[str, Any]) -> Params:
@@ -355,6 +485,8 @@ def _check(tp: Any, value: Any, source: str, key: str) -> Any:
                 raise ConfigError(f"{source}: {key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: {key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -21,6 +21,32 @@ def resolve_device(name: str = "auto") -> torch.device:  # noqa: F821 - torch im
     return torch.device(name)
 
 
+def code_version() -> dict[str, str | None]:
+    """msvlad's version and, in a git checkout, its commit (+ "dirty" if tracked files changed)."""
+    import subprocess
+    from pathlib import Path
+
+    from msvlad import __version__
+
+    out: dict[str, str | None] = {"version": __version__, "commit": None}
+    try:
+        git = ["git", "-C", str(Path(__file__).resolve().parent)]
+        commit = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0:
+            changed = subprocess.run(
+                [*git, "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            out["commit"] = commit.stdout.strip() + (" dirty" if changed else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) RNGs."""
     import torch

@@ -1,7 +1,15 @@
-"""Atomic writes and safe reads: nothing half-written ever sits under a final name."""
+"""Atomic writes and safe reads: nothing half-written ever sits under a final name.
+
+Every file is written to a temp file `.<name>.<random>.tmp` beside it and renamed; the result has
+the permissions the umask gives a new file. A kill mid-write leaves only such a temp file, which
+`remove_stale_temps` clears on the next run. Torch files carry a SHA-256 of their payload
+(`payload_digest`), checked on load, so a corrupted checkpoint is refused with its name.
+"""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import io
 import json
 import os
@@ -14,6 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from msvlad.errors import CheckpointError, InputError
+
+DIGEST_KEY = "sha256"  # the key of a torch file's payload checksum
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -25,6 +37,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp makes 0600; honour the umask
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -87,30 +100,127 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """torch.save to bytes; a dict gets the digest of its payload under DIGEST_KEY."""
+    import torch  # lazy: notebooks that only read JSON/CSV should not pay for importing torch
+
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+        obj[DIGEST_KEY] = payload_digest(obj)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def save_torch(path: str | os.PathLike, obj: Any) -> Path:
-    """torch.save atomically (checkpoints survive a kill mid-write)."""
-    import torch  # lazy: notebooks that only read JSON/CSV should not pay for importing torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return write_bytes(path, buf.getvalue())
+    """torch.save atomically (checkpoints survive a kill mid-write), with the payload digest."""
+    return write_bytes(path, torch_bytes(obj))
 
 
 def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """torch.load restricted to tensors and plain containers (weights_only=True)."""
+    """torch.load restricted to tensors and plain containers (weights_only=True), digest checked.
+
+    A file without a digest (written before digests existed) loads as it is.
+    """
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"{path}: cannot load checkpoint ({type(err).__name__}: {err})") from None
+        msg = " ".join(str(err).split())[:300]
+        raise CheckpointError(
+            f"{path}: cannot load checkpoint ({type(err).__name__}: {msg})"
+        ) from None
+    if isinstance(obj, dict) and DIGEST_KEY in obj:
+        if payload_digest(obj) != obj[DIGEST_KEY]:
+            raise CheckpointError(
+                f"{path}: checksum mismatch: the file is corrupt (its {DIGEST_KEY} does not match "
+                "its content); restore it or re-create it"
+            )
+    return obj
+
+
+def payload_digest(obj: Any) -> str:
+    """SHA-256 of a nested structure of tensors, arrays and plain values (the digest key left out).
+
+    Tensors are hashed by dtype, shape and raw bytes, so the digest does not depend on the device
+    they were loaded to nor on how torch lays out its zip file.
+    """
+    h = hashlib.sha256()
+    _digest_into(h, obj, top=True)
+    return h.hexdigest()
+
+
+def _digest_into(h: Any, obj: Any, top: bool = False) -> None:
+    import torch
+
+    if isinstance(obj, dict):
+        h.update(b"{")
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            if top and key == DIGEST_KEY:
+                continue
+            h.update(repr(key).encode() + b":")
+            _digest_into(h, obj[key])
+        h.update(b"}")
+    elif isinstance(obj, list | tuple):
+        h.update(b"[" if isinstance(obj, list) else b"(")
+        for item in obj:
+            _digest_into(h, item)
+        h.update(b"]")
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, np.ndarray):
+        h.update(f"A{obj.dtype.str}{obj.shape}".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    else:
+        h.update(f"{type(obj).__name__}={obj!r};".encode())
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create `folder` if needed and prove a file can be written in it (before long work)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise InputError(f"{folder}: exists and is not a folder") from None
+    except OSError as err:
+        raise InputError(f"{folder}: cannot write here ({err.strerror or err})") from None
+    return folder
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temp files/folders an interrupted atomic write left in `folder` (for `name`)."""
+    removed = []
+    stem = "*" if name is None else glob.escape(name)
+    for pattern in (f".{stem}.*.tmp", f".{stem}.*.old"):
+        for p in map(Path, glob.glob(os.path.join(glob.escape(str(folder)), pattern))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:

@@ -35,6 +35,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from msvlad.errors import InputError
 from msvlad.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ CHUNK = 1 << 20
 USER_AGENT = "msvlad/0.1 (python urllib)"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(InputError, RuntimeError):
     """A file could not be fetched (offline, refused, HTTP error or interrupted transfer)."""
 
 

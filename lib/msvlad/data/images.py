@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from msvlad.config import ResizeFilter
+from msvlad.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 _WHITE = (255, 255, 255)
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(InputError):
     """An image file is missing, truncated, corrupt, or its crop box is unusable."""
 
 

@@ -55,6 +55,7 @@ from msvlad.data.trainsets import (
     read_manifest,
     write_manifest,
 )
+from msvlad.errors import InputError
 from msvlad.storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def _flatten_images(src: Path, jpg: Path, known_corrupt: frozenset[str]) -> list
             continue
         target = jpg / f.name
         if target.exists():
-            raise ValueError(f"{f}: two archive members share the name {f.name}")
+            raise InputError(f"{f}: two archive members share the name {f.name}")
         os.replace(f, target)
     return skipped
 
@@ -243,7 +244,7 @@ def _build_revisitop(
         skipped_stems = {_stem(s) for s in skipped}
         lost = [n for n in absent if n not in skipped_stems]
         if lost:
-            raise ValueError(
+            raise InputError(
                 f"{gnd_path}: {len(lost)} listed image(s) are in none of the archives "
                 f"{[a.name for a in archives]}, e.g. {lost[0]}"
             )
@@ -322,16 +323,16 @@ def holidays_gnd(imlist: Sequence[str]) -> tuple[list[str], list[dict]]:
     for idx, name in enumerate(imlist):
         stem = PurePath(str(name)).stem
         if len(stem) != 6 or not stem.isdigit():
-            raise ValueError(f"imlist[{idx}]: {name!r} is not a 6-digit Holidays image name")
+            raise InputError(f"imlist[{idx}]: {name!r} is not a 6-digit Holidays image name")
         group = stem[:4]
         if stem[4:] == "00":
             if group in queries:
-                raise ValueError(f"imlist[{idx}]: {name!r} repeats the query of group {group}")
+                raise InputError(f"imlist[{idx}]: {name!r} repeats the query of group {group}")
             queries[group] = idx
         groups.setdefault(group, []).append(idx)
     no_query = sorted(set(groups) - set(queries))
     if no_query:
-        raise ValueError(f"imlist: group(s) {no_query[:5]} have no query image (xxxx00)")
+        raise InputError(f"imlist: group(s) {no_query[:5]} have no query image (xxxx00)")
     qimlist: list[str] = []
     gnd: list[dict] = []
     for group, q_idx in sorted(queries.items(), key=lambda item: item[1]):
@@ -400,7 +401,7 @@ def _prepare_holidays_rotated(
 ) -> Path:
     _no_options("holidays_rotated", options)
     if rotations is None:
-        raise ValueError(
+        raise InputError(
             "holidays_rotated needs a rotation list (image name -> clockwise degrees): pass "
             "rotations=FILE (params.yaml prepare.holidays_rotations)"
         )
@@ -412,7 +413,7 @@ def _prepare_holidays_rotated(
         src = load_dataset(data_root, "holidays")
     unknown = sorted(set(table) - set(src.imlist))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{rotations}: {len(unknown)} name(s) are not Holidays images, e.g. {unknown[0]!r}"
         )
     out = data_root / "holidays_rotated"
@@ -476,7 +477,7 @@ def _prepare_revisitop1m(
 ) -> Path:
     _no_options("revisitop1m", options)
     if not 1 <= num_archives <= R1M_NUM_ARCHIVES:
-        raise ValueError(f"num_archives must be in [1, {R1M_NUM_ARCHIVES}], got {num_archives}")
+        raise InputError(f"num_archives must be in [1, {R1M_NUM_ARCHIVES}], got {num_archives}")
     out = data_root / "revisitop1m"
     out.mkdir(parents=True, exist_ok=True)
     listing = fetcher.fetch(R1M_LIST)
@@ -507,7 +508,7 @@ def _parse_md5_file(path: Path, filename: str) -> str:
             return parts[0].lower()
     if len(lines) == 1 and re.fullmatch(r"[0-9a-fA-F]{32}", lines[0][0]):
         return lines[0][0].lower()
-    raise ValueError(f"{path}: no md5 for {filename}")
+    raise InputError(f"{path}: no md5 for {filename}")
 
 
 def _tar_indices(tars: int | Sequence[int] | None) -> list[int]:
@@ -516,7 +517,7 @@ def _tar_indices(tars: int | Sequence[int] | None) -> list[int]:
     idx = list(range(tars)) if isinstance(tars, int) else [int(t) for t in tars]
     bad = [t for t in idx if not 0 <= t < GLDV2_NUM_TARS]
     if bad or not idx:
-        raise ValueError(f"tars must select indices in [0, {GLDV2_NUM_TARS}), got {tars!r}")
+        raise InputError(f"tars must select indices in [0, {GLDV2_NUM_TARS}), got {tars!r}")
     return idx
 
 
@@ -704,7 +705,7 @@ def prepare_dataset(
     (num_archives, keep_archives).
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; registry names: {', '.join(sorted(DATASETS))}")
+        raise InputError(f"unknown dataset {name!r}; registry names: {', '.join(sorted(DATASETS))}")
     data_root = Path(data_root)
     data_root.mkdir(parents=True, exist_ok=True)
     out = data_root / name

@@ -14,6 +14,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from msvlad.errors import InputError
+
 # (module, name) pairs the unpickler may resolve. numpy 2 moved `numpy.core` to `numpy._core`;
 # pickles written by either generation name one or the other, so both spellings are listed.
 _NUMPY_NAMES = {
@@ -59,7 +61,7 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
 )
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(InputError, pickle.UnpicklingError):
     """A pickle asked for a global outside the allow-list (it may execute code)."""
 
 
@@ -120,4 +122,4 @@ def load_pickle(path: str | os.PathLike) -> Any:
         AttributeError,
         IndexError,
     ) as err:
-        raise ValueError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
+        raise InputError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None

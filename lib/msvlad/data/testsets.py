@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from msvlad.data.safe_pickle import load_pickle
+from msvlad.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +80,21 @@ def _index_array(value: Any, n_db: int, where: str) -> np.ndarray:
     try:
         arr = np.asarray(value).ravel()
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: indices must be a flat list of integers") from None
+        raise InputError(f"{where}: indices must be a flat list of integers") from None
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu":
         try:
             as_float = arr.astype(np.float64)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: indices must be integers") from None
+            raise InputError(f"{where}: indices must be integers") from None
         if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
-            raise ValueError(f"{where}: indices must be integers")
+            raise InputError(f"{where}: indices must be integers")
         arr = as_float
     arr = arr.astype(np.int64)
     bad = arr[(arr < 0) | (arr >= n_db)]
     if bad.size:
-        raise ValueError(f"{where}: index {int(bad[0])} out of range [0, {n_db})")
+        raise InputError(f"{where}: index {int(bad[0])} out of range [0, {n_db})")
     return arr
 
 
@@ -101,11 +102,11 @@ def _bbx(value: Any, where: str) -> tuple[float, float, float, float]:
     try:
         arr = np.asarray(value, dtype=np.float64).ravel()
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: bbx must be 4 numbers (x1, y1, x2, y2)") from None
+        raise InputError(f"{where}: bbx must be 4 numbers (x1, y1, x2, y2)") from None
     if arr.size != 4 or not np.all(np.isfinite(arr)):
-        raise ValueError(f"{where}: bbx must be 4 finite numbers (x1, y1, x2, y2), got {value!r}")
+        raise InputError(f"{where}: bbx must be 4 finite numbers (x1, y1, x2, y2), got {value!r}")
     if arr[2] <= arr[0] or arr[3] <= arr[1]:
-        raise ValueError(f"{where}: bbx {tuple(arr.tolist())} is empty (need x2 > x1 and y2 > y1)")
+        raise InputError(f"{where}: bbx {tuple(arr.tolist())} is empty (need x2 > x1 and y2 > y1)")
     return tuple(float(v) for v in arr)  # type: ignore[return-value]
 
 
@@ -114,7 +115,7 @@ def infer_protocol(gnd: Sequence[Mapping[str, Any]], source: str = "gnd") -> Pro
     found: Protocol | None = None
     for i, g in enumerate(gnd):
         if not isinstance(g, Mapping):
-            raise ValueError(
+            raise InputError(
                 f"{source}: query {i}: gnd entry must be a dict, got {type(g).__name__}"
             )
         if "easy" in g and "hard" in g:
@@ -124,12 +125,12 @@ def infer_protocol(gnd: Sequence[Mapping[str, Any]], source: str = "gnd") -> Pro
         elif "ok" in g:
             proto = "classic"
         else:
-            raise ValueError(
+            raise InputError(
                 f"{source}: query {i}: gnd keys {sorted(g)} match no protocol "
                 "(need easy/hard/junk, ok/junk, or ok/query_db_index)"
             )
         if found is not None and proto != found:
-            raise ValueError(f"{source}: query {i}: {proto} keys after {found} entries")
+            raise InputError(f"{source}: query {i}: {proto} keys after {found} entries")
         found = proto
     return found
 
@@ -143,22 +144,26 @@ def validate_gnd(
     floats; every error names `source` and the query index.
     """
     if not isinstance(cfg, Mapping):
-        raise ValueError(
+        raise InputError(
             f"{source}: expected a dict with imlist, qimlist and gnd, got {type(cfg).__name__}"
         )
     missing = [k for k in ("imlist", "qimlist", "gnd") if k not in cfg]
     if missing:
-        raise ValueError(f"{source}: missing key(s) {missing} (need imlist, qimlist, gnd)")
-    imlist = [str(x) for x in cfg["imlist"]]
-    qimlist = [str(x) for x in cfg["qimlist"]]
+        raise InputError(f"{source}: missing key(s) {missing} (need imlist, qimlist, gnd)")
+    imlist = _names(cfg["imlist"], f"{source}: imlist")
+    qimlist = _names(cfg["qimlist"], f"{source}: qimlist")
+    if not isinstance(cfg["gnd"], list | tuple):
+        raise InputError(
+            f"{source}: gnd: expected a list of per-query dicts, got {type(cfg['gnd']).__name__}"
+        )
     raw = list(cfg["gnd"])
     if len(raw) != len(qimlist):
-        raise ValueError(f"{source}: {len(raw)} gnd entries for {len(qimlist)} queries")
+        raise InputError(f"{source}: {len(raw)} gnd entries for {len(qimlist)} queries")
     inferred = infer_protocol(raw, source)
     if inferred is None and protocol is None:
-        raise ValueError(f"{source}: no queries, so the protocol cannot be inferred")
+        raise InputError(f"{source}: no queries, so the protocol cannot be inferred")
     if inferred is not None and protocol is not None and inferred != protocol:
-        raise ValueError(f"{source}: gnd keys give the {inferred} protocol, expected {protocol}")
+        raise InputError(f"{source}: gnd keys give the {inferred} protocol, expected {protocol}")
     proto: Protocol = inferred or protocol  # type: ignore[assignment]
     n_db = len(imlist)
     index_keys = {
@@ -172,21 +177,35 @@ def validate_gnd(
         entry = dict(g)
         for key in index_keys:
             if key not in entry and not (key == "junk" and proto == "classic"):
-                raise ValueError(f"{where}: missing '{key}'")
+                raise InputError(f"{where}: missing '{key}'")
             entry[key] = _index_array(entry.get(key), n_db, f"{where} '{key}'")
         if entry.get("bbx") is not None:
             entry["bbx"] = _bbx(entry["bbx"], where)
         elif proto == "revisited":
-            raise ValueError(f"{where}: missing 'bbx' (revisited queries must be cropped)")
+            raise InputError(f"{where}: missing 'bbx' (revisited queries must be cropped)")
         if proto == "holidays":
             q = int(_index_array([entry["query_db_index"]], n_db, f"{where} 'query_db_index'")[0])
             if q in set(entry["ok"].tolist()):
-                raise ValueError(f"{where}: query_db_index {q} is also listed in 'ok'")
+                raise InputError(f"{where}: query_db_index {q} is also listed in 'ok'")
             if imlist[q] != qimlist[i]:
-                raise ValueError(f"{where}: query_db_index {q} names {imlist[q]!r}, not the query")
+                raise InputError(f"{where}: query_db_index {q} names {imlist[q]!r}, not the query")
             entry["query_db_index"] = q
         gnd.append(entry)
     return imlist, qimlist, gnd, proto
+
+
+def _names(value: Any, where: str) -> list[str]:
+    """A non-empty list of image names (strings); a string or a number is refused, not split."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
+    if not isinstance(value, list | tuple):
+        raise InputError(f"{where}: expected a list of image names, got {type(value).__name__}")
+    if not value:
+        raise InputError(f"{where}: is empty")
+    bad = next((i for i, v in enumerate(value) if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise InputError(f"{where}[{bad}]: expected a non-empty string, got {value[bad]!r}")
+    return [str(v) for v in value]
 
 
 def read_rotations(path: str | os.PathLike) -> dict[str, int]:
@@ -210,18 +229,18 @@ def read_rotations(path: str | os.PathLike) -> dict[str, int]:
                 continue
             parts = re.split(r"[\s:,]+", line)
             if len(parts) != 2:
-                raise ValueError(f"{path}:{n}: expected 'name degrees', got {line!r}")
+                raise InputError(f"{path}:{n}: expected 'name degrees', got {line!r}")
             data[parts[0]] = parts[1]
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a mapping of image name -> degrees")
+        raise InputError(f"{path}: expected a mapping of image name -> degrees")
     out: dict[str, int] = {}
     for name, deg in data.items():
         try:
             value = int(float(deg))
         except (TypeError, ValueError):
-            raise ValueError(f"{path}: {name}: rotation {deg!r} is not a number") from None
+            raise InputError(f"{path}: {name}: rotation {deg!r} is not a number") from None
         if value % 90:
-            raise ValueError(f"{path}: {name}: rotation {value} is not a multiple of 90 degrees")
+            raise InputError(f"{path}: {name}: rotation {value} is not a multiple of 90 degrees")
         value %= 360
         if value:
             out[_stem(str(name))] = value
@@ -278,7 +297,7 @@ def load_dataset(data_root: str | os.PathLike, name: str) -> RetrievalDataset:
         rotations = read_rotations(root / ROTATIONS)
         unknown = sorted(set(rotations) - set(imlist) - set(qimlist))
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"{root / ROTATIONS}: {len(unknown)} name(s) not in the dataset, "
                 f"e.g. {unknown[0]!r}"
             )
@@ -290,6 +309,12 @@ def load_dataset(data_root: str | os.PathLike, name: str) -> RetrievalDataset:
 def _check_images(ds: RetrievalDataset, data_root: Path) -> None:
     names = dict.fromkeys([*ds.imlist, *ds.qimlist])
     missing = [n for n in names if not ds._path(n).is_file()]
+    for what, listed in (("database images", ds.imlist), ("queries", ds.qimlist)):
+        if missing and len(missing) < len(names) and not any(ds._path(n).is_file() for n in listed):
+            raise InputError(
+                f"{ds.root / 'jpg'}: none of the {len(listed)} {what} of {ds.name} found "
+                f"(e.g. {listed[0]})"
+            )
     if missing and len(missing) == len(names):
         raise FileNotFoundError(
             f"{ds.root / 'jpg'}: none of the {len(names)} images of {ds.name} found "

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from msvlad.data.safe_pickle import load_pickle
 from msvlad.data.testsets import IMAGE_EXTS, _natural_key, _not_found_hint
+from msvlad.errors import InputError
 from msvlad.storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def load_training_set(path: str | os.PathLike) -> TrainingSet:
     if empty:
         log.warning("%s: %d empty class folder(s) ignored (e.g. %s)", path, len(empty), empty[0])
     if not paths:
-        raise ValueError(f"{path}: no images found (expected <class>/<image>.jpg folders)")
+        raise InputError(f"{path}: no images found (expected <class>/<image>.jpg folders)")
     return TrainingSet(path, paths, np.asarray(labels, dtype=np.int64), classes)
 
 
@@ -112,27 +113,27 @@ def build_gldv2_clean(
     """
     train_clean_csv, images_dir, out_dir = Path(train_clean_csv), Path(images_dir), Path(out_dir)
     if min_images_per_class < 1:
-        raise ValueError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
+        raise InputError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
     if num_classes is not None and num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
+        raise InputError(f"num_classes must be >= 1 or None, got {num_classes}")
     present: dict[str, list[tuple[str, Path]]] = {}
     n_listed = n_missing = 0
     with open(train_clean_csv, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["landmark_id", "images"]:
-            raise ValueError(
+            raise InputError(
                 f"{train_clean_csv}: expected header 'landmark_id,images', got {header}"
             )
         for row_no, row in enumerate(reader, start=2):
             if not row:
                 continue
             if len(row) < 2:
-                raise ValueError(f"{train_clean_csv}:{row_no}: expected 'landmark_id,images'")
+                raise InputError(f"{train_clean_csv}:{row_no}: expected 'landmark_id,images'")
             landmark = row[0].strip()
             for image_id in row[1].split():
                 if not re.fullmatch(r"[0-9a-fA-F]{3,}", image_id):
-                    raise ValueError(f"{train_clean_csv}:{row_no}: bad image id {image_id!r}")
+                    raise InputError(f"{train_clean_csv}:{row_no}: bad image id {image_id!r}")
                 n_listed += 1
                 src = images_dir / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
                 if src.is_file():
@@ -143,7 +144,7 @@ def build_gldv2_clean(
         (k for k, v in present.items() if len(v) >= min_images_per_class), key=_natural_key
     )
     if not eligible:
-        raise ValueError(
+        raise InputError(
             f"{images_dir}: no landmark of {train_clean_csv.name} has "
             f"{min_images_per_class}+ images on disk"
         )
@@ -207,16 +208,16 @@ def build_sfm120k(
     db_pkl, ims_dir, out_dir = Path(db_pkl), Path(ims_dir), Path(out_dir)
     db = load_pickle(db_pkl)
     if not isinstance(db, Mapping) or split not in db:
-        raise ValueError(f"{db_pkl}: expected a dict with a {split!r} entry")
+        raise InputError(f"{db_pkl}: expected a dict with a {split!r} entry")
     part = db[split]
     if not isinstance(part, Mapping) or "cids" not in part or "cluster" not in part:
-        raise ValueError(f"{db_pkl}: {split!r} must hold 'cids' and 'cluster'")
+        raise InputError(f"{db_pkl}: {split!r} must hold 'cids' and 'cluster'")
     cids = [str(c) for c in part["cids"]]
     clusters = np.asarray(part["cluster"]).ravel()
     if len(cids) != len(clusters):
-        raise ValueError(f"{db_pkl}: {split}: {len(cids)} cids but {len(clusters)} cluster ids")
+        raise InputError(f"{db_pkl}: {split}: {len(cids)} cids but {len(clusters)} cluster ids")
     if clusters.size and clusters.dtype.kind not in "iu":
-        raise ValueError(f"{db_pkl}: {split}: cluster ids must be integers")
+        raise InputError(f"{db_pkl}: {split}: cluster ids must be integers")
     width = len(str(int(clusters.max()))) if clusters.size else 1
     members: dict[str, list[tuple[str, Path]]] = {}
     n_missing = 0
@@ -232,7 +233,7 @@ def build_sfm120k(
         )
     chosen = sorted(k for k, v in members.items() if len(v) >= min_images_per_class)
     if not chosen:
-        raise ValueError(
+        raise InputError(
             f"{ims_dir}: no {split} cluster has {min_images_per_class}+ images on disk"
         )
     with atomic_dir(out_dir) as tmp:

@@ -3,8 +3,11 @@
 Multi-scale test-time extraction follows the paper: describe the image at each scale of the base
 size, sum the raw L2 descriptors, L2, then PCA-whiten and L2. Images are batched: with the square
 policy every image has the same size; with the aspect-preserving max-side policy images are bucketed
-by their exact resized shape, so no padding changes a descriptor. A broken image is logged and
-skipped (its row is zero) instead of stopping a long run.
+by their exact resized shape, so no padding changes a descriptor. An unreadable image does not stop
+a long run: its row is zero and its index and error are returned, so the caller decides what that
+means (evaluation names failed queries and database images; mining drops them from the pool).
+`describe_multiscale` gives the raw multi-scale descriptor, `whiten_descriptors` whitens it: the
+evaluation scores both from one extraction.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from msvlad.config import ResizeFilter
+from msvlad.config import MIN_IMAGE_SIZE, ResizeFilter
 from msvlad.data.images import (
     ImageItem,
     ImageLoadError,
@@ -47,13 +51,13 @@ class _ImageSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        """(image, index, "") or, for an unreadable image, (zero placeholder, index, its error)."""
         try:
-            return load_resized(self.items[i], self.size, self.policy, self.resize_filter), i, True
+            return load_resized(self.items[i], self.size, self.policy, self.resize_filter), i, ""
         except ImageLoadError as err:
-            log.warning("skipping image: %s", err)
-            w, h = (self.size, self.size)
-            return torch.zeros(3, h, w), i, False
+            log.debug("unreadable image: %s", err)
+            return torch.zeros(3, self.size, self.size), i, str(err)
 
 
 def _batches(
@@ -74,7 +78,7 @@ def _batches(
             if item.rotation in (90, 270):
                 w, h = h, w
             shape = target_size(w, h, size, policy)
-        except (OSError, ValueError):
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
             shape = (size, size)  # unreadable: its own loader reports it
         buckets[shape].append(i)
     out = []
@@ -85,8 +89,8 @@ def _batches(
 
 
 def _collate(
-    batch: list[tuple[torch.Tensor, int, bool]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch: list[tuple[torch.Tensor, int, str]],
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     shapes = {t.shape for t, _, _ in batch}
     if len(shapes) > 1:  # a broken image's placeholder can differ in shape: pad to the largest
         h = max(s[1] for s in shapes)
@@ -98,7 +102,7 @@ def _collate(
     return (
         torch.stack([t for t, _, _ in batch]),
         torch.tensor([i for _, i, _ in batch]),
-        torch.tensor([ok for _, _, ok in batch]),
+        [err for _, _, err in batch],
     )
 
 
@@ -124,18 +128,22 @@ def embed_images(
     progress: str = "extract",
     resize_filter: ResizeFilter = "bilinear",
     fp16: bool = True,
+    failures: dict[int, str] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Raw single-scale network outputs (N, raw_dim) on the CPU and a bool mask of loaded images.
 
     Under torchrun (an initialised process group) every rank embeds its own slice of `items` and
     the slices are gathered, so every rank gets all N rows: this is the one sharded path, used by
-    evaluation, whitening and the training pool alike. Unreadable images get zero rows.
+    evaluation, whitening and the training pool alike. Unreadable images get zero rows; with
+    `failures` given, their index -> error is added to it.
+    `fp16`: run the network under float16 autocast on CUDA (no effect on the CPU).
     """
     rank, world = _shard()
     opts = (resize_filter, fp16)
+    errors: dict[int, str] = {}
     if world > 1:
         mine = np.array_split(np.arange(len(items)), world)[rank]
-        desc, ok = _embed_local(
+        desc, ok, local_errors = _embed_local(
             model,
             [items[i] for i in mine],
             image_size,
@@ -149,13 +157,19 @@ def embed_images(
         import torch.distributed as dist
 
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, (desc.numpy(), ok))
-        return torch.from_numpy(np.concatenate([g[0] for g in gathered])), np.concatenate(
-            [g[1] for g in gathered]
+        local_errors = {int(mine[i]): e for i, e in local_errors.items()}
+        dist.all_gather_object(gathered, (desc.numpy(), ok, local_errors))
+        desc = torch.from_numpy(np.concatenate([g[0] for g in gathered]))
+        ok = np.concatenate([g[1] for g in gathered])
+        for g in gathered:
+            errors.update(g[2])
+    else:
+        desc, ok, errors = _embed_local(
+            model, items, image_size, resize, batch_size, device, num_workers, progress, *opts
         )
-    return _embed_local(
-        model, items, image_size, resize, batch_size, device, num_workers, progress, *opts
-    )
+    if failures is not None:
+        failures.update(errors)
+    return desc, ok
 
 
 def _embed_local(
@@ -169,7 +183,7 @@ def _embed_local(
     progress: str,
     resize_filter: ResizeFilter = "bilinear",
     fp16: bool = True,
-) -> tuple[torch.Tensor, np.ndarray]:
+) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
     model.eval()
     device = torch.device(device)
     out = torch.zeros(len(items), model.raw_dim)
@@ -181,16 +195,18 @@ def _embed_local(
         collate_fn=_collate,
     )
     use_amp = device.type == "cuda" and fp16
-    for images, idx, good in tqdm(loader, desc=progress, leave=False):
+    errors: dict[int, str] = {}
+    for images, idx, errs in tqdm(loader, desc=progress, leave=False):
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             d = model(images.to(device, non_blocking=True))
         out[idx] = d.float().cpu()
-        ok[idx.numpy()] = good.numpy()
+        ok[idx.numpy()] = [not e for e in errs]
+        errors.update({int(i): e for i, e in zip(idx.tolist(), errs, strict=True) if e})
     out[~torch.from_numpy(ok)] = 0.0
-    return out, ok
+    return out, ok, errors
 
 
-def extract_descriptors(
+def describe_multiscale(
     model: torch.nn.Module,
     items: Sequence[ImageItem],
     *,
@@ -200,16 +216,19 @@ def extract_descriptors(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
-    whiten: bool = True,
     progress: str = "extract",
     resize_filter: ResizeFilter = "bilinear",
-) -> tuple[np.ndarray, list[int]]:
-    """Descriptors (N, D) float32: multi-scale sum -> L2 -> whitening -> L2; and failed indices."""
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """Raw multi-scale descriptors (N, raw_dim): L2 of the sum over scales; and failures.
+
+    Each scale s describes the image at max(MIN_IMAGE_SIZE, round(image_size * s)). An image that
+    fails at any scale gets a zero row and its index -> error in the returned dict.
+    """
     total = torch.zeros(len(items), model.raw_dim)
-    ok = np.ones(len(items), dtype=bool)
+    failures: dict[int, str] = {}
     for s in scales:
-        size = max(32, round(image_size * s))
-        d, good = embed_images(
+        size = max(MIN_IMAGE_SIZE, round(image_size * s))
+        d, _ = embed_images(
             model,
             items,
             image_size=size,
@@ -219,16 +238,37 @@ def extract_descriptors(
             num_workers=num_workers,
             progress=f"{progress}@{size}",
             resize_filter=resize_filter,
+            failures=failures,
         )
         total += d
-        ok &= good
     total = LF.l2n(total)
-    if whiten and getattr(model, "whitening", None) is not None:
-        total = model.whiten(total.to(next(model.parameters()).device)).cpu()
-    total[~torch.from_numpy(ok)] = 0.0
-    failed = np.flatnonzero(~ok).tolist()
-    if failed:
-        log.warning(
-            "%d of %d images could not be read; their descriptors are zero", len(failed), len(items)
-        )
-    return total.numpy().astype(np.float32), failed
+    total[sorted(failures)] = 0.0
+    return total, failures
+
+
+def whiten_descriptors(model: torch.nn.Module, raw: torch.Tensor) -> torch.Tensor | None:
+    """The model's PCA-whitening (then L2) of raw descriptors; None if the model has none."""
+    if getattr(model, "whitening", None) is None:
+        return None
+    return model.whiten(raw.to(next(model.parameters()).device)).cpu()
+
+
+def extract_descriptors(
+    model: torch.nn.Module,
+    items: Sequence[ImageItem],
+    *,
+    whiten: bool = True,
+    **kwargs: Any,
+) -> tuple[np.ndarray, list[int]]:
+    """Descriptors (N, D) float32: multi-scale sum -> L2 -> whitening -> L2; and failed indices.
+
+    `kwargs` are those of `describe_multiscale`; failed images have zero rows.
+    """
+    raw, failures = describe_multiscale(model, items, **kwargs)
+    white = whiten_descriptors(model, raw) if whiten else None
+    out = raw if white is None else white
+    out[sorted(failures)] = 0.0
+    if failures:
+        shown = "; ".join(failures[i] for i in sorted(failures)[:3])
+        log.warning("%d of %d images unreadable (zero rows): %s", len(failures), len(items), shown)
+    return out.numpy().astype(np.float32), sorted(failures)

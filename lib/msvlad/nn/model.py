@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from msvlad.config import VLAD_POOLINGS, ModelConfig
+from msvlad.config import VLAD_POOLINGS, ConfigError, ModelConfig, model_config_from_dict
+from msvlad.errors import CheckpointError
 from msvlad.nn.backbones import Backbone, build_backbone
 from msvlad.nn.pooling import build_pooling
 from msvlad.nn.whitening import Whitening
@@ -64,8 +65,8 @@ class RetrievalNet(nn.Module):
     def freeze_stages(self, n: int) -> list[nn.Parameter]:
         """Freeze the first n backbone stages; returns the parameters left trainable."""
         if not 0 <= n < self.backbone.num_stages:
-            raise ValueError(
-                f"train.frozen_stages={n} must be in [0, {self.backbone.num_stages - 1}]"
+            raise ConfigError(
+                f"train.frozen_stages: {n} must be in [0, {self.backbone.num_stages - 1}]"
             )
         for stage in self.backbone.stages[:n]:
             stage.requires_grad_(False)
@@ -113,14 +114,19 @@ def save_model(model: RetrievalNet, path: str | Path, **extra: Any) -> Path:
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> RetrievalNet:
     """Rebuild a saved network (weights_only=True load; backbone not re-downloaded)."""
     ckpt = load_torch(path, map_location)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a msvlad model file (no config and state_dict)")
+    config = model_config_from_dict(ckpt["config"], source=f"{path}: config")
+    state = ckpt["state_dict"]
     try:
-        config = ModelConfig(**ckpt["config"])
-        state = ckpt["state_dict"]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a msvlad model checkpoint ({err})") from None
-    model = build_model(config, pretrained=False)
-    if "whitening.mean" in state:
-        d_in, d_out = state["whitening.projection"].shape
-        model.whitening = Whitening(torch.zeros(d_in), torch.zeros(d_in, d_out), torch.zeros(d_out))
-    model.load_state_dict(state)
+        model = build_model(config, pretrained=False)
+        if "whitening.mean" in state:
+            d_in, d_out = state["whitening.projection"].shape
+            model.whitening = Whitening(
+                torch.zeros(d_in), torch.zeros(d_in, d_out), torch.zeros(d_out)
+            )
+        model.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError, AttributeError) as err:
+        detail = " ".join(str(err).split())[:240] or type(err).__name__
+        raise CheckpointError(f"{path}: its weights do not fit its config ({detail})") from None
     return model

@@ -38,7 +38,8 @@ def load_results(
     """Long table of every method's metrics.json: one row per (method, dataset, variant, setup).
 
     Columns: method, label, training_set, pooling, miner, dataset, protocol, variant, setup, mAP,
-    mP@k for each k found, num_queries. Methods without a metrics.json are skipped with a warning.
+    mP@k for each k found, num_queries, input (the test-time input policy, `input_label`).
+    Methods without a metrics.json are skipped with a warning.
     """
     results_dir = Path(results_dir)
     keys = list(params.methods) if methods is None else list(methods)
@@ -71,6 +72,7 @@ def load_results(
                         "setup": setup,
                         "mAP": _num(value),
                         "num_queries": js.get("num_queries"),
+                        "input": input_label(js.get("input")),
                     }
                     for k, v in js.get("mP@k", {}).get(setup, {}).items():
                         row[f"mP@{k}"] = _num(v)
@@ -91,12 +93,15 @@ def load_results(
 def results_table(
     results: pd.DataFrame,
     *,
-    variants: Sequence[str] = ("plain", "qe", "dba"),
+    variants: Sequence[str] = ("plain", "raw", "qe", "dba"),
     kappa: int | None = 10,
     setups: Sequence[str] | None = None,
     datasets: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Paper-style table: a row per method and variant ("label +QE"), mAP (and mP@k) per dataset.
+
+    The "+raw (unwhitened)" row is the plain row's descriptor before PCA-whitening (same
+    extraction), so a baseline is also shown at its strongest.
 
     Columns are "Method", "Training set", then "<dataset> mAP <E|M|H>" (no setup letter for
     single-setup protocols) and, when `kappa` is set, "<dataset> mP@<kappa> <E|M|H>". The index is
@@ -349,6 +354,17 @@ def load_ranks(results_dir: str | os.PathLike, method: str, dataset: str) -> np.
             f"{path}: expected an integer (n_db, n_queries) array, got {ranks.dtype} {ranks.shape}"
         )
     return ranks
+
+
+def input_label(policy: Mapping[str, Any] | None) -> str:
+    """The test-time input of a results row, e.g. "1024 max_side x{1.41, 1, 0.71}, queries x1"."""
+    if not policy:
+        return ""
+    scales = ", ".join(f"{s:.3g}" for s in policy["scales"])
+    return (
+        f"{policy['image_size']} {policy['resize']} x{{{scales}}}, "
+        f"queries x{policy['query_scale']:.3g}"
+    )
 
 
 def _num(value: Any) -> float:

@@ -29,7 +29,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VARIANT_SUFFIX: dict[str, str] = {"plain": "", "qe": " +QE", "dba": " +DBA"}
+VARIANT_SUFFIX: dict[str, str] = {
+    "plain": "",
+    "raw": " +raw (unwhitened)",  # the same multi-scale descriptor before PCA-whitening
+    "qe": " +QE",
+    "dba": " +DBA",
+}
 SETUP_SHORT: dict[str, str] = {"easy": "E", "medium": "M", "hard": "H", "all": ""}
 SETUP_ORDER: tuple[str, ...] = ("easy", "medium", "hard", "all")
 MISSING = "–"  # shown for a missing value in markdown / LaTeX tables

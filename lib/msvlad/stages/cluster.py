@@ -17,6 +17,7 @@ from msvlad.data.trainsets import load_training_set
 from msvlad.nn.kmeans import init_netvlad, kmeans_centroids, sample_local_features
 from msvlad.nn.model import build_model, save_model
 from msvlad.runtime import resolve_device, seed_everything
+from msvlad.storage import check_writable, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ def image_batches(
 
 def run(params: Params, out: Path) -> Path:
     """Write the initial model: pooling as built, NetVLAD centroids from k-means on its bag."""
+    check_writable(out.parent)
+    remove_stale_temps(out.parent, out.name)  # left by a write a kill interrupted
     seed_everything(params.base.seed)
     device = resolve_device(params.base.device)
     model = build_model(params.model).to(device)
@@ -65,11 +68,11 @@ def run(params: Params, out: Path) -> Path:
             method=params.cluster.kmeans,
         )
         alpha = init_netvlad(model, local, centroids, params.model.alpha_rule)
-        log.info(
+        log.debug(
             "k-means (%s): %d locals from %d images -> %d centroids, alpha %.2f (%.1fs)",
             *(params.cluster.kmeans, len(local), n, len(centroids), alpha, time.time() - t0),
         )
         extra = {"alpha": alpha, "num_locals": len(local)}
     save_model(model.cpu(), out, **extra)
-    log.info("initial model -> %s", out)
+    log.info("cluster: initial %s model -> %s %s", params.model.pooling, out, extra or "")
     return out

@@ -2,9 +2,14 @@
 
 Per dataset (in `out/<dataset>/`, or `out/` itself with `flat`): `features.npz` (q, db float32,
 one row per image, plus the image lists), `ranks.npy` (revisitop orientation: column j ranks
-query j), `metrics[_qe|_dba].json` and `per_query[_qe|_dba].csv`; `out/metrics.json` gathers
-every dataset and variant (mAP and mP@k in percent), `out/summary.json` only the mAPs (E/M/H,
-plain and +QE) for `dvc metrics show`.
+query j), `metrics[_raw|_qe|_dba].json` and `per_query[_raw|_qe|_dba].csv`; `out/metrics.json`
+gathers every dataset and variant (mAP and mP@k in percent, the input policy, failed images),
+`out/summary.json` only the mAPs (E/M/H, plain and +QE) for `dvc metrics show`, and
+`out/manifest.json` says what made them (checkpoint checksum, params, variants, code version).
+
+Everything is checked before the first image is read (datasets, variants, the output folder), and
+the results are written into a fresh folder that replaces `out` only when all is done: a failed run
+leaves the previous results as they were, and a new one never leaves an older model's files behind.
 """
 
 from __future__ import annotations
@@ -12,26 +17,57 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from msvlad.config import Params
+from msvlad.config import VARIANTS, Params, params_to_dict
 from msvlad.data.images import ImageItem
 from msvlad.data.testsets import RetrievalDataset, load_dataset, load_distractors
-from msvlad.evaluation.extract import extract_descriptors
-from msvlad.evaluation.pipeline import DatasetDescriptors, extract_dataset, score
+from msvlad.errors import InputError
+from msvlad.evaluation.extract import describe_multiscale, whiten_descriptors
+from msvlad.evaluation.pipeline import (
+    DatasetDescriptors,
+    InputPolicy,
+    check_failures,
+    extract_dataset,
+    input_policy,
+    per_query_frame,
+    score,
+)
 from msvlad.evaluation.protocol import RetrievalMetrics, metrics_summary, metrics_table
 from msvlad.nn.model import RetrievalNet
-from msvlad.runtime import init_distributed, resolve_device, seed_everything
-from msvlad.storage import load_npz, save_npy, save_npz, write_json, write_text
+from msvlad.runtime import code_version, init_distributed, resolve_device, seed_everything
+from msvlad.storage import (
+    atomic_dir,
+    check_writable,
+    file_digest,
+    load_npz,
+    payload_digest,
+    remove_stale_temps,
+    save_npy,
+    save_npz,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 
-VARIANTS: tuple[str, ...] = ("plain", "qe", "dba")
+MANIFEST = "manifest.json"
+# what this command writes (anything else in an existing --out is someone else's and is kept)
+OWNED = (
+    "metrics*.json",
+    "summary.json",
+    "per_query*.csv",
+    "features.npz",
+    "ranks.npy",
+    "*_features.npz",
+    MANIFEST,
+)
 
 
 @dataclass(frozen=True)
@@ -41,9 +77,10 @@ class EvaluateRequest:
     data_root: Path
     datasets: Sequence[str]
     out: Path
-    variants: Sequence[str] = VARIANTS
+    variants: Sequence[str] | None = None  # None: evaluate.variants of the params
     flat: bool = False  # a single dataset: write its files directly in `out`
     distractors: str | None = None  # e.g. revisitop1m: appended to every database (+1M rows)
+    checkpoint: Path | None = None  # the model file, recorded in the manifest
 
 
 def run(params: Params, model: RetrievalNet, request: EvaluateRequest) -> dict[str, Any]:
@@ -53,28 +90,93 @@ def run(params: Params, model: RetrievalNet, request: EvaluateRequest) -> dict[s
     dist_info = init_distributed()  # under torchrun every rank extracts a slice of each image list
     if dist_info.world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
+    variants = _variants(request.variants or params.evaluate.variants, model)
+    policy = input_policy(model.config, params.extract)
+    datasets = [load_dataset(request.data_root, name) for name in request.datasets]
+    if not datasets:
+        raise InputError("data.test_sets: no dataset to evaluate (or pass --dataset)")
+    if request.flat and len(datasets) > 1:
+        raise InputError("--flat: writes one dataset's files into --out; give one --dataset")
+    if dist_info.main:
+        _check_out(request.out)
     model = model.to(device).eval()
-    out = request.out
-    distractors = _distractors(params, model, request, device) if request.distractors else None
+    writing = atomic_dir(request.out) if dist_info.main else nullcontext(request.out)
+    with writing as tmp:
+        summary, tables = _evaluate_all(params, model, request, datasets, variants, policy, tmp)
+        if not dist_info.main:
+            return {}
+        result = summary if not request.flat else next(iter(summary.values()))["plain"]
+        write_json(tmp / "metrics.json", result)
+        write_json(tmp / "summary.json", metrics_summary(summary))  # what `dvc metrics show` reads
+        manifest = _manifest(params, model, request, variants, policy, tmp)
+        write_json(tmp / MANIFEST, manifest)
+    print(metrics_table(tables).to_string(float_format="{:.2f}".format, na_rep="-"))
+    log.info("evaluate: %s, variants %s -> %s", ", ".join(summary), ",".join(variants), request.out)
+    return result
+
+
+def _variants(names: Sequence[str], model: RetrievalNet) -> list[str]:
+    """The variants to score (a model without whitening has no separate raw variant)."""
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise InputError(f"--variants: {bad or names!r} must be a non-empty list from {VARIANTS}")
+    if "raw" in names and model.whitening is None:
+        log.info("variant raw left out: the model has no whitening (plain is raw)")
+        return [v for v in names if v != "raw"]
+    return list(dict.fromkeys(names))
+
+
+def _check_out(out: Path) -> None:
+    """The output's parent is writable and `out` holds nothing this command did not write."""
+    check_writable(out.parent)
+    remove_stale_temps(out.parent, out.name)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if out.is_dir():
+        for path in sorted(out.rglob("*")):
+            owned = path.is_dir() or any(path.match(p) for p in OWNED)
+            if not owned:
+                raise InputError(
+                    f"{path}: not written by msvlad evaluate; move it or choose another --out "
+                    "(the results folder is replaced as a whole)"
+                )
+
+
+def _evaluate_all(
+    params: Params,
+    model: RetrievalNet,
+    request: EvaluateRequest,
+    datasets: list[RetrievalDataset],
+    variants: list[str],
+    policy: InputPolicy,
+    tmp: Path,
+) -> tuple[dict[str, Any], dict[str, RetrievalMetrics]]:
+    """Extract and score every dataset; writes its files under `tmp` on the main rank."""
+    device = next(model.parameters()).device
+    keep_raw = "raw" in variants
+    distractors = (
+        _distractors(params, model, request, policy, tmp, keep_raw) if request.distractors else None
+    )
+    main = init_distributed().main
     summary: dict[str, Any] = {}
     tables: dict[str, RetrievalMetrics] = {}
-    for name in request.datasets:
-        dataset = load_dataset(request.data_root, name)
+    for dataset in datasets:
         t0 = time.time()
         desc = extract_dataset(
             model,
             dataset,
             model_cfg=model.config,
             extract_cfg=params.extract,
+            policy=policy,
             device=device,
             num_workers=params.base.num_workers,
         )
         seconds = time.time() - t0
-        if not dist_info.main:
+        queries = check_failures(desc, dataset, params.evaluate)
+        if not main:
             continue
-        if distractors is not None:
-            name = f"{name}+{request.distractors}"
-        ddir = out / name if len(request.datasets) > 1 or not request.flat else out
+        name = dataset.name if distractors is None else f"{dataset.name}+{request.distractors}"
+        ddir = tmp if request.flat else tmp / name
         save_npz(
             ddir / "features.npz",
             q=desc.q,
@@ -83,17 +185,12 @@ def run(params: Params, model: RetrievalNet, request: EvaluateRequest) -> dict[s
             imlist=np.array(dataset.imlist),
         )
         if distractors is not None:  # ranks past the dataset's images: never ok, never junk
-            desc.db = np.concatenate([desc.db, distractors])
-        summary[name] = _score_variants(
-            params, request.variants, dataset, desc, name, seconds, ddir, tables
-        )
-    if dist_info.main:
-        result = summary if not request.flat else next(iter(summary.values()))["plain"]
-        write_json(out / "metrics.json", result)
-        write_json(out / "summary.json", metrics_summary(summary))  # what `dvc metrics show` reads
-        print(metrics_table(tables).to_string(float_format="{:.2f}".format, na_rep="-"))
-        return result
-    return {}
+            desc.db = np.concatenate([desc.db, distractors["db"]])
+            if keep_raw and desc.db_raw is not None:
+                desc.db_raw = np.concatenate([desc.db_raw, distractors["db_raw"]])
+        context = {"name": name, "seconds": seconds, "policy": policy, "queries": queries}
+        summary[name] = _score_variants(params, variants, dataset, desc, context, ddir, tables)
+    return summary, tables
 
 
 def _score_variants(
@@ -101,31 +198,37 @@ def _score_variants(
     variants: Sequence[str],
     dataset: RetrievalDataset,
     desc: DatasetDescriptors,
-    name: str,
-    seconds: float,
+    context: dict[str, Any],
     ddir: Path,
     tables: dict[str, RetrievalMetrics],
 ) -> dict[str, Any]:
     """Rank and score one dataset under every variant; write its per-variant files."""
+    name = context["name"]
     per_dataset: dict[str, Any] = {}
     for variant in variants:
-        metrics, ranks = score(desc, dataset, params.evaluate, variant=variant)
+        metrics, ranks = score(
+            desc, dataset, params.evaluate, variant=variant, queries=context["queries"]
+        )
+        db = desc.db_raw if variant == "raw" else desc.db
         js = metrics.to_json()
         js.update(
             {
                 "dataset": name,
                 "protocol": dataset.protocol,
                 "variant": variant,
-                "num_queries": len(dataset.qimlist),
-                "num_db": int(desc.db.shape[0]),
-                "dim": int(desc.db.shape[1]),
-                "extract_seconds": round(seconds, 2),
+                "num_queries": len(context["queries"]),
+                "num_db": int(db.shape[0]),
+                "dim": int(db.shape[1]),
+                "input": context["policy"].to_json(),
+                "extract_seconds": round(context["seconds"], 2),
                 "failed_images": len(desc.failed_queries) + len(desc.failed_db),
+                "failed_queries": _named(desc.failed_queries, dataset.qimlist),
+                "failed_db": _named(desc.failed_db, dataset.imlist),
             }
         )
         tag = "" if variant == "plain" else f"_{variant}"
         write_json(ddir / f"metrics{tag}.json", js)
-        frame = metrics.per_query_frame(dataset.qimlist)
+        frame = per_query_frame(metrics, dataset, desc.failed_queries)
         write_text(ddir / f"per_query{tag}.csv", frame.to_csv(index=False))
         if variant == "plain":
             save_npy(ddir / "ranks.npy", ranks.astype(np.int32))
@@ -134,27 +237,84 @@ def _score_variants(
     return per_dataset
 
 
+def _named(failed: dict[int, str], names: Sequence[str]) -> list[dict[str, str]]:
+    return [{"name": names[i], "error": failed[i]} for i in sorted(failed)]
+
+
+def _model_digest(model: RetrievalNet) -> str:
+    return payload_digest({"config": asdict(model.config), "state": model.state_dict()})
+
+
 def _distractors(
-    params: Params, model: RetrievalNet, request: EvaluateRequest, device: torch.device
-) -> np.ndarray:
-    """Descriptors of a distractor set (e.g. revisitop1m), cached in OUT/<name>_features.npz."""
+    params: Params,
+    model: RetrievalNet,
+    request: EvaluateRequest,
+    policy: InputPolicy,
+    tmp: Path,
+    keep_raw: bool,
+) -> dict[str, np.ndarray]:
+    """Descriptors of a distractor set (e.g. revisitop1m), cached in OUT/<name>_features.npz.
+
+    The cache is reused only for the same model and input policy (both recorded in it); the raw
+    descriptors are kept only for the raw variant (at 32768-d they are large).
+    """
     name = request.distractors
-    cache = request.out / f"{name}_features.npz"
-    if cache.exists():
-        return load_npz(cache)["db"]
+    key = np.array(f"{_model_digest(model)} {policy.to_json()}")
+    old = request.out / f"{name}_features.npz"
+    wanted = ("db", "db_raw") if keep_raw else ("db",)
+    if old.is_file():
+        cached = load_npz(old)
+        if "key" in cached and str(cached["key"]) == str(key) and set(wanted) <= set(cached):
+            save_npz(tmp / old.name, **cached)
+            return {k: cached[k].astype(np.float32) for k in wanted}
+        log.info("%s: made by another model or input policy, described again", old)
     paths = load_distractors(request.data_root, name)
-    log.info("describing %d distractors of %s", len(paths), name)
-    db, _ = extract_descriptors(
+    raw, failed = describe_multiscale(
         model,
         [ImageItem(p) for p in paths],
-        image_size=params.model.image_size,
-        scales=params.extract.scales,
-        resize=params.model.resize,
+        image_size=policy.image_size,
+        scales=policy.scales,
+        resize=policy.resize,
         batch_size=params.extract.batch_size,
-        device=device,
+        device=next(model.parameters()).device,
         num_workers=params.base.num_workers,
         progress=name,
         resize_filter=model.config.resize_filter,
     )
-    save_npz(cache, db=db.astype(np.float16) if params.extract.float16 else db)
-    return db.astype(np.float32)
+    white = whiten_descriptors(model, raw)
+    out = {"db": (raw if white is None else white).numpy()}
+    if keep_raw:
+        out["db_raw"] = raw.numpy()
+    for arr in out.values():
+        arr[sorted(failed)] = 0.0  # a zero row matches nothing: an unreadable distractor
+    if failed:
+        log.warning("%s: %d of %d distractors unreadable", name, len(failed), len(paths))
+    dtype = np.float16 if params.extract.float16 else np.float32
+    save_npz(tmp / old.name, key=key, **{k: v.astype(dtype) for k, v in out.items()})
+    return {k: v.astype(dtype).astype(np.float32) for k, v in out.items()}
+
+
+def _manifest(
+    params: Params,
+    model: RetrievalNet,
+    request: EvaluateRequest,
+    variants: list[str],
+    policy: InputPolicy,
+    folder: Path,
+) -> dict[str, Any]:
+    """What made the results in `folder`: model file and checksum, params, variants, code."""
+    ckpt = request.checkpoint
+    return {
+        "command": "evaluate",
+        "checkpoint": None if ckpt is None else {"path": str(ckpt), "sha256": file_digest(ckpt)},
+        "model": asdict(model.config),
+        "whitened": model.whitening is not None,
+        "input": policy.to_json(),
+        "variants": variants,
+        "datasets": list(request.datasets),
+        "distractors": request.distractors,
+        "data_root": str(request.data_root),
+        "params": params_to_dict(params),
+        "code": code_version(),
+        "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
+    }

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from msvlad.config import Params
+from msvlad.storage import check_writable
 
 log = logging.getLogger(__name__)
 
 
 def run(params: Params) -> None:
     """Mini profile: registry photos -> mini benchmark; paper profile: every dataset it names."""
-    root = Path(params.data.root)
+    root = check_writable(Path(params.data.root))
     if params.base.profile == "mini":
         from msvlad.mini.assets import fetch_assets
         from msvlad.mini.builder import build_mini_benchmark
@@ -29,7 +30,7 @@ def run(params: Params) -> None:
             distractor_views=params.prepare.mini_distractor_views,
             train_views_per_class=params.prepare.mini_train_views,
         )
-        log.info("mini benchmark: %s", summary)
+        log.debug("mini benchmark: %s", summary)  # also in <root>/manifest.json
         return
     from msvlad.data.registry import prepare_dataset
 

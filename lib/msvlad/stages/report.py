@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from msvlad.report.notebooks import NOTEBOOKS, run_reports
+from msvlad.storage import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +20,12 @@ def run(
     runs: Path | None = None,
 ) -> list[Path]:
     """Run `notebooks` (default all) into `out`; figures and tables land under it too."""
+    check_writable(out)
     extra = {"params_file": str(Path(params_file).resolve())}
     if results:
         extra["results_dir"] = str(Path(results).resolve())
     if runs:
         extra["runs_dir"] = str(Path(runs).resolve())
     paths = run_reports(list(notebooks or NOTEBOOKS), Path(out), **extra)
-    for path in paths:
-        log.info("report -> %s (+ .html)", path)
+    log.info("report: %d notebooks -> %s (+ .html, figures/, tables/)", len(paths), out)
     return paths

@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from msvlad.config import Params
+from msvlad.errors import InputError
+from msvlad.storage import check_writable, load_torch, write_bytes
 from msvlad.training.logs import LOG_FIELDS, write_header
 
 log = logging.getLogger(__name__)
 
 
 def run(
-    params: Params, init: Path, out: Path, method: str | None = None, max_steps: int | None = None
+    params: Params,
+    init: Path,
+    out: Path,
+    method: str | None = None,
+    max_steps: int | None = None,
+    restart: str | None = None,
 ) -> Path:
-    """Train `method` (a results-table row) from `init` into the run folder `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Train `method` (a results-table row) from `init` into the run folder `out`.
+
+    `restart`: None resumes a run with the same parameters and refuses one with others;
+    "always" moves any earlier run aside first, "if-changed" only one with other parameters.
+    """
+    if max_steps is not None and max_steps < 0:
+        raise InputError(f"--max-steps: {max_steps} must be >= 0")
+    check_writable(out)
+    if not init.is_file():
+        raise FileNotFoundError(f"{init}: initial model not found (run `msvlad cluster` first)")
     if method and params.methods[method].miner is None:
-        shutil.copyfile(init, out / "model.pt")
+        load_torch(init)  # refuse a corrupt file before copying it
+        write_bytes(out / "model.pt", init.read_bytes())
         write_header(out / "log.csv", LOG_FIELDS)
         log.info("%s is off-the-shelf: no training, %s copied", method, init)
         return out / "model.pt"
     from msvlad.training.trainer import train
 
-    return train(params, init, out, max_steps=max_steps)
+    return train(params, init, out, max_steps=max_steps, restart=restart)

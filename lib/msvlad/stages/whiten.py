@@ -11,18 +11,25 @@ import torch
 from msvlad.config import Params
 from msvlad.data.images import ImageItem
 from msvlad.data.trainsets import load_training_set
+from msvlad.errors import InputError
 from msvlad.evaluation.extract import embed_images
-from msvlad.nn.model import load_model, save_model
+from msvlad.nn.model import RetrievalNet, save_model
 from msvlad.nn.whitening import Whitening
 from msvlad.runtime import resolve_device
+from msvlad.storage import check_writable, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
 
-def run(params: Params, checkpoint: Path, out: Path) -> Path:
-    """Describe `whiten.num_images` random training images, fit the whitening, save the model."""
+def run(params: Params, model: RetrievalNet, out: Path) -> Path:
+    """Describe `whiten.num_images` random training images, fit the whitening, save the model.
+
+    The images are described as the model was trained (its own size and resize filter).
+    """
+    check_writable(out.parent)
+    remove_stale_temps(out.parent, out.name)  # left by a write a kill interrupted
     device = resolve_device(params.base.device)
-    model = load_model(checkpoint).to(device)
+    model = model.to(device)
     train_set = load_training_set(Path(params.data.root) / params.data.train_set)
     rng = np.random.default_rng(params.base.seed)
     n = min(params.whiten.num_images, len(train_set.paths))
@@ -30,14 +37,16 @@ def run(params: Params, checkpoint: Path, out: Path) -> Path:
     desc, ok = embed_images(
         model,
         [ImageItem(train_set.paths[i]) for i in pick],
-        image_size=params.model.image_size,
+        image_size=model.config.image_size,
         batch_size=params.whiten.batch_size,
         device=device,
         num_workers=params.base.num_workers,
         progress="whiten",
-        resize_filter=params.model.resize_filter,
+        resize_filter=model.config.resize_filter,
     )
     desc = desc[torch.from_numpy(ok)]
+    if len(desc) < 2:
+        raise InputError(f"{train_set.root}: {len(desc)} readable training images; need 2+")
     dim = min(params.whiten.dim, desc.shape[1], len(desc) - 1)
     if dim < params.whiten.dim:
         log.warning(

@@ -21,11 +21,14 @@ from msvlad.storage import atomic_path
 if TYPE_CHECKING:
     import torch
 
+    from msvlad.data.trainsets import TrainingSet
+
 LOG_FIELDS = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map", "seconds"]
 ROUND_FIELDS = [
     "round",
     "step",
-    "pool",
+    "pool",  # images described and mined from
+    "failed",  # images drawn for the pool that could not be read, dropped from the round
     "candidates",
     "triplets",
     "semi_hard",
@@ -54,6 +57,14 @@ TRIPLET_FIELDS = [
 NEIGHBOR_FIELDS = ["round", "anchor", "rank", "neighbor", "label", "sim"]
 NEIGHBOR_K = 10  # neighbours kept per anchor: bounds neighbors.csv to 10 rows per mined triplet
 
+# every log of a run folder: its columns and the column that says which checkpoint covers a row
+RUN_LOGS: dict[str, tuple[list[str], str]] = {
+    "log.csv": (LOG_FIELDS, "step"),
+    "rounds.csv": (ROUND_FIELDS, "round"),
+    "triplets.csv": (TRIPLET_FIELDS, "round"),
+    "neighbors.csv": (NEIGHBOR_FIELDS, "round"),
+}
+
 
 def append_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
     """Append rows (header first if the file is new)."""
@@ -71,18 +82,40 @@ def write_header(path: Path, fields: list[str]) -> None:
         csv.DictWriter(fh, fieldnames=fields).writeheader()
 
 
-def truncate_csv(path: Path, column: str, limit: float) -> None:
-    """Drop rows logged after the checkpoint being resumed (atomic rewrite)."""
+def truncate_csv(path: Path, column: str, limit: float, fields: list[str] | None = None) -> None:
+    """Keep the rows whose `column` is <= limit (atomic rewrite; untouched if none is dropped).
+
+    A row cut short by a kill mid-append is dropped; with `fields`, the header becomes `fields`
+    (a log from before a column was added gets it, empty in its old rows).
+    """
     if not path.exists():
         return
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        rows = [r for r in reader if float(r[column]) <= limit]
+        old_fields = reader.fieldnames or []
+        rows = list(reader)
+    kept = [r for r in rows if _number(r.get(column)) <= limit]
+    fields = fields or old_fields
+    if len(kept) == len(rows) and old_fields == fields:
+        return
     with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(kept)
+
+
+def truncate_logs(folder: Path, step: int, next_round: int) -> None:
+    """Cut every log of a run folder back to what a checkpoint at (step, next_round) covers."""
+    for name, (fields, column) in RUN_LOGS.items():
+        limit = step if column == "step" else next_round - 1
+        truncate_csv(folder / name, column, limit, fields)
+
+
+def _number(value: str | None) -> float:
+    try:
+        return float(value) if value not in (None, "") else float("inf")
+    except ValueError:
+        return float("inf")
 
 
 def round_row(
@@ -93,6 +126,7 @@ def round_row(
     frame: pd.DataFrame,
     describe_seconds: float,
     mine_seconds: float,
+    failed: int = 0,
 ) -> dict[str, Any]:
     """The `rounds.csv` row of one mining round, from its `MinedTriplets.to_frame()`."""
     kinds = frame["kind"].value_counts() if len(frame) else {}
@@ -100,6 +134,7 @@ def round_row(
         "round": round_index,
         "step": step,
         "pool": pool_size,
+        "failed": failed,
         "candidates": candidates,
         "triplets": len(frame),
         "semi_hard": int(kinds.get("semi-hard", 0)),
@@ -209,3 +244,28 @@ def epoch_row(
         "val_map": round(val_map, 4),
         "seconds": round(seconds, 1),
     }
+
+
+def write_round(
+    folder: Path,
+    round_index: int,
+    step: int,
+    pool_idx: np.ndarray,
+    frame: pd.DataFrame,
+    candidates: int,
+    desc: torch.Tensor,
+    seconds: tuple[float, float],
+    failed: int,
+    train_set: TrainingSet,
+) -> None:
+    """Append one mining round to rounds.csv, triplets.csv and neighbors.csv of a run folder.
+
+    `frame` and `candidates` are the round's `MinedTriplets.to_frame()` and `num_candidates`.
+    """
+    names, labels, classes = train_set.names, train_set.labels, train_set.classes
+    row = round_row(round_index, step, len(pool_idx), candidates, frame, *seconds, failed)
+    append_csv(folder / "rounds.csv", ROUND_FIELDS, [row])
+    rows = triplet_rows(round_index, step, frame, pool_idx, names, labels, classes)
+    append_csv(folder / "triplets.csv", TRIPLET_FIELDS, rows)
+    rows = neighbor_rows(round_index, frame, desc, pool_idx, names, labels, classes)
+    append_csv(folder / "neighbors.csv", NEIGHBOR_FIELDS, rows)

@@ -3,7 +3,11 @@
 One mining round: draw a class-balanced pool, describe it with the current network (eval, no
 grad, training resolution), mine triplets, then take optimiser steps of `batch_triplets` triplets
 until the round's triplets are used up; then a new round re-embeds a fresh pool (the paper's cache
-refresh). Checkpoints (`msvlad.training.checkpoint`) make a killed run resume to the same weights.
+refresh). A pool image that cannot be read is dropped from its round (counted in rounds.csv).
+The run folder (`msvlad.training.rundir`) decides whether a run resumes, stops on other
+parameters, or is moved aside; checkpoints (`msvlad.training.checkpoint`) make a run killed at any
+point resume to the same weights and the same logs. SIGTERM/SIGINT write a checkpoint and stop.
+The `fault_point` names (epoch0, mined, step, checkpoint) are where the tests kill a run.
 Multi-GPU runs under `torchrun` (DistributedDataParallel: the pool description goes through the
 sharded extraction path and each batch's triplets are split across ranks).
 """
@@ -21,21 +25,28 @@ import torch
 from tqdm import tqdm
 
 from msvlad.config import Params, params_to_dict
-from msvlad.data.images import ImageItem, ImageLoadError, load_batch
 from msvlad.data.testsets import load_dataset
 from msvlad.data.trainsets import TrainingSet, load_training_set
-from msvlad.evaluation.extract import embed_images
-from msvlad.evaluation.pipeline import extract_dataset, score
-from msvlad.mining.pool import ClassBalancedPool, at_pool_precision, pool_autocast_fp16
+from msvlad.errors import InputError
+from msvlad.evaluation.pipeline import validation_map
+from msvlad.mining.base import TripletMiner
+from msvlad.mining.pool import ClassBalancedPool
 from msvlad.mining.registry import build_miner
 from msvlad.nn.loss import triplet_loss
 from msvlad.nn.model import RetrievalNet, load_model, save_model
 from msvlad.runtime import init_distributed, resolve_device, seed_everything
-from msvlad.storage import load_torch, save_torch
+from msvlad.storage import atomic_path, torch_bytes
 from msvlad.training import logs
-from msvlad.training.checkpoint import StopRequest, rng_state, run_signature, set_rng_state
+from msvlad.training.checkpoint import (
+    RunProgress,
+    StopRequest,
+    fault_point,
+    rng_state,
+    set_rng_state,
+)
+from msvlad.training.inputs import TrainingInputs
+from msvlad.training.rundir import CHECKPOINT, Restart, locked, open_run
 from msvlad.training.schedule import lr_at
-from msvlad.training.trunk_cache import FrozenTrunkCache
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +60,6 @@ class Trainer:
         self, params: Params, init_model: Path, out_dir: Path, device: torch.device | None = None
     ) -> None:
         self.params, self.out_dir = params, Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dist = init_distributed()
         self.device = device or resolve_device(params.base.device)
         if self.dist.world > 1 and self.device.type == "cuda":
@@ -66,163 +76,82 @@ class Trainer:
         self.frozen = params.train.frozen_stages
         trainable = self.model.freeze_stages(self.frozen)
         self.optimizer = torch.optim.Adam(trainable, lr=params.train.lr_start, weight_decay=0.0)
-        self.trunk: FrozenTrunkCache | None = None
-        m = params.miner
-        self.pool = ClassBalancedPool(
-            self.train_set.labels, m.pool_size, m.images_per_class, params.base.seed, m.pool_classes
-        )
-        self.miner = build_miner(
-            m.name,
-            margin=m.margin,
-            delta=m.delta,
-            threshold=m.threshold,
-            semi_hard_prob=m.semi_hard_prob,
-            triplets_per_round=m.triplets_per_round,
-            seed=params.base.seed * 1_000_003,  # round r draws from seed + r
-            backend=m.backend,
-        )
-        self.step, self.round, self.round_pos = 0, 0, 0
-        self.round_triplets = torch.zeros(0, 3, dtype=torch.long)
-        self.checkpoint_path = self.out_dir / "checkpoint.pt"
+        self.inputs = TrainingInputs(self.model, self.train_set, params, self.device)
+        self.pool, self.miner = make_pool(self.train_set, params), make_miner(params)
+        self.progress = RunProgress()
         self.total_steps = params.train.epochs * params.train.steps_per_epoch
-        self._epoch_loss: list[float] = []
-        self._epoch_triplets = 0
-        self._epoch_rounds: list[tuple[int, int]] = []
-        self._t0 = time.time()
+        self._t0, self._empty_rounds = time.time(), 0
 
-    # ------------------------------------------------------------------ checkpointing
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken so far."""
+        return self.progress.step
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs (tensors and plain containers: weights_only loadable)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "miner": self.miner.state_dict(),
-            "step": self.step,
-            "round": self.round,
-            "round_triplets": self.round_triplets,
-            "round_pos": self.round_pos,
-            "epoch_loss": torch.tensor(self._epoch_loss, dtype=torch.float64),
-            "epoch_triplets": self._epoch_triplets,
-            "epoch_rounds": torch.tensor(self._epoch_rounds, dtype=torch.long).reshape(-1, 2),
+            **self.progress.state_dict(),
             "rng": rng_state(),
             "params": params_to_dict(self.params),
         }
 
-    def save_checkpoint(self) -> None:
-        """Write checkpoint.pt atomically (main rank)."""
-        if self.dist.main:
-            save_torch(self.checkpoint_path, self.state_dict())
-            log.info("checkpoint at step %d -> %s", self.step, self.checkpoint_path)
-
-    def resume(self) -> bool:
-        """Load checkpoint.pt if present; logs written after it are cut back."""
-        if not self.checkpoint_path.exists():
-            return False
-        state = load_torch(self.checkpoint_path, self.device)
-        if run_signature(state.get("params", {})) != run_signature(params_to_dict(self.params)):
-            stale = self.checkpoint_path.with_name("checkpoint.stale.pt")
-            self.checkpoint_path.replace(stale)
-            for name in ("log.csv", "rounds.csv", "triplets.csv", "neighbors.csv"):
-                (self.out_dir / name).unlink(missing_ok=True)
-            log.warning(
-                "%s was written with other parameters: moved to %s, training from scratch",
-                self.checkpoint_path,
-                stale.name,
-            )
-            return False
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's weights, optimiser, miner, progress and RNGs."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.miner.load_state_dict(state["miner"])
-        self.step, self.round = int(state["step"]), int(state["round"])
-        self.round_triplets = state["round_triplets"].cpu()
-        self.round_pos = int(state["round_pos"])
-        self._epoch_loss = state["epoch_loss"].tolist()
-        self._epoch_triplets = int(state["epoch_triplets"])
-        self._epoch_rounds = [tuple(r) for r in state["epoch_rounds"].tolist()]
+        self.progress.load_state_dict(state)
         set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
-        if self.dist.main:
-            logs.truncate_csv(self.out_dir / "log.csv", "step", self.step)
-            for name in ("rounds.csv", "triplets.csv", "neighbors.csv"):  # rounds < self.round
-                logs.truncate_csv(self.out_dir / name, "round", self.round - 1)
-        log.info(
-            "resumed from %s at step %d (round %d)", self.checkpoint_path, self.step, self.round
-        )
-        return True
 
-    # ------------------------------------------------------------------ mining
-    def describe_pool(self, pool_idx: np.ndarray) -> torch.Tensor:
-        """Raw descriptors of the pool images with the current network (cached trunk if any)."""
-        precision = self.params.miner.pool_precision
-        if self.trunk is not None:
-            return at_pool_precision(self.trunk.describe(pool_idx), precision)
-        desc, _ = embed_images(
-            self.model,
-            [ImageItem(self.train_set.paths[i]) for i in pool_idx],
-            image_size=self.params.model.image_size,
-            batch_size=self.params.extract.batch_size,
-            device=self.device,
-            num_workers=self.params.base.num_workers,
-            progress=f"round {self.round}: describe pool",
-            resize_filter=self.params.model.resize_filter,
-            fp16=pool_autocast_fp16(precision),
-        )
-        return at_pool_precision(desc.to(self.device).float(), precision)
+    def save_checkpoint(self) -> None:
+        """Write checkpoint.pt atomically (main rank)."""
+        if self.dist.main:
+            with atomic_path(self.out_dir / CHECKPOINT) as tmp:
+                tmp.write_bytes(torch_bytes(self.state_dict()))
+                fault_point("checkpoint")
+            log.debug("checkpoint at step %d", self.progress.step)
+
+    def describe_pool(
+        self, pool_idx: np.ndarray, failures: dict[int, str] | None = None
+    ) -> torch.Tensor:
+        """Raw descriptors of the pool images; unreadable ones (positions) -> `failures`."""
+        return self.inputs.describe(pool_idx, failures, f"round {self.progress.round}: pool")
 
     def mine_round(self) -> None:
-        """Draw the round's pool, embed it, mine triplets and log them."""
-        pool_idx = self.pool.sample(self.round)
-        t0 = time.time()
-        desc = self.describe_pool(pool_idx)
+        """Draw the round's pool, embed it (unreadable images dropped), mine triplets, log them."""
+        pool_idx = self.pool.sample(self.progress.round)
+        t0, failures = time.time(), {}
+        desc = self.describe_pool(pool_idx, failures)
+        if failures:
+            keep = np.setdiff1d(np.arange(len(pool_idx)), list(failures))
+            pool_idx, desc = pool_idx[keep], desc[torch.from_numpy(keep).to(desc.device)]
         t1 = time.time()
         labels = torch.from_numpy(self.train_set.labels[pool_idx]).to(desc.device)
         mined = self.miner.mine(desc, labels)
-        t2 = time.time()
+        seconds = (t1 - t0, time.time() - t1)
         idx = torch.from_numpy(pool_idx)
-        self.round_triplets = torch.stack([idx[t] for t in mined.as_tuple()], dim=1).reshape(-1, 3)
-        self.round_pos = 0
-        frame = mined.to_frame()
+        triplets = torch.stack([idx[t] for t in mined.as_tuple()], dim=1).reshape(-1, 3)
+        p, n_failed = self.progress, len(failures)
         if self.dist.main:
-            row = logs.round_row(
-                self.round, self.step, len(pool_idx), mined.num_candidates, frame, t1 - t0, t2 - t1
-            )
-            logs.append_csv(self.out_dir / "rounds.csv", logs.ROUND_FIELDS, [row])
-            ts, names = self.train_set, self.train_set.names
-            rows = logs.triplet_rows(
-                self.round, self.step, frame, pool_idx, names, ts.labels, ts.classes
-            )
-            logs.append_csv(self.out_dir / "triplets.csv", logs.TRIPLET_FIELDS, rows)
-            rows = logs.neighbor_rows(
-                self.round, frame, desc, pool_idx, names, ts.labels, ts.classes
-            )
-            logs.append_csv(self.out_dir / "neighbors.csv", logs.NEIGHBOR_FIELDS, rows)
-        self._epoch_rounds.append((self.round, len(frame)))
-        log.info(
-            "round %d: %d triplets mined from a pool of %d (%.1fs embed, %.2fs mine)",
-            *(self.round, len(frame), len(pool_idx), t1 - t0, t2 - t1),
-        )
-        self.round += 1
-
-    # ------------------------------------------------------------------ optimisation
-    def _triplet_images(self, triplet: torch.Tensor) -> torch.Tensor | None:
-        """The three images (or cached trunk outputs) of one triplet; None if one is unreadable."""
-        if self.trunk is not None:
-            return self.trunk[triplet]
-        items = [ImageItem(self.train_set.paths[i]) for i in triplet.tolist()]
-        try:
-            size, resize_filter = self.params.model.image_size, self.params.model.resize_filter
-            return load_batch(items, size, "square", resize_filter=resize_filter)[0]
-        except ImageLoadError as err:
-            log.warning("skipping triplet: %s", err)
-            return None
+            frame, ts = mined.to_frame(), self.train_set
+            args = (p.round, p.step, pool_idx, frame, mined.num_candidates, desc, seconds)
+            logs.write_round(self.out_dir, *args, n_failed, ts)
+        if n_failed:
+            log.warning("round %d: %d unreadable pool images dropped", p.round, n_failed)
+        self.progress.new_round(triplets)
+        fault_point("mined")
 
     def train_step(self, triplets: torch.Tensor) -> float:
         """One optimiser step on (T, 3) dataset-index triplets, accumulated over micro-batches."""
         cfg = self.params.train
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg)
+            group["lr"] = lr_at(self.progress.step, cfg)
         self.net.train()
         shard = triplets[self.dist.rank :: self.dist.world]
-        images = [t for t in (self._triplet_images(tr) for tr in shard) if t is not None]
+        images = [t for t in map(self.inputs.triplet, shard) if t is not None]
         use_amp = cfg.amp and self.device.type == "cuda"
         ddp = isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
         loss_sum = 0.0
@@ -232,117 +161,141 @@ class Trainer:
             sync = j == len(micro) - 1 or not ddp
             ctx = nullcontext() if sync else self.net.no_sync()
             with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                cached = self.trunk is not None
+                cached = self.inputs.trunk is not None
                 d = self.model.forward_from(x, self.frozen) if cached else self.net(x)
                 d = d.float().view(len(chunk), 3, -1)
                 loss = triplet_loss(d[:, 0], d[:, 1], d[:, 2], self.params.miner.margin)
                 scaled = loss * len(chunk) / len(triplets) * self.dist.world
             scaled.backward()
             loss_sum += loss.item() * len(chunk)
+        fault_point("step")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self.progress.step += 1
         return loss_sum / max(1, len(images))
 
-    # ------------------------------------------------------------------ validation and logs
-    @torch.no_grad()
     def validate(self) -> float:
         """Validation mAP (Medium for revisited sets) at one scale, raw descriptors."""
         if self.val_set is None:
             return float("nan")
-        desc = extract_dataset(
-            self.model,
-            self.val_set,
-            model_cfg=self.params.model,
-            extract_cfg=self.params.extract,
-            scales=[1.0],
-            whiten=False,
-            device=self.device,
-            num_workers=self.params.base.num_workers,
-        )
-        metrics, _ = score(desc, self.val_set, self.params.evaluate)
-        js = metrics.to_json()["mAP"]
-        return float(js.get("medium", js.get("all", float("nan"))))
+        return validation_map(self.model, self.val_set, self.params, self.device)
 
     def log_epoch(self, val_map: float) -> None:
         """Append the epoch's row to log.csv and reset the epoch accumulators."""
-        cfg = self.params.train
+        cfg, p = self.params.train, self.progress
         row = logs.epoch_row(
-            self.step // cfg.steps_per_epoch,
-            self.step,
-            lr_at(max(0, self.step - 1), cfg),
-            self._epoch_loss,
-            self._epoch_triplets,
-            [n for _, n in self._epoch_rounds],
+            p.step // cfg.steps_per_epoch,
+            p.step,
+            lr_at(max(0, p.step - 1), cfg),
+            p.epoch_loss,
+            p.epoch_triplets,
+            [n for _, n in p.epoch_rounds],
             val_map,
             time.time() - self._t0,
         )
         if self.dist.main:
             logs.append_csv(self.out_dir / "log.csv", logs.LOG_FIELDS, [row])
-        log.info("epoch %(epoch)d step %(step)d: loss %(loss).4f, val mAP %(val_map).2f", row)
-        self._epoch_loss, self._epoch_triplets, self._epoch_rounds = [], 0, []
+        log.debug("epoch %(epoch)d step %(step)d: loss %(loss).4f, val mAP %(val_map).2f", row)
+        p.end_epoch()
 
-    # ------------------------------------------------------------------ main loop
-    def run(self, max_steps: int | None = None) -> Path:
+    def run(self, max_steps: int | None = None, restart: Restart | None = None) -> Path:
         """Train to the configured steps (or `max_steps` more), checkpointing; returns model.pt."""
-        resumed = self.resume()
-        if self.frozen and self.trunk is None and self.dist.world == 1:
-            self.trunk = FrozenTrunkCache(
-                self.model,
-                self.frozen,
-                self.train_set.paths,
-                image_size=self.params.model.image_size,
-                batch_size=self.params.extract.batch_size,
-                device=self.device,
-                resize_filter=self.params.model.resize_filter,
-            )
-        if not resumed and self.step == 0:
-            self.log_epoch(self.validate())  # epoch 0: the k-means-initialised model
-        stop_at = self.total_steps if max_steps is None else self.step + max_steps
-        stop_at = min(self.total_steps, stop_at)
         stopper = StopRequest()
-        self._empty_rounds = 0
-        bar = tqdm(
-            total=stop_at, initial=self.step, desc="train", leave=False, disable=not self.dist.main
-        )
-        with stopper.installed():
-            while self.step < stop_at and not stopper.requested:
+        with locked(self.out_dir) if self.dist.main else nullcontext(), stopper.installed():
+            state = open_run(self.out_dir, self.params, restart, self.device, self.dist)
+            if state is not None:
+                self.load_state_dict(state)
+            start = self.progress.step
+            budget = self.total_steps if max_steps is None else start + max_steps
+            stop_at = min(self.total_steps, budget)
+            if start < stop_at:  # a finished run needs no cache
+                self.inputs.cache_trunk(self.frozen if self.dist.world == 1 else 0)
+            if state is None:
+                self.log_epoch(self.validate())  # epoch 0: the k-means-initialised model
+                fault_point("epoch0")
+            bar = tqdm(
+                total=stop_at, initial=start, desc="train", leave=False, disable=not self.dist.main
+            )
+            while self.progress.step < stop_at and not stopper.requested:
                 self._advance(bar)
-        bar.close()
-        self.save_checkpoint()
-        final = self.out_dir / "model.pt"
-        if self.step >= self.total_steps and self.dist.main:
-            save_model(self.model, final, step=self.step)
-            log.info("training done: %d steps -> %s", self.step, final)
+            bar.close()
+            if state is None or self.progress.step > start:
+                self.save_checkpoint()
+            final = self._finish(start)
+        stopper.raise_if_requested(f"{self.out_dir}: at step {self.progress.step}")
+        return final
+
+    def _finish(self, start: int) -> Path:
+        """Write model.pt once the budget is reached; one summary line."""
+        final, p = self.out_dir / "model.pt", self.progress
+        done = p.step >= self.total_steps
+        if done and self.dist.main and (p.step > start or not final.is_file()):
+            save_model(self.model, final, step=p.step)
+        log.info(
+            "train: steps %d -> %d of %d (%d rounds, %.0fs) -> %s",
+            *(start, p.step, self.total_steps, p.round, time.time() - self._t0),
+            final if done else self.out_dir / CHECKPOINT,
+        )
         return final
 
     def _advance(self, bar: tqdm) -> None:
         """Mine a round if this one is used up, else take one step (with epoch and checkpoint)."""
-        cfg = self.params.train
-        if self.round_pos >= len(self.round_triplets):
+        cfg, p = self.params.train, self.progress
+        if p.round_done:
             self.mine_round()
-            self._empty_rounds = 0 if len(self.round_triplets) else self._empty_rounds + 1
+            self._empty_rounds = 0 if len(p.round_triplets) else self._empty_rounds + 1
             if self._empty_rounds >= MAX_EMPTY_ROUNDS:
-                raise RuntimeError(
-                    f"miner: {MAX_EMPTY_ROUNDS} consecutive rounds without a triplet; widen "
-                    "miner.delta or miner.threshold, or enlarge miner.pool_size"
+                raise InputError(
+                    f"miner.delta: {MAX_EMPTY_ROUNDS} consecutive rounds without a triplet; "
+                    "widen miner.delta or miner.threshold, or enlarge miner.pool_size"
                 )
             return
-        batch = self.round_triplets[self.round_pos : self.round_pos + cfg.batch_triplets]
-        self.round_pos += len(batch)
+        batch = p.next_batch(cfg.batch_triplets)
         loss = self.train_step(batch)
-        self._epoch_loss.append(loss)
-        self._epoch_triplets += len(batch)
+        p.epoch_loss.append(loss)
+        p.epoch_triplets += len(batch)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", round=self.round)
-        if self.step % cfg.steps_per_epoch == 0:
-            epoch = self.step // cfg.steps_per_epoch
+        bar.set_postfix(loss=f"{loss:.4f}", round=p.round)
+        if p.step % cfg.steps_per_epoch == 0:
+            epoch = p.step // cfg.steps_per_epoch
             validate = cfg.val_every and epoch % cfg.val_every == 0
             self.log_epoch(self.validate() if validate else float("nan"))
-        if self.step % cfg.checkpoint_every == 0:
+        if p.step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
 
 
-def train(params: Params, init_model: Path, out_dir: Path, max_steps: int | None = None) -> Path:
+def make_pool(train_set: TrainingSet, params: Params) -> ClassBalancedPool:
+    """The class-balanced pool of the training set (a set too small for it is an input error)."""
+    m = params.miner
+    try:
+        return ClassBalancedPool(
+            train_set.labels, m.pool_size, m.images_per_class, params.base.seed, m.pool_classes
+        )
+    except ValueError as err:
+        raise InputError(f"{train_set.root}: {err}") from None
+
+
+def make_miner(params: Params) -> TripletMiner:
+    """The configured miner, seeded so round r draws from seed + r."""
+    m = params.miner
+    return build_miner(
+        m.name,
+        margin=m.margin,
+        delta=m.delta,
+        threshold=m.threshold,
+        semi_hard_prob=m.semi_hard_prob,
+        triplets_per_round=m.triplets_per_round,
+        seed=params.base.seed * 1_000_003,
+        backend=m.backend,
+    )
+
+
+def train(
+    params: Params,
+    init_model: Path,
+    out_dir: Path,
+    max_steps: int | None = None,
+    restart: Restart | None = None,
+) -> Path:
     """Train from a (k-means-initialised) model file; resumes from out_dir/checkpoint.pt."""
-    return Trainer(params, init_model, out_dir).run(max_steps)
+    return Trainer(params, init_model, out_dir).run(max_steps, restart)

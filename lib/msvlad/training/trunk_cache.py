@@ -38,6 +38,7 @@ class FrozenTrunkCache:
     ) -> None:
         self.model, self.stages, self.device, self.batch_size = model, stages, device, batch_size
         self.resize_filter = resize_filter
+        self.ok = np.zeros(len(paths), dtype=bool)  # images that could be read
         self.features = self._build(paths, image_size)
 
     @torch.no_grad()
@@ -47,11 +48,12 @@ class FrozenTrunkCache:
         bs = self.batch_size
         for start in tqdm(range(0, len(paths), bs), desc="train: frozen-trunk cache", leave=False):
             items = [ImageItem(p) for p in paths[start : start + bs]]
-            batch, _ = load_batch(items, size, "square", "zero", self.resize_filter)
+            batch, ok = load_batch(items, size, "square", "zero", self.resize_filter)
+            self.ok[start : start + bs] = ok
             trunk = self.model.backbone.trunk(batch.to(self.device), self.stages)
             chunks.append(trunk.cpu())
         features = torch.cat(chunks)
-        log.info(
+        log.debug(
             "frozen-trunk cache: %d images, %s each, %.0f MB",
             len(features),
             tuple(features.shape[1:]),
