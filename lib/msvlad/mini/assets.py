@@ -49,6 +49,7 @@ from typing import Literal
 
 from PIL import Image
 
+from msvlad.errors import InputError
 from msvlad.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ ROLES = ("test", "val", "train", "distractor-test", "distractor-val")
 RCC_SEPARATOR = ".rcc:"  # `<file>.rcc:<path>`: a file inside a Qt resource file
 
 
-class AssetsError(ValueError):
+class AssetsError(InputError):
     """A pinned source cannot be fetched or a file is not the pinned one; says how to get it."""
 
 
