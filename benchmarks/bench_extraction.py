@@ -33,42 +33,29 @@ import torch
 from PIL import Image
 from torch import nn
 
-from benchmarks.common import (
-    PeakMemory,
-    base_parser,
-    check_positive,
-    format_table,
-    int_list,
-    new_figure,
-    plot_path,
-    ratio,
-    report,
-    save_figure,
-    setup_run,
-    str_list,
-    time_interleaved,
-    write_results,
-)
-from msvlad.config import ModelConfig, load_params
+from benchmarks import common
+from benchmarks.common import Panel
+from msvlad.config import ModelConfig
 from msvlad.nn.backbones import build_backbone
 from msvlad.nn.pooling import build_pooling
-from msvlad.paths import ROOT
 
 log = logging.getLogger(__name__)
 
 NAME = "bench_extraction"
-SETTINGS = {"mini": "params.yaml", "paper": "params.paper.yaml"}
 VARIANTS = ("backbone", "gem", "netvlad", "msvlad")
 ASPECTS = ((4, 3), (3, 4), (1, 1), (16, 9), (3, 2), (2, 3))  # width:height of the generated photos
-POOL_SHARE_GOAL = 0.10
+# multi-scale NetVLAD pooling time / backbone forward time to stay under, per setting
+POOL_SHARE_GOAL = {"mini": 0.05, "paper": 0.02}
+BASELINES: dict[str, str] = {
+    "pool_share": "pooling time on the cached feature map / backbone forward time",
+    "speed_vs_backbone": "backbone-only forward time / backbone+pooling forward time",
+    "speedup_vs_peer": "seconds of max_side, batch 1, fewest workers / this one's",
+}
 
 
 def setting_config(setting: str, image_size: int | None = None) -> ModelConfig:
     """Model config of a profile (mini or paper), optionally at another image size."""
-    if setting not in SETTINGS:
-        raise ValueError(f"--settings: unknown setting {setting!r}; choose from {sorted(SETTINGS)}")
-    cfg = load_params(ROOT / SETTINGS[setting]).model
-    return dataclasses.replace(cfg, image_size=image_size) if image_size else cfg
+    return common.profile_params(setting, image_size).model
 
 
 def build_poolings(cfg: ModelConfig, channels: int) -> dict[str, nn.Module]:
@@ -112,13 +99,14 @@ def bench_forward(
             for name, pool in pools.items():
                 fns[f"pool:{name}"] = lambda p=pool, f=fmap: p(f)
                 fns[f"full:{name}"] = lambda p=pool, x=x: p(backbone(x))
-            t = time_interleaved(fns, repeats=repeats, warmup=warmup, device=device)
+            t = common.time_interleaved(fns, repeats=repeats, warmup=warmup, device=device)
             t_backbone = t["backbone"].median
-            with PeakMemory(device) as mem:
+            with common.PeakMemory(device) as mem:
                 backbone(x)
             rows.append(_row(setting, cfg, bs, "backbone", t_backbone, t_backbone, None, mem, fmap))
+            rows[-1]["seconds_per_batch_min"] = t["backbone"].best
             for name, pool in pools.items():
-                with PeakMemory(device) as mem_full:
+                with common.PeakMemory(device) as mem_full:
                     desc = pool(backbone(x))
                 row = _row(
                     setting,
@@ -132,6 +120,7 @@ def bench_forward(
                     fmap,
                 )
                 row["dim"] = int(desc.shape[1])
+                row["seconds_per_batch_min"] = t[f"full:{name}"].best
                 rows.append(row)
         log.info("%s batch %d done (feature map %s)", setting, bs, tuple(fmap.shape[1:]))
         del x, fmap
@@ -146,7 +135,7 @@ def _row(
     t_full: float,
     t_backbone: float,
     t_pool: float | None,
-    mem: PeakMemory,
+    mem: common.PeakMemory,
     fmap: torch.Tensor,
 ) -> dict[str, Any]:
     return {
@@ -158,12 +147,12 @@ def _row(
         "dim": int(fmap.shape[1]),
         "fmap": "x".join(str(int(v)) for v in fmap.shape[1:]),
         "seconds_per_batch": t_full,
-        "images_per_s": ratio(bs, t_full),
+        "images_per_s": common.ratio(bs, t_full),
         "pool_seconds": t_pool,
         # cost of pooling as a fraction of the backbone forward (timed on the cached feature map)
-        "pool_share": None if t_pool is None else ratio(t_pool, t_backbone),
+        "pool_share": None if t_pool is None else common.ratio(t_pool, t_backbone),
         # throughput relative to the backbone alone (1.0 = pooling is free)
-        "speed_vs_backbone": ratio(t_backbone, t_full),
+        "speed_vs_backbone": common.ratio(t_backbone, t_full),
         "peak_mib": mem.peak_mib,
     }
 
@@ -193,12 +182,13 @@ def bench_end_to_end(
     paths: list[Path],
     device: torch.device,
     *,
-    batch_size: int,
+    batch_sizes: list[int],
     workers: list[int],
     repeats: int,
     warmup: int,
 ) -> list[dict[str, Any]]:
-    """embed_images: square vs max-side (bucketed) vs max-side batch 1, per worker count."""
+    """embed_images: square vs max-side (bucketed) policy at each batch size and worker count;
+    the baseline is the peer codes' habit, max-side at batch size 1 with the fewest workers."""
     from msvlad.evaluation.extract import ImageItem, embed_images
     from msvlad.nn.model import build_model
 
@@ -206,8 +196,10 @@ def bench_end_to_end(
         build_model(dataclasses.replace(cfg, pooling="msvlad"), pretrained=False).to(device).eval()
     )
     items = [ImageItem(p) for p in paths]
-    modes = [("square", batch_size), ("max_side", batch_size), ("max_side", 1)]
-    configs = [(policy, bs, nw) for nw in workers for policy, bs in modes]
+    batches = sorted({1, *batch_sizes})
+    configs = [
+        (policy, bs, nw) for nw in workers for policy in ("square", "max_side") for bs in batches
+    ]
 
     def run(policy: str, bs: int, nw: int, subset: list) -> None:
         embed_images(
@@ -226,18 +218,19 @@ def bench_end_to_end(
         for _ in range(warmup):
             run(policy, bs, nw, items[: max(1, min(len(items), 2 * bs))])
     fns = {f"{p}/{b}/{w}": (lambda c=(p, b, w): run(*c, items)) for p, b, w in configs}
-    timings = time_interleaved(fns, repeats=repeats, warmup=0, device=device)
+    timings = common.time_interleaved(fns, repeats=repeats, warmup=0, device=device)
     rows = []
     for policy, bs, nw in configs:
-        seconds = timings[f"{policy}/{bs}/{nw}"].median
+        t = timings[f"{policy}/{bs}/{nw}"]
         rows.append(
             {
                 "policy": policy,
                 "batch": bs,
                 "workers": nw,
                 "images": len(items),
-                "seconds": seconds,
-                "images_per_s": ratio(len(items), seconds),
+                "seconds": t.median,
+                "seconds_min": t.best,
+                "images_per_s": common.ratio(len(items), t.median),
             }
         )
     base = next(
@@ -246,7 +239,7 @@ def bench_end_to_end(
         if r["policy"] == "max_side" and r["batch"] == 1 and r["workers"] == min(workers)
     )
     for r in rows:
-        r["speedup_vs_peer"] = ratio(base["seconds"], r["seconds"])
+        r["speedup_vs_peer"] = common.ratio(base["seconds"], r["seconds"])
     return rows
 
 
@@ -261,79 +254,53 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             v: max(r["pool_share"] for r in rows if r["setting"] == setting and r["variant"] == v)
             for v in ("gem", "netvlad", "msvlad")
         }
+        goal = POOL_SHARE_GOAL[setting]
         out[setting] = {
             "max_pool_share": shares,
-            "msvlad_pool_share_below_goal": bool(shares["msvlad"] < POOL_SHARE_GOAL),
-            "goal": POOL_SHARE_GOAL,
+            "msvlad_pool_share_below_goal": bool(shares["msvlad"] <= goal),
+            "goal": goal,
         }
     return out
 
 
-def plot(rows: list[dict[str, Any]], e2e: list[dict[str, Any]], path: Path) -> Path:
-    """Images/s vs batch size per variant and setting, pooling share, end-to-end speed-ups."""
-    settings = sorted({r["setting"] for r in rows})
-    ncols = len(settings) + 1 + (1 if e2e else 0)
-    fig, axes = new_figure(ncols=ncols)
-    for ax, setting in zip(axes[0], settings, strict=False):
-        for v in VARIANTS:
-            sel = [r for r in rows if r["setting"] == setting and r["variant"] == v]
-            ax.plot(
-                [r["batch"] for r in sel], [r["images_per_s"] for r in sel], marker="o", label=v
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("images / s")
-        ax.set_title(f"{setting}: {sel[0]['backbone']} @ {sel[0]['image_size']}")
-        ax.legend(fontsize=8)
-    ax = axes[0][len(settings)]
-    for setting in settings:
-        for v in ("gem", "netvlad", "msvlad"):
-            sel = [r for r in rows if r["setting"] == setting and r["variant"] == v]
-            ax.plot(
-                [r["batch"] for r in sel],
-                [100 * r["pool_share"] for r in sel],
-                marker="o",
-                label=f"{setting} {v}",
-            )
-    ax.axhline(100 * POOL_SHARE_GOAL, color="grey", ls="--", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("pooling time, % of backbone")
-    ax.set_title("pooling cost")
-    ax.legend(fontsize=7)
+def figure(record: dict[str, Any]) -> Any:
+    """Images/s and pooling share of the backbone against the batch size, per variant and
+    setting; end to end, images/s and the speed-up over the peers' habit against the batch."""
+    rows, e2e, b = record["forward"], record["end_to_end"], "batch size"
+    pools = [r for r in rows if r["variant"] != "backbone"]
+    line, e2e_line = "{setting} {variant}", "{policy} w{workers}"
+    share = (b, "pooling / backbone forward, % (same run)", "pooling cost (dotted: goals)")
+    panels = [
+        (rows, Panel("batch", "images_per_s", line, (b, "images / s", "model forward"), 2, True)),
+        (pools, Panel("batch", "pool_share", line, share, 2, True, scale=100)),
+    ]
     if e2e:
-        ax = axes[0][-1]
-        labels = [f"{r['policy']}\nbs{r['batch']} w{r['workers']}" for r in e2e]
-        ax.bar(range(len(e2e)), [r["speedup_vs_peer"] for r in e2e])
-        ax.set_xticks(range(len(e2e)), labels, fontsize=7)
-        ax.axhline(1.0, color="grey", ls="--", lw=1)
-        ax.set_ylabel("speed vs max_side bs1 w0")
-        ax.set_title("embed_images end to end")
-    return save_figure(fig, path)
+        peer = (b, "speed / max_side batch 1 (same run)", "ratio to the peers' habit")
+        panels += [
+            (e2e, Panel("batch", "images_per_s", e2e_line, (b, "images / s", "embed_images"), 2)),
+            (e2e, Panel("batch", "speedup_vs_peer", e2e_line, peer, 2, reference=1)),
+        ]
+    fig = common.draw_panels(
+        panels, "extraction: backbone + pooling (untrained networks, random inputs)"
+    )
+    for setting in sorted({r["setting"] for r in rows}):
+        fig.axes[1].axhline(100 * POOL_SHARE_GOAL[setting], color="grey", ls=":", lw=1)
+    return fig
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options of this benchmark."""
-    p = base_parser(NAME, __doc__.splitlines()[0])
-    p.add_argument(
-        "--settings",
-        type=str_list,
-        default=None,
-        help="mini and/or paper (default: mini on CPU, mini,paper on CUDA)",
-    )
-    p.add_argument("--batch-sizes", type=int_list, default=[1, 2, 4, 8, 16, 32])
+    p = common.base_parser(NAME, __doc__.splitlines()[0])
+    common.add_profile_options(p, None)
+    p.add_argument("--batch-sizes", type=common.int_list, default=[1, 2, 4, 8, 16, 32])
     p.add_argument(
         "--paper-batch-sizes",
-        type=int_list,
+        type=common.int_list,
         default=None,
-        help="batch sizes of the paper setting (default: --batch-sizes on CUDA, 1,2 on CPU)",
-    )
-    p.add_argument("--mini-size", type=int, default=None, help="override the mini image size (224)")
-    p.add_argument(
-        "--paper-size", type=int, default=None, help="override the paper image size (512)"
+        help="batch sizes of the paper setting (default: --batch-sizes on CUDA, 1,2,4,8 on CPU)",
     )
     p.add_argument("--no-amp", action="store_true", help="no float16 autocast on CUDA")
     p.add_argument(
@@ -343,63 +310,44 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
         help="generated JPEGs for the end-to-end part (0: skip)",
     )
     p.add_argument("--e2e-side", type=int, default=640, help="long side of the generated JPEGs")
-    p.add_argument("--e2e-batch", type=int, default=16, help="batch size of the batched policies")
     p.add_argument(
-        "--e2e-workers", type=int_list_or_zero, default=[0, 2], help="DataLoader worker counts"
+        "--e2e-batch-sizes",
+        type=common.int_list,
+        default=[2, 4, 8, 16],
+        help="batch sizes of the end-to-end part (1, the peers' habit, is always added)",
+    )
+    p.add_argument(
+        "--e2e-workers", type=common.count_list, default=[0, 2], help="DataLoader worker counts"
     )
     args = p.parse_args(argv)
-    check_positive(p, args, "repeats", "e2e_side", "e2e_batch")
-    return args, p
+    common.check_positive(p, args, "repeats", "e2e_side")
+    return args
 
 
-def int_list_or_zero(text: str) -> list[int]:
-    """argparse type: "0,2" -> [0, 2] (non-negative integers)."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the extraction benchmark; print the tables, write JSON + PNG, return the record."""
-    args, parser = parse_args(argv)
-    device = setup_run(args)
+def measure(run: common.Run) -> dict[str, Any]:
+    """The forward part of every setting, then the end-to-end part; the tables printed."""
+    args, device = run.args, run.device
     settings = args.settings or (["mini", "paper"] if device.type == "cuda" else ["mini"])
-    for s in settings:
-        if s not in SETTINGS:
-            parser.error(f"--settings: unknown setting {s!r}; choose from {sorted(SETTINGS)}")
     amp = not args.no_amp
     rows: list[dict[str, Any]] = []
     configs = {}
     for s in settings:
-        size = args.mini_size if s == "mini" else args.paper_size
-        cfg = setting_config(s, size)
+        cfg = setting_config(s, common.setting_size(args, s))
         configs[s] = dataclasses.asdict(cfg)
         sizes = args.batch_sizes
         if s == "paper":
             sizes = args.paper_batch_sizes or (
-                args.batch_sizes if device.type == "cuda" else [1, 2]
+                args.batch_sizes if device.type == "cuda" else [1, 2, 4, 8]
             )
         rows += bench_forward(
             s, cfg, sizes, device, repeats=args.repeats, warmup=args.warmup, amp=amp
         )
-    columns = [
-        "setting",
-        "batch",
-        "variant",
-        "dim",
-        "images_per_s",
-        "speed_vs_backbone",
-        "pool_share",
-        "peak_mib",
-    ]
-    report(format_table(rows, columns), args)
-
+    common.print_table(
+        rows,
+        "setting batch variant dim images_per_s speed_vs_backbone pool_share peak_mib",
+        args,
+        decimals={"images_per_s": 2, "speed_vs_backbone": 3, "pool_share": 4, "peak_mib": 1},
+    )
     e2e: list[dict[str, Any]] = []
     if args.e2e_images > 0:
         cfg = setting_config("mini", args.mini_size)
@@ -409,44 +357,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cfg,
                 paths,
                 device,
-                batch_size=args.e2e_batch,
+                batch_sizes=args.e2e_batch_sizes,
                 workers=args.e2e_workers,
                 repeats=args.repeats,
                 warmup=args.warmup,
             )
-        report(
-            "\n"
-            + format_table(
-                e2e, ["policy", "batch", "workers", "images", "images_per_s", "speedup_vs_peer"]
-            ),
+        common.print_table(
+            e2e,
+            "policy batch workers images images_per_s speedup_vs_peer",
             args,
+            decimals={"images_per_s": 2, "speedup_vs_peer": 3},
         )
+    return {
+        "amp": amp and device.type == "cuda",
+        "model_configs": configs,
+        "forward": rows,
+        "end_to_end": e2e,
+        "summary": summarise(rows),
+        "baselines": BASELINES,
+    }
 
-    summary = summarise(rows)
-    record = write_results(
-        args.out,
-        NAME,
-        args,
-        device,
-        {
-            "amp": amp and device.type == "cuda",
-            "model_configs": configs,
-            "forward": rows,
-            "end_to_end": e2e,
-            "summary": summary,
-            "baselines": {
-                "pool_share": "pooling time on the cached feature map / backbone forward time",
-                "speed_vs_backbone": "backbone-only forward time / backbone+pooling forward time",
-                "speedup_vs_peer": "seconds of max_side, batch 1, fewest workers / this one's",
-            },
-        },
-    )
-    plot(rows, e2e, plot_path(args.out))
-    return record
 
+main = common.entry_point(NAME, parse_args, measure, figure)
 
 if __name__ == "__main__":
-    from msvlad.runtime import setup_logging
-
-    setup_logging()
-    main()
+    common.script(main)

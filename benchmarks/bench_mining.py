@@ -33,21 +33,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (
-    RESULTS_DIR,
-    PeakMemory,
-    base_parser,
-    check_positive,
-    format_table,
-    new_figure,
-    plot_path,
-    ratio,
-    report,
-    save_figure,
-    setup_run,
-    time_interleaved,
-    write_results,
-)
+from benchmarks import common
+from benchmarks.common import Panel
 from msvlad.mining.difficulty import DifficultyMiner, difficulty_candidates, first_per_class
 
 log = logging.getLogger(__name__)
@@ -55,6 +42,12 @@ log = logging.getLogger(__name__)
 NAME = "bench_mining"
 METHODS = ("topk", "faiss", "full_sort")
 BASELINE = "full_sort"
+RATIO = "ratio to the full-sort baseline (same run)"
+BASELINES: dict[str, str] = {
+    "time_ratio": "median round time / full_sort's, same process and pool",
+    "mem_ratio": "this method's peak extra memory / full_sort's",
+    "same_triplets": "exactly the (anchor, positive, negative) triplets of topk",
+}
 
 
 def make_pool(
@@ -134,10 +127,10 @@ def bench_pool(
         )
 
     fns = {m: runner(m) for m in args.methods}
-    timings = time_interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device)
+    timings = common.time_interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device)
     rows = []
     for method in args.methods:
-        with PeakMemory(device) as mem:
+        with common.PeakMemory(device) as mem:
             fns[method]()
         gc.collect()
         ref = mined.get("topk")
@@ -148,6 +141,7 @@ def bench_pool(
                 "noise": noise,
                 "method": method,
                 "time_s": timings[method].median,
+                "time_min_s": timings[method].best,
                 "timing": timings[method].to_json(),
                 "peak_mib": mem.peak_mib,
                 "triplets": int(mined[method].shape[1]),
@@ -156,8 +150,8 @@ def bench_pool(
         )
     base = next((r for r in rows if r["method"] == BASELINE), None)
     for r in rows:
-        r["time_ratio"] = ratio(r["time_s"], base["time_s"]) if base else None
-        r["mem_ratio"] = ratio(r["peak_mib"], base["peak_mib"]) if base else None
+        r["time_ratio"] = common.ratio(r["time_s"], base["time_s"]) if base else None
+        r["mem_ratio"] = common.ratio(r["peak_mib"], base["peak_mib"]) if base else None
     return rows
 
 
@@ -174,44 +168,27 @@ def _miner(args: argparse.Namespace, backend: str) -> DifficultyMiner:
     )
 
 
-def plot(rows: list[dict[str, Any]], path: Any) -> Any:
-    """Round time and peak memory vs pool size, one line per (method, D)."""
-    fig, axes = new_figure(ncols=2)
-    for method in METHODS:
-        for dim in sorted({r["dim"] for r in rows}):
-            sel = sorted(
-                (r for r in rows if r["method"] == method and r["dim"] == dim), key=lambda r: r["n"]
-            )
-            if not sel:
-                continue
-            label = f"{method} (D={dim})"
-            axes[0][0].plot(
-                [r["n"] for r in sel], [r["time_s"] for r in sel], marker="o", label=label
-            )
-            axes[0][1].plot(
-                [r["n"] for r in sel],
-                [max(r["peak_mib"], 1e-2) for r in sel],
-                marker="o",
-                label=label,
-            )
-    for ax, ylabel, title in (
-        (axes[0][0], "seconds", "mining round time"),
-        (axes[0][1], "MiB", "peak extra memory"),
-    ):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("pool size N")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
+def figure(record: dict[str, Any]) -> Any:
+    """Round time, its ratio to the full sort, and peak memory against pool size, per method."""
+    rows, line, pool = record["rows"], "{method} (D={dim})", "pool size N"
+    ratio = (pool, "time / full_sort", RATIO)
+    return common.draw_panels(
+        [
+            (rows, Panel("n", "time_s", line, (pool, "s (median)", "round time"), True, True)),
+            (rows, Panel("n", "time_ratio", line, ratio, xlog=True, ylog=True, reference=1)),
+            (rows, Panel("n", "peak_mib", line, (pool, "MiB", "peak extra memory"), True, True)),
+        ],
+        "one difficulty-mining round (paper rule) on a synthetic class-balanced pool",
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options of this benchmark."""
-    p = base_parser(NAME, __doc__.splitlines()[0])
-    p.set_defaults(out=RESULTS_DIR / "mining.json", repeats=2, warmup=0)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000], help="pool sizes N")
+    p = common.base_parser(NAME, __doc__.splitlines()[0])
+    p.set_defaults(out=common.RESULTS_DIR / "mining.json", repeats=2, warmup=0)
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=[1000, 2000, 4000, 8000, 16000], help="pool sizes N"
+    )
     p.add_argument("--dims", type=int, nargs="+", default=[2048], help="descriptor dimensions D")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--images-per-class", type=int, default=15)
@@ -228,7 +205,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--triplets", type=int, default=256, help="triplets per round (cap)")
     p.add_argument("--chunk-size", type=int, default=4096, help="rows scored at once by topk")
     args = p.parse_args(argv)
-    check_positive(p, args, "repeats", "images_per_class", "threshold", "triplets", "chunk_size")
+    common.check_positive(
+        p, args, "repeats", "images_per_class", "threshold", "triplets", "chunk_size"
+    )
     if min(args.sizes) < 2 * args.images_per_class or min(args.dims) < 1:
         p.error(
             f"--sizes: need N >= 2 * images-per-class ({2 * args.images_per_class}); --dims: D >= 1"
@@ -236,10 +215,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the mining benchmark; print the table, write JSON + PNG, return the record."""
-    args = parse_args(argv)
-    device = setup_run(args)
+def measure(run: common.Run) -> dict[str, Any]:
+    """Every (D, N) pool; the table printed, the rows returned."""
+    args, device = run.args, run.device
     # load faiss/BLAS outside the timings
     warm_desc, warm_labels = make_pool(200, 16, 5, 1.0, 0, device)
     for backend in ("torch", "faiss"):
@@ -249,46 +227,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in args.sizes:
             log.info("pool N=%d D=%d", n, dim)
             rows += bench_pool(n, dim, args, device)
-    columns = [
-        "n",
-        "dim",
-        "method",
-        "time_s",
-        "time_ratio",
-        "peak_mib",
-        "mem_ratio",
-        "triplets",
-        "same_triplets",
-    ]
-    report(
-        format_table(
-            rows,
-            columns,
-            headers={
-                "time_ratio": "time/full_sort",
-                "mem_ratio": "mem/full_sort",
-                "same_triplets": "same as topk",
-            },
-        ),
+    common.print_table(
+        rows,
+        "n dim method time_s time_min_s time_ratio peak_mib mem_ratio triplets same_triplets",
         args,
-    )
-    record = write_results(
-        args.out,
-        NAME,
-        args,
-        device,
-        {
-            "rows": rows,
-            "baselines": {
-                "time_ratio": "median round time / full_sort's, same process and pool",
-                "mem_ratio": "this method's peak extra memory / full_sort's",
-                "same_triplets": "exactly the (anchor, positive, negative) triplets of topk",
-            },
+        headers={
+            "time_s": "time_s (median)",
+            "time_min_s": "time_s (min)",
+            "time_ratio": "time/full_sort",
+            "mem_ratio": "mem/full_sort",
+            "same_triplets": "same as topk",
         },
     )
-    plot(rows, plot_path(args.out))
-    return record
+    return {"rows": rows, "baselines": BASELINES}
 
+
+main = common.entry_point(NAME, parse_args, measure, figure)
 
 if __name__ == "__main__":
-    main()
+    common.script(main)

@@ -7,17 +7,19 @@ bytes in memory and in an .npz file, and mAP / mP@k (via `msvlad.evaluation.prot
 exact flat
 search via `msvlad.evaluation.search.search`) computed from the float32 and the float16 copies.
 
-Default data: a synthetic revisited-style benchmark that runs anywhere. Landmarks are unit
+Default data: synthetic revisited-style benchmarks that run anywhere, one per database size
+(`--db-sizes`), so the figure shows how the change moves with the database. Landmarks are unit
 centres; a database image of a landmark is its centre + noise, labelled easy / hard / junk by
 the noise level; "confusers" are images of near-miss centres (similar buildings) and the rest are
 unrelated distractors; queries are low-noise views of a landmark. The gnd has revisitop's
 easy / hard / junk lists, so Easy / Medium / Hard mAP are computed as for ROxf/RPar.
 
-Real data: `--features runs/.../features.npz` (arrays q and db, as `msvlad evaluate` writes) with
-`--gnd gnd_roxford5k.pkl` (any protocol: revisited, classic or holidays; inferred from the keys).
+Real data: `--features results/evaluate/<method>/<dataset>/features.npz` (arrays q and db, as
+`msvlad evaluate` writes) with `--gnd gnd_roxford5k.pkl` (any protocol: revisited, classic or
+holidays; inferred from the keys) adds one point measured on real descriptors.
 
     python -m benchmarks.bench_storage
-    python -m benchmarks.bench_storage --features results/evaluate/roxford5k/features.npz \
+    python -m benchmarks.bench_storage --features results/evaluate/msvlad/roxford5k/features.npz \
         --gnd data/paper/roxford5k/gnd_roxford5k.pkl
 """
 
@@ -31,18 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (
-    base_parser,
-    check_positive,
-    format_table,
-    new_figure,
-    plot_path,
-    ratio,
-    report,
-    save_figure,
-    setup_run,
-    write_results,
-)
+from benchmarks import common
+from benchmarks.common import Panel
 from msvlad.evaluation.protocol import evaluate
 from msvlad.evaluation.search import search
 from msvlad.storage import load_npz, save_npz
@@ -54,6 +46,11 @@ LEVELS = {
     "junk": (2.2, 3.5),
 }  # noise norm ranges per gnd label
 LEVEL_PROBS = (0.45, 0.35, 0.20)
+RATIO = "ratio to the float32 baseline"
+BASELINES: dict[str, str] = {
+    "map_ratio": "mAP from float16-stored descriptors / from float32",
+    "memory_ratio": "float16 bytes / float32 bytes",
+}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -167,7 +164,7 @@ def compare(q: np.ndarray, db: np.ndarray, gnd: Any, protocol: str, k_agree: int
                 "map_fp32": v32,
                 "map_fp16": v16,
                 "delta_points": v16 - v32,
-                "map_ratio": ratio(v16, v32),
+                "map_ratio": common.ratio(v16, v32),
             }
         )
     bytes32 = int(q.nbytes + db.nbytes)
@@ -190,38 +187,46 @@ def compare(q: np.ndarray, db: np.ndarray, gnd: Any, protocol: str, k_agree: int
             "memory_fp16": bytes16,
             "npz_fp32": file32,
             "npz_fp16": file16,
-            "memory_ratio": ratio(bytes16, bytes32),
-            "npz_ratio": ratio(file16, file32),
+            "memory_ratio": common.ratio(bytes16, bytes32),
+            "npz_ratio": common.ratio(file16, file32),
         },
     }
 
 
-def plot(result: dict[str, Any], path: Path) -> Path:
-    """mAP per setup for float32 vs float16, and the bytes of each."""
-    fig, axes = new_figure(ncols=2)
-    rows = result["map"]
-    xs = np.arange(len(rows))
-    ax = axes[0][0]
-    ax.bar(xs - 0.2, [r["map_fp32"] or 0 for r in rows], width=0.4, label="float32")
-    ax.bar(xs + 0.2, [r["map_fp16"] or 0 for r in rows], width=0.4, label="float16")
-    ax.set_xticks(xs, [r["setup"] for r in rows])
-    ax.set_ylabel("mAP (%)")
-    ax.set_title(f"{result['source']}: mAP")
-    ax.legend(fontsize=8)
-    b = result["bytes"]
-    ax = axes[0][1]
-    ax.bar([0, 1], [b["npz_fp32"] / 2**20, b["npz_fp16"] / 2**20], color=["tab:blue", "tab:orange"])
-    ax.set_xticks([0, 1], ["float32", "float16"])
-    ax.set_ylabel("MiB (.npz)")
-    ax.set_title(f"storage ({result['n_queries'] + result['n_db']} x {result['dim']})")
-    return save_figure(fig, path)
+def figure(record: dict[str, Any]) -> Any:
+    """mAP per setup from float32 and float16 copies, their ratio, and the file sizes, against N."""
+    rows = [
+        {"n_db": r["n_db"], "source": r["source"], "precision": prec, **m, **r["bytes"]}
+        for r in record["results"]
+        for m in r["map"]
+        for prec in ("fp32", "fp16")
+    ]
+    for row in rows:
+        row["map"] = row[f"map_{row['precision']}"]
+        row["npz_mib"] = row[f"npz_{row['precision']}"] / 2**20
+    fp16 = [r for r in rows if r["precision"] == "fp16"]
+    first = [r for r in rows if r["setup"] == rows[0]["setup"]] if rows else []
+    n = "database images"
+    ratio = (n, "mAP fp16 / fp32", RATIO)
+    sources = ", ".join(sorted({r["source"] for r in record["results"]}))
+    return common.draw_panels(
+        [
+            (rows, Panel("n_db", "map", "{setup} {precision}", (n, "mAP (%)", "mAP"), True)),
+            (fp16, Panel("n_db", "map_ratio", "{setup}", ratio, xlog=True, reference=1)),
+            (first, Panel("n_db", "npz_mib", "{precision}", (n, "MiB", ".npz file"), True, True)),
+        ],
+        f"float16 vs float32 descriptor storage ({sources})",
+    )
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options of this benchmark."""
-    p = base_parser(NAME, __doc__.splitlines()[0])
+    p = common.base_parser(NAME, __doc__.splitlines()[0])
     p.add_argument(
-        "--db-size", type=int, default=5000, help="synthetic database images (ROxf: 4993)"
+        "--db-sizes",
+        type=common.int_list,
+        default=[1000, 2000, 5000, 10000, 20000],
+        help="synthetic database images (ROxf: 4993)",
     )
     p.add_argument("--queries", type=int, default=70, help="synthetic queries (ROxf: 70)")
     p.add_argument("--landmarks", type=int, default=11, help="synthetic landmarks (ROxf: 11)")
@@ -230,83 +235,56 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     p.add_argument("--features", type=Path, default=None, help="features.npz with arrays q and db")
     p.add_argument("--gnd", type=Path, default=None, help="gnd pickle matching --features")
     args = p.parse_args(argv)
-    check_positive(p, args, "db_size", "queries", "landmarks", "dim", "agree_k")
+    common.check_positive(p, args, "queries", "landmarks", "dim", "agree_k")
     if (args.features is None) != (args.gnd is None):
         p.error("--features and --gnd go together")
-    return args, p
+    return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the storage benchmark; print the table, write JSON + PNG, return the record."""
-    args, _ = parse_args(argv)
-    device = setup_run(args)
+def measure(run: common.Run) -> dict[str, Any]:
+    """Every synthetic size, then the real features if given; the tables printed."""
+    args = run.args
+    rng = np.random.default_rng(args.seed)
+    results = []
+    for n_db in args.db_sizes:
+        q, db, gnd = synthetic_revisited(n_db, args.queries, args.landmarks, args.dim, rng)
+        results.append({"source": "synthetic", **compare(q, db, gnd, "revisited", args.agree_k)})
     if args.features is not None:
         q, db, gnd, protocol = load_real(args.features, args.gnd)
-        source = args.features.parent.name or str(args.features)
-    else:
-        rng = np.random.default_rng(args.seed)
-        q, db, gnd = synthetic_revisited(args.db_size, args.queries, args.landmarks, args.dim, rng)
-        protocol, source = "revisited", "synthetic"
-    result = {"source": source, **compare(q, db, gnd, protocol, args.agree_k)}
-    b = result["bytes"]
-    report(
-        format_table(
-            result["map"],
-            headers={
-                "map_fp32": "mAP fp32",
-                "map_fp16": "mAP fp16",
-                "delta_points": "delta (points)",
-                "map_ratio": "fp16/fp32",
-            },
-        ),
+        source = f"real:{args.features.parent.parent.name}/{args.features.parent.name}"
+        results.append({"source": source, **compare(q, db, gnd, protocol, args.agree_k)})
+    common.print_table(
+        [{"source": r["source"], "n_db": r["n_db"], **m} for r in results for m in r["map"]],
+        "source n_db setup map_fp32 map_fp16 delta_points map_ratio",
         args,
-    )
-    report(
-        "\n"
-        + format_table(
-            [
-                {
-                    "storage": "memory",
-                    "float32_bytes": b["memory_fp32"],
-                    "float16_bytes": b["memory_fp16"],
-                    "ratio": b["memory_ratio"],
-                },
-                {
-                    "storage": "npz file",
-                    "float32_bytes": b["npz_fp32"],
-                    "float16_bytes": b["npz_fp16"],
-                    "ratio": b["npz_ratio"],
-                },
-            ]
-        ),
-        args,
-    )
-    report(
-        f"\nmax |fp16 - fp32| value {result['max_abs_value_error']:.2e}, top-1 score "
-        f"{result['max_abs_score_error']:.2e}; identical top-{result['agree_k']} rankings: "
-        f"{100 * result['same_topk_fraction']:.1f}% of queries",
-        args,
-    )
-    # device is irrelevant here (numpy + faiss-cpu) but recorded like everywhere else
-    record = write_results(
-        args.out,
-        NAME,
-        args,
-        device,
-        {
-            **result,
-            "baselines": {
-                "map_ratio": "mAP from float16-stored descriptors / from float32",
-                "memory_ratio": "float16 bytes / float32 bytes",
-            },
+        headers={
+            "map_fp32": "mAP fp32",
+            "map_fp16": "mAP fp16",
+            "delta_points": "delta (points)",
+            "map_ratio": "fp16/fp32",
         },
+        decimals={"map_fp32": 2, "map_fp16": 2, "delta_points": 3, "map_ratio": 4},
     )
-    plot(result, plot_path(args.out))
-    return record
+    common.print_table(
+        [
+            {
+                "source": r["source"],
+                "n_db": r["n_db"],
+                **r["bytes"],
+                "max_value_error": r["max_abs_value_error"],
+                "same_topk": r["same_topk_fraction"],
+            }
+            for r in results
+        ],
+        "source n_db npz_fp32 npz_fp16 npz_ratio memory_ratio max_value_error same_topk",
+        args,
+        headers={"same_topk": f"identical top-{args.agree_k}"},
+        decimals={"npz_ratio": 3, "memory_ratio": 2, "max_value_error": 6, "same_topk": 3},
+    )
+    return {"results": results, "baselines": BASELINES}
 
+
+main = common.entry_point(NAME, parse_args, measure, figure)
 
 if __name__ == "__main__":
-    from msvlad.runtime import setup_logging
-
-    setup_logging()
-    main()
+    common.script(main)

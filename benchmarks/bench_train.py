@@ -28,32 +28,23 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (
-    PeakMemory,
-    base_parser,
-    check_positive,
-    format_table,
-    int_list,
-    new_figure,
-    plot_path,
-    ratio,
-    report,
-    save_figure,
-    setup_run,
-    str_list,
-    synchronize,
-    time_interleaved,
-    write_results,
-)
-from msvlad.config import Params, load_params
+from benchmarks import common
+from benchmarks.common import Panel
+from msvlad.config import Params
 from msvlad.nn.loss import triplet_loss
 from msvlad.nn.model import RetrievalNet, build_model
-from msvlad.paths import ROOT
 
 log = logging.getLogger(__name__)
 
 NAME = "bench_train"
-SETTINGS = {"mini": "params.yaml", "paper": "params.paper.yaml"}
+ROUND_SCALES = (0.25, 0.5, 1.0, 2.0)  # default rounds: the profile's pool and triplets times these
+MINING_SHARE_GOAL = 0.10
+RATIO = "speed / fp32 micro-batch 1 (same run)"
+BASELINES: dict[str, str] = {
+    "speedup_vs_base": "seconds per step of fp32, micro-batch 1 / this configuration's",
+    "memory_vs_base": "peak memory of this configuration / fp32, micro-batch 1",
+    "mining_share": "(embed + mine) / (embed + mine + ceil(T / triplets) steps)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +64,16 @@ class StepConfig:
         return " ".join(parts)
 
 
-def setting_params(setting: str, image_size: int | None = None) -> Params:
-    """Params of a profile (mini or paper), optionally at another training image size."""
-    if setting not in SETTINGS:
-        raise ValueError(f"--settings: unknown setting {setting!r}; choose from {sorted(SETTINGS)}")
-    params = load_params(ROOT / SETTINGS[setting])
-    if image_size:
-        params = dataclasses.replace(
-            params, model=dataclasses.replace(params.model, image_size=image_size)
+def default_rounds(params: Params) -> list[tuple[int, int]]:
+    """The profile's (pool size, triplets per round) scaled by ROUND_SCALES (>= 2 classes)."""
+    m = params.miner
+    return [
+        (
+            max(2 * m.images_per_class, round(m.pool_size * s)),
+            max(1, round(m.triplets_per_round * s)),
         )
-    return params
+        for s in ROUND_SCALES
+    ]
 
 
 def step_configs(micro_batches: list[int], device: torch.device) -> list[StepConfig]:
@@ -166,7 +157,7 @@ def bench_steps(
         )
 
     # warm-up includes the first step, which allocates Adam's state
-    timings = time_interleaved(
+    timings = common.time_interleaved(
         {label: step(label) for label in states},
         repeats=args.repeats,
         warmup=max(1, args.warmup),
@@ -174,7 +165,7 @@ def bench_steps(
     )
     rows = []
     for label, (_, _, _, cfg) in states.items():
-        with PeakMemory(device) as mem:
+        with common.PeakMemory(device) as mem:
             step(label)()
         seconds = timings[label].median
         rows.append(
@@ -188,7 +179,8 @@ def bench_steps(
                 "channels_last": cfg.channels_last,
                 "triplets": args.triplets,
                 "seconds_per_step": seconds,
-                "triplets_per_s": ratio(args.triplets, seconds),
+                "seconds_per_step_min": timings[label].best,
+                "triplets_per_s": common.ratio(args.triplets, seconds),
                 "peak_mib": mem.peak_mib,
             }
         )
@@ -197,8 +189,8 @@ def bench_steps(
         rows[0],
     )
     for r in rows:
-        r["speedup_vs_base"] = ratio(base["seconds_per_step"], r["seconds_per_step"])
-        r["memory_vs_base"] = ratio(r["peak_mib"], base["peak_mib"])
+        r["speedup_vs_base"] = common.ratio(base["seconds_per_step"], r["seconds_per_step"])
+        r["memory_vs_base"] = common.ratio(r["peak_mib"], base["peak_mib"])
     states.clear()
     return rows
 
@@ -250,10 +242,10 @@ def bench_rounds(
     )
     rows = []
     for pool, triplets in rounds:
-        synchronize(device)
+        common.synchronize(device)
         t0 = time.perf_counter()
         desc = embed_pool(model, pool, params.model.image_size, params.extract.batch_size, device)
-        synchronize(device)
+        common.synchronize(device)
         t1 = time.perf_counter()
         labels = torch.arange(pool, device=desc.device) // m.images_per_class
         miner = build_miner(
@@ -267,7 +259,7 @@ def bench_rounds(
             backend=args.miner_backend or m.backend,
         )
         mined = miner.mine(desc, labels)
-        synchronize(device)
+        common.synchronize(device)
         t2 = time.perf_counter()
         steps = math.ceil(triplets / args.triplets)
         embed_s, mine_s, train_s = t1 - t0, t2 - t1, steps * step_s
@@ -284,8 +276,8 @@ def bench_rounds(
                 "embed_s": embed_s,
                 "mine_s": mine_s,
                 "train_s": train_s,
-                "mining_share": ratio(embed_s + mine_s, embed_s + mine_s + train_s),
-                "mining_vs_training": ratio(embed_s + mine_s, train_s),
+                "mining_share": common.ratio(embed_s + mine_s, embed_s + mine_s + train_s),
+                "mining_vs_training": common.ratio(embed_s + mine_s, train_s),
             }
         )
         log.info(
@@ -317,54 +309,44 @@ def parse_rounds(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def plot(steps: list[dict[str, Any]], rounds: list[dict[str, Any]], path: Any) -> Any:
-    """Triplets/s and peak memory per step configuration; mining vs training seconds per round."""
-    fig, axes = new_figure(ncols=3)
-    labels = [f"{r['setting']}\n{r['config']}" for r in steps]
-    axes[0][0].bar(range(len(steps)), [r["triplets_per_s"] for r in steps])
-    axes[0][0].set_ylabel("triplets / s")
-    axes[0][0].set_title("training step throughput")
-    axes[0][1].bar(range(len(steps)), [r["peak_mib"] for r in steps], color="tab:orange")
-    axes[0][1].set_ylabel("peak MiB")
-    axes[0][1].set_title("training step memory")
-    for ax in axes[0][:2]:
-        ax.set_xticks(range(len(steps)), labels, fontsize=7)
-    ax = axes[0][2]
-    if rounds:
-        names = [f"{r['setting']}\nP={r['pool']} T={r['round_triplets']}" for r in rounds]
-        embed = [r["embed_s"] for r in rounds]
-        mine = [r["mine_s"] for r in rounds]
-        train = [r["train_s"] for r in rounds]
-        xs = range(len(rounds))
-        ax.bar(xs, embed, label="embed pool")
-        ax.bar(xs, mine, bottom=embed, label="mine")
-        ax.bar(
-            xs, train, bottom=[e + m for e, m in zip(embed, mine, strict=True)], label="train steps"
-        )
-        ax.set_xticks(xs, names, fontsize=7)
-        ax.set_ylabel("seconds per round")
-        ax.legend(fontsize=8)
-    ax.set_title("mining round vs training")
-    return save_figure(fig, path)
+def figure(record: dict[str, Any]) -> Any:
+    """Triplets/s and speed-up over fp32 micro-batch 1 against the micro-batch; the mining share
+    of a round against the pool size."""
+    steps = [{**r, "precision": r["config"].split(" ", 1)[1]} for r in record["steps"]]
+    rounds, line = record["rounds"], "{setting} {precision}"
+    mb, pool = "triplets per forward (micro-batch)", "pool size P (triplets per round alike)"
+    share = (pool, "(embed + mine) / round, %", "mining share of a round")
+    goal = 100 * MINING_SHARE_GOAL
+    speed = (mb, "speed", RATIO)
+    return common.draw_panels(
+        [
+            (steps, Panel("micro_batch", "triplets_per_s", line, (mb, "triplets / s", "step"), 2)),
+            (steps, Panel("micro_batch", "speedup_vs_base", line, speed, xlog=2, reference=1)),
+            (
+                rounds,
+                Panel("pool", "mining_share", "{setting}", share, True, reference=goal, scale=100),
+            ),
+        ],
+        "training step and mining round (untrained networks, random images)",
+    )
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options of this benchmark."""
-    p = base_parser(NAME, __doc__.splitlines()[0])
-    p.add_argument("--settings", type=str_list, default=["mini"], help="mini and/or paper")
-    p.add_argument("--micro-batches", type=int_list, default=[1, 6], help="triplets per forward")
+    p = common.base_parser(NAME, __doc__.splitlines()[0])
+    common.add_profile_options(p, ["mini"])
+    p.add_argument(
+        "--micro-batches", type=common.int_list, default=[1, 2, 3, 6], help="triplets per forward"
+    )
     p.add_argument(
         "--triplets", type=int, default=6, help="triplets per optimiser step (train.batch_triplets)"
-    )
-    p.add_argument("--mini-size", type=int, default=None, help="override the mini image size (224)")
-    p.add_argument(
-        "--paper-size", type=int, default=None, help="override the paper image size (512)"
     )
     p.add_argument(
         "--rounds",
         type=parse_rounds,
         default=None,
-        help="P:T pairs (pool size : triplets per round); default: each profile's miner values",
+        help="P:T pairs (pool size : triplets per round); default: each profile's miner values "
+        f"scaled by {ROUND_SCALES}",
     )
     p.add_argument("--no-rounds", action="store_true", help="skip the mining-share part")
     p.add_argument(
@@ -374,85 +356,44 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
         help="override the profile's miner.backend",
     )
     args = p.parse_args(argv)
-    check_positive(p, args, "repeats", "triplets")
-    return args, p
+    common.check_positive(p, args, "repeats", "triplets")
+    return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the training benchmark; print the tables, write JSON + PNG, return the record."""
-    args, parser = parse_args(argv)
-    device = setup_run(args)
+def measure(run: common.Run) -> dict[str, Any]:
+    """Steps and rounds of every setting; the tables printed."""
+    args, device = run.args, run.device
     step_rows: list[dict[str, Any]] = []
     round_rows: list[dict[str, Any]] = []
     for s in args.settings:
-        if s not in SETTINGS:
-            parser.error(f"--settings: unknown setting {s!r}; choose from {sorted(SETTINGS)}")
-        params = setting_params(s, args.mini_size if s == "mini" else args.paper_size)
+        params = common.profile_params(s, common.setting_size(args, s))
         configs = step_configs(args.micro_batches, device)
         rows = bench_steps(s, params, configs, device, args)
         step_rows += rows
         if not args.no_rounds:
-            rounds = args.rounds or [(params.miner.pool_size, params.miner.triplets_per_round)]
+            rounds = args.rounds or default_rounds(params)
             round_rows += bench_rounds(
                 s, params, rows, profile_config(params, device, configs), rounds, device, args
             )
-    report(
-        format_table(
-            step_rows,
-            [
-                "setting",
-                "config",
-                "image_size",
-                "seconds_per_step",
-                "triplets_per_s",
-                "speedup_vs_base",
-                "peak_mib",
-                "memory_vs_base",
-            ],
-        ),
+    common.print_table(
+        step_rows,
+        "setting config image_size seconds_per_step seconds_per_step_min triplets_per_s "
+        "speedup_vs_base peak_mib memory_vs_base",
         args,
     )
-    if round_rows:
-        report(
-            "\n"
-            + format_table(
-                round_rows,
-                [
-                    "setting",
-                    "pool",
-                    "round_triplets",
-                    "mined",
-                    "step_config",
-                    "steps",
-                    "embed_s",
-                    "mine_s",
-                    "train_s",
-                    "mining_share",
-                ],
-            ),
-            args,
-        )
-    record = write_results(
-        args.out,
-        NAME,
+    common.print_table(
+        round_rows,
+        "setting pool round_triplets mined step_config steps embed_s mine_s train_s mining_share",
         args,
-        device,
-        {
-            "steps": step_rows,
-            "rounds": round_rows,
-            "baselines": {
-                "speedup_vs_base": "seconds per step of fp32, micro-batch 1 / this configuration's",
-                "memory_vs_base": "peak memory of this configuration / fp32, micro-batch 1",
-                "mining_share": "(embed + mine) / (embed + mine + ceil(T / triplets) steps)",
-            },
-        },
     )
-    plot(step_rows, round_rows, plot_path(args.out))
-    return record
+    return {
+        "steps": step_rows,
+        "rounds": round_rows,
+        "baselines": BASELINES,
+    }
 
+
+main = common.entry_point(NAME, parse_args, measure, figure)
 
 if __name__ == "__main__":
-    from msvlad.runtime import setup_logging
-
-    setup_logging()
-    main()
+    common.script(main)

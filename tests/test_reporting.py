@@ -303,6 +303,13 @@ def test_to_markdown_exact() -> None:
     )
 
 
+def test_to_markdown_decimals_per_column() -> None:
+    frame = pd.DataFrame({"ms": [0.01234], "recall": [0.98765], "n": [7]})
+    assert tables.to_markdown(frame, decimals={"ms": 3}) == (
+        "|    ms | recall |   n |\n| ----: | -----: | --: |\n| 0.012 |   0.99 |   7 |\n"
+    )
+
+
 def test_export_table_writes_three_formats(tmp_path: Path) -> None:
     frame = pd.DataFrame(
         {"Method": ["MS_NetVLAD & co"], "mAP M": [61.2345], "n": [70]},

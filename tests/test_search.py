@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 from msvlad.evaluation.search import (
+    INDEX_KINDS,
     alpha_dba,
     alpha_qe,
     build_index,
     search,
     search_index,
     set_threads,
+    with_search_options,
 )
 
 
@@ -109,6 +111,92 @@ def test_approximate_recall_on_clustered_data(clustered, kind, options) -> None:
     assert np.all(np.diff(scores, axis=0) <= 1e-6)  # best first
 
 
+# every approximate kind configured to look everywhere: all lists probed, a beam as wide as the
+# database, a re-ranking shortlist as long as the database (1200 vectors, k = 10)
+EXHAUSTIVE: dict[str, dict] = {
+    "ivf": {"nlist": 8, "nprobe": 8},
+    "ivfsq8": {"nlist": 8, "nprobe": 8, "rerank": 120},
+    "hnsw": {"M": 8, "efSearch": 1200},
+    "ivfpq": {"nlist": 8, "nprobe": 8, "m": 16, "nbits": 4, "rerank": 120},
+    "opq": {"nlist": 8, "nprobe": 8, "m": 16, "nbits": 4, "rerank": 120},
+    "ivfpq_rerank": {"nlist": 8, "nprobe": 8, "m": 16, "nbits": 4, "rerank": 120},
+}
+
+
+def test_exhaustive_configurations_cover_every_approximate_kind() -> None:
+    assert set(EXHAUSTIVE) == set(INDEX_KINDS) - {"flat"}
+
+
+@pytest.mark.parametrize("kind", sorted(EXHAUSTIVE))
+def test_each_kind_returns_the_exact_top_k_when_exhaustive(clustered, kind) -> None:
+    q, db = clustered
+    want_r, want_s = brute_force(q, db, 10)
+    ranks, scores = search(q, db, k=10, index=kind, **EXHAUSTIVE[kind])
+    np.testing.assert_array_equal(ranks, want_r)
+    np.testing.assert_allclose(scores, want_s, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ivfsq8", "ivfpq", "opq"])
+def test_rerank_fixes_the_order_that_codes_blur(clustered, kind) -> None:
+    # the codes alone order the candidates approximately; exact re-scoring of a shortlist that
+    # holds the true top 10 must give the exact ranking (and exact scores)
+    q, db = clustered
+    codes = {} if kind == "ivfsq8" else {"m": 16, "nbits": 4}
+    index = build_index(db, kind, nlist=8, nprobe=8, train_size=600, rerank=0, **codes)
+    assert index.options["train_size"] == 600 and index.options["rerank"] == 0
+    coarse, coarse_scores = search_index(index, q, k=10)
+    ranks, scores = search_index(with_search_options(index, rerank=120), q, k=10)
+    want_r, want_s = brute_force(q, db, 10)
+    np.testing.assert_array_equal(ranks, want_r)
+    np.testing.assert_allclose(scores, want_s, atol=1e-5)
+    assert np.abs(coarse_scores - want_s).max() > 1e-5  # the codes' scores were approximate
+
+
+def test_rerank_reads_a_memmap_database_without_copying(clustered, tmp_path) -> None:
+    q, db = clustered
+    stored = np.lib.format.open_memmap(tmp_path / "db.npy", "w+", np.float32, db.shape)
+    stored[:] = db
+    index = build_index(stored, "ivfpq_rerank", nlist=8, nprobe=8, m=16, nbits=4, rerank=120)
+    assert index.database is stored  # a reference: the index holds only its codes
+    assert index.code_bytes < db.nbytes / 4
+    np.testing.assert_array_equal(search_index(index, q, k=10)[0], brute_force(q, db, 10)[0])
+
+
+def test_rerank_with_a_short_candidate_list_scores_what_it_found(clustered) -> None:
+    # one list probed: faiss pads the shortlist with -1, which must not reach the top k
+    q, db = clustered
+    index = build_index(db, "ivfpq_rerank", nlist=8, nprobe=1, m=16, nbits=4, rerank=120)
+    ranks, scores = search_index(index, q, k=10)
+    assert ranks.min() >= 0 and np.all(np.diff(scores, axis=0) <= 0)
+    exact = np.einsum("kqd,qd->kq", db[ranks].astype(np.float64), q.astype(np.float64))
+    np.testing.assert_allclose(scores, exact, atol=1e-5)
+
+
+def test_with_search_options_reuses_the_index(clustered) -> None:
+    q, db = clustered
+    index = build_index(db, "ivf", nlist=16, nprobe=1)
+    wide = with_search_options(index, nprobe=99)
+    assert wide.index is index.index and wide.options["nprobe"] == 16  # clamped to nlist
+    assert index.options["nprobe"] == 1  # the original handle is unchanged
+    np.testing.assert_array_equal(search_index(wide, q, k=10)[0], brute_force(q, db, 10)[0])
+    with pytest.raises(ValueError, match="search options"):
+        with_search_options(index, efSearch=10)
+    with pytest.raises(ValueError, match="search options"):
+        with_search_options(index, rerank=2)  # ivf stores float32 vectors: nothing to re-rank
+    with pytest.raises(ValueError, match="search options"):
+        with_search_options(index, nprobe=0)
+
+
+def test_code_bytes_follow_the_encoding(clustered) -> None:
+    _, db = clustered
+    flat = build_index(db, "flat").code_bytes
+    assert flat >= db.nbytes
+    sq8 = build_index(db, "ivfsq8", nlist=4).code_bytes
+    assert db.nbytes / 4 <= sq8 < db.nbytes / 4 + 12 * len(db) + 4 * 4 * 32 + 4096
+    pq = build_index(db, "ivfpq", nlist=4, m=8, nbits=4).code_bytes
+    assert pq < sq8
+
+
 def test_ivfpq_retrieves_the_query_cluster(clustered_labelled) -> None:
     # PQ codes are too coarse to order points inside one tight cluster, but not to find the cluster
     q, db, q_label, db_label = clustered_labelled
@@ -200,6 +288,12 @@ def test_bad_inputs(clustered) -> None:
         search(q, db, index="ivfpq", m=5)
     with pytest.raises(ValueError, match="nlist"):
         search(q[:, :], db[:10], index="ivf", nlist=50)
+    with pytest.raises(ValueError, match="train_size"):
+        search(q, db, index="ivfsq8", nlist=16, train_size=8)
+    with pytest.raises(ValueError, match="rerank"):
+        search(q, db, index="ivfpq_rerank", m=8, nbits=4, rerank=-1)
+    with pytest.raises(ValueError, match="index_options"):
+        search(q, db, index="ivf", rerank=2)
     with pytest.raises(ValueError, match="ranks"):
         alpha_qe(q, db, np.zeros((2, 3), dtype=np.int64))
     with pytest.raises(ValueError, match="alpha"):

@@ -7,8 +7,18 @@ are (k, n_q), one column per query, best first, ready for `msvlad.evaluation.pro
 - `flat` (default) is exact inner-product search (faiss IndexFlatIP). Ties are broken by the lower
   database index, both in the order and in which items make the top k (faiss alone does neither,
   so rows with a tie across the k boundary are re-searched over the full database).
-- `ivf`, `hnsw` and `ivfpq` are approximate indexes for large databases (R1M-sized). Their top k
-  is whatever faiss returns, re-ordered by (-score, index); missing results are index -1.
+- Approximate indexes for large databases (R1M-sized): `ivf` (inverted lists of float32 vectors),
+  `ivfsq8` (inverted lists of 8-bit scalar-quantised vectors, a quarter of the bytes), `hnsw`
+  (graph over float32 vectors), `ivfpq` (product-quantised codes), `ivfpq_rerank` (IVF-PQ codes
+  whose shortlist of `rerank` x k candidates is re-scored exactly against the database) and `opq`
+  (IVF-PQ codes of OPQ-rotated vectors, re-ranked like ivfpq_rerank). Their top k is whatever
+  faiss returns, re-ordered by (-score, index); missing results are index -1. Quantisers are
+  trained on a seeded sample of `train_size` vectors, so the build time stays bounded at R1M
+  scale.
+- `rerank=r` (ivfsq8, ivfpq, opq, ivfpq_rerank) re-scores the top r*k candidates with exact inner
+  products read from the database array given to `build_index`. The index keeps a reference to
+  that array, not a copy: at R1M scale it may be a `np.memmap` of a .npy file, so the index itself
+  holds only the codes.
 - `shards=n` splits the database into n faiss indexes searched together (faiss.IndexShards).
 
 alpha-QE and alpha-DBA (Radenović et al., TPAMI 2019): a descriptor is replaced by the
@@ -17,26 +27,36 @@ L2-normalised sum of itself (weight 1) and its top-k neighbours weighted by max(
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, get_args
 
 import faiss
 import numpy as np
 
+from msvlad.config import IndexName
+
 logger = logging.getLogger(__name__)
 
-IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
-INDEX_KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw", "ivfpq")
+IndexKind = IndexName  # the names params.yaml's evaluate.index accepts
+INDEX_KINDS: tuple[str, ...] = get_args(IndexName)
 
+_IVF = frozenset({"nlist", "nprobe", "train_size"})
+_PQ = _IVF | {"m", "nbits", "rerank"}
 # build/search options accepted per index kind (all optional)
 _OPTIONS: dict[str, frozenset[str]] = {
     "flat": frozenset({"shards"}),
-    "ivf": frozenset({"shards", "nlist", "nprobe"}),
+    "ivf": _IVF | {"shards"},
+    "ivfsq8": _IVF | {"shards", "rerank"},
     "hnsw": frozenset({"shards", "M", "efConstruction", "efSearch"}),
-    "ivfpq": frozenset({"shards", "nlist", "nprobe", "m", "nbits"}),
+    "ivfpq": _PQ | {"shards"},
+    "opq": _PQ | {"shards"},
+    "ivfpq_rerank": _PQ | {"shards"},
 }
+# database rows handled at once when checking, adding and sampling (bounded temporary memory)
+_CHUNK = 65536
 
 
 @dataclass(eq=False)
@@ -49,6 +69,12 @@ class SearchIndex:
     ntotal: int
     options: dict[str, Any] = field(default_factory=dict)
     parts: list[Any] = field(default_factory=list)  # shard sub-indexes, kept alive for faiss
+    database: np.ndarray | None = None  # the caller's (N, D) array, read when re-ranking
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of the faiss index itself (serialised size), without the re-ranking database."""
+        return int(sum(faiss.serialize_index(p).size for p in (self.parts or [self.index])))
 
 
 def set_threads(n: int) -> int:
@@ -67,9 +93,12 @@ def set_threads(n: int) -> int:
 def build_index(db_desc: np.ndarray, index: IndexKind = "flat", **options: Any) -> SearchIndex:
     """Build (and train, for IVF/PQ) an inner-product index over db_desc (N, D) float32.
 
-    Options: shards (all kinds); nlist, nprobe (ivf, ivfpq; defaults min(4 sqrt(N), N/39) and 16);
-    M, efConstruction, efSearch (hnsw; defaults 32, 40, 64); m, nbits (ivfpq; defaults: the
-    largest divisor of D up to D/8, and 8). IVF/PQ are trained on the database itself.
+    Options: shards (all kinds); nlist, nprobe, train_size (IVF kinds; defaults min(2 sqrt(N),
+    N/40), 16 and min(N, 40 nlist), for PQ kinds at least 64 * 2**nbits); M, efConstruction,
+    efSearch (hnsw; defaults 32, 40, 64); m, nbits (PQ kinds; defaults: the largest divisor of D
+    up to D/8, and 8); rerank (ivfsq8 and the PQ kinds; default 0, 10 for ivfpq_rerank and opq).
+    Quantisers train on a seeded sample of train_size database vectors. db_desc may be a
+    np.memmap; it is added in chunks, and kept by reference (not copied) for re-ranking.
     """
     db_desc = _check_desc(db_desc, "db_desc")
     if index not in INDEX_KINDS:
@@ -85,18 +114,21 @@ def build_index(db_desc: np.ndarray, index: IndexKind = "flat", **options: Any) 
     if not 1 <= shards <= n:
         raise ValueError(f"shards: expected 1..{n} (database size), got {shards}")
     opts = _resolve_options(index, n // shards, dim, options)
+    # kept by reference where re-ranking is possible (with_search_options may turn it on)
+    database = db_desc if "rerank" in opts else None
     if shards == 1:
         faiss_index = _make_index(index, dim, opts)
-        _train_add(faiss_index, db_desc)
-        return SearchIndex(faiss_index, index, dim, n, opts)
+        _train_add(faiss_index, db_desc, opts)
+        return SearchIndex(faiss_index, index, dim, n, opts, database=database)
     sharded = faiss.IndexShards(dim, False, True)  # not threaded, successive ids
     parts = []
-    for chunk in np.array_split(db_desc, shards):
+    bounds = np.linspace(0, n, shards + 1).astype(np.int64)
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         part = _make_index(index, dim, opts)
-        _train_add(part, np.ascontiguousarray(chunk))
+        _train_add(part, db_desc[lo:hi], opts)
         sharded.add_shard(part)
         parts.append(part)
-    return SearchIndex(sharded, index, dim, n, opts, parts)
+    return SearchIndex(sharded, index, dim, n, opts, parts, database)
 
 
 def search_index(
@@ -112,12 +144,35 @@ def search_index(
     _set_search_params(index, k)
     if index.kind == "flat":
         scores, ids = _exact_topk(index.index, q_desc, k, index.ntotal)
+    elif index.options.get("rerank") and index.database is not None:
+        shortlist = min(index.ntotal, index.options["rerank"] * k)
+        _, ids = index.index.search(q_desc, shortlist)
+        scores, ids = _rescore(q_desc, index.database, ids, k)
     else:
         scores, ids = index.index.search(q_desc, k)
         scores, ids = _sort_rows(scores, ids)
     # (n_q, k) -> revisitop orientation (k, n_q)
     ranks = np.ascontiguousarray(ids.T.astype(np.int64))
     return ranks, np.ascontiguousarray(scores.T.astype(np.float32))
+
+
+def with_search_options(index: SearchIndex, **options: Any) -> SearchIndex:
+    """The same built index, searched with other search-time options (nprobe for the IVF kinds,
+    efSearch for hnsw, rerank where the kind allows it); nothing is rebuilt or copied."""
+    allowed = _SEARCH_OPTIONS & _OPTIONS[index.kind]
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"search options: {unknown} not valid for index={index.kind!r} (allowed: "
+            f"{sorted(allowed)})"
+        )
+    bad = {key: value for key, value in options.items() if int(value) < (key != "rerank")}
+    if bad:
+        raise ValueError(f"search options: expected positive values (rerank >= 0), got {bad}")
+    opts = {**index.options, **{key: int(value) for key, value in options.items()}}
+    if "nprobe" in opts:
+        opts["nprobe"] = min(opts["nprobe"], opts["nlist"])
+    return dataclasses.replace(index, options=opts)
 
 
 def search(
@@ -210,9 +265,10 @@ def _check_desc(x: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name}: expected a non-empty (N, D) array, got shape {x.shape}")
     if x.dtype != np.float32:
         raise TypeError(f"{name}: expected float32 descriptors, got {x.dtype}")
-    if not np.isfinite(x).all():
+    # in row chunks: a whole-array isfinite of an R1M database would allocate 2 GB
+    if not all(np.isfinite(x[i : i + _CHUNK]).all() for i in range(0, x.shape[0], _CHUNK)):
         raise ValueError(f"{name}: contains NaN or inf")
-    return np.ascontiguousarray(x)
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
 def _check_k(k: int | None, n: int) -> int:
@@ -234,27 +290,48 @@ def _resolve_options(kind: str, n: int, dim: int, options: dict[str, Any]) -> di
     """Fill defaults and check the options against the (per-shard) database size n."""
     opts = {key: value for key, value in options.items() if key != "shards"}
     opts["shards"] = int(options.get("shards") or 1)
-    if kind in ("ivf", "ivfpq"):
-        # 4 sqrt(N) lists, but at least 39 training points per list (faiss's own guideline)
-        nlist = int(opts.get("nlist") or max(1, min(round(4 * math.sqrt(n)), n // 39)))
+    if kind in _IVF_KINDS:
+        # 2 sqrt(N) lists (faiss suggests 4-16 sqrt(N) for speed; fewer lists keep the k-means
+        # and the assignment of an R1M database within minutes on a few cores), and at least 40
+        # training points per list (faiss's own guideline is 39)
+        nlist = int(opts.get("nlist") or max(1, min(round(2 * math.sqrt(n)), n // 40)))
         if not 1 <= nlist <= n:
             raise ValueError(f"nlist: expected 1..{n} (images per index), got {nlist}")
         nprobe = int(opts.get("nprobe") or min(16, nlist))
         if nprobe < 1:
             raise ValueError(f"nprobe: expected a positive integer, got {nprobe}")
-        opts.update(nlist=nlist, nprobe=min(nprobe, nlist))
-    if kind == "ivfpq":
+        # the PQ kinds also train 2**nbits centroids per sub-space on the same sample
+        codebook = _PQ_POINTS_PER_CENTROID * 2 ** int(opts.get("nbits") or 8)
+        train_size = int(
+            opts.get("train_size") or min(n, max(40 * nlist, codebook if kind in _PQ_KINDS else 0))
+        )
+        if train_size < nlist:
+            raise ValueError(f"train_size: expected >= nlist={nlist} vectors, got {train_size}")
+        opts.update(nlist=nlist, nprobe=min(nprobe, nlist), train_size=min(train_size, n))
+    if kind in _PQ_KINDS:
         m = int(opts.get("m") or _default_pq_m(dim))
         nbits = int(opts.get("nbits") or 8)
         if m < 1 or dim % m:
             raise ValueError(f"m: the descriptor dimension {dim} must be divisible by m, got {m}")
         if not 1 <= nbits <= 16:
             raise ValueError(f"nbits: expected 1..16, got {nbits}")
-        if n < 2**nbits:
+        if opts["train_size"] < 2**nbits:
             raise ValueError(
-                f"nbits: {nbits} bits need at least {2**nbits} training vectors, got {n}"
+                f"nbits: {nbits} bits need at least {2**nbits} training vectors, "
+                f"got {opts['train_size']}"
+            )
+        if kind == "opq" and opts["train_size"] < 256:
+            raise ValueError(
+                f"train_size: the OPQ rotation trains 256 centroids per sub-space and needs at "
+                f"least 256 vectors, got {opts['train_size']}"
             )
         opts.update(m=m, nbits=nbits)
+    if "rerank" in _OPTIONS[kind]:
+        rerank = opts.get("rerank")
+        rerank = int(_DEFAULT_RERANK.get(kind, 0) if rerank is None else rerank)
+        if rerank < 0:
+            raise ValueError(f"rerank: expected a shortlist factor >= 0 (0: off), got {rerank}")
+        opts["rerank"] = rerank
     if kind == "hnsw":
         opts.update(
             M=int(opts.get("M") or 32),
@@ -268,41 +345,106 @@ def _resolve_options(kind: str, n: int, dim: int, options: dict[str, Any]) -> di
     return opts
 
 
+_SEARCH_OPTIONS = frozenset({"nprobe", "efSearch", "rerank"})
+_PQ_POINTS_PER_CENTROID = 64  # training vectors per PQ centroid (faiss: 39 minimum, 256 default)
+_OPQ_ROUNDS = 3  # OPQ rotation rounds (faiss: 50); each is a D x D SVD, ~1 min at D = 2048
+_IVF_KINDS = frozenset({"ivf", "ivfsq8", "ivfpq", "opq", "ivfpq_rerank"})
+_PQ_KINDS = frozenset({"ivfpq", "opq", "ivfpq_rerank"})
+# shortlist factor of the kinds that re-rank by default (the others: 0, no re-ranking)
+_DEFAULT_RERANK: dict[str, int] = {"ivfpq_rerank": 10, "opq": 10}
+
+
 def _default_pq_m(dim: int) -> int:
     """Largest divisor of dim that is at most dim / 8 (8 dims per sub-quantizer), at least 1."""
     target = max(1, dim // 8)
     return max(m for m in range(1, target + 1) if dim % m == 0)
 
 
-def _make_index(kind: str, dim: int, opts: dict[str, Any]) -> Any:
-    ip = faiss.METRIC_INNER_PRODUCT
+def _factory_string(kind: str, opts: dict[str, Any]) -> str:
+    """The faiss index_factory description of an index kind with resolved options."""
     if kind == "flat":
-        return faiss.IndexFlatIP(dim)
+        return "Flat"
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, opts["M"], ip)
-        index.hnsw.efConstruction = opts["efConstruction"]
-        return index
-    quantizer = faiss.IndexFlatIP(dim)
+        return f"HNSW{opts['M']},Flat"
+    ivf = f"IVF{opts['nlist']}"
     if kind == "ivf":
-        index = faiss.IndexIVFFlat(quantizer, dim, opts["nlist"], ip)
-    else:
-        index = faiss.IndexIVFPQ(quantizer, dim, opts["nlist"], opts["m"], opts["nbits"], ip)
-    return index  # the faiss wrapper keeps a reference to the quantizer
+        return f"{ivf},Flat"
+    if kind == "ivfsq8":
+        return f"{ivf},SQ8"
+    pq = f"PQ{opts['m']}x{opts['nbits']}np"  # np: no polysemous code permutation (minutes)
+    return f"OPQ{opts['m']},{ivf},{pq}" if kind == "opq" else f"{ivf},{pq}"
 
 
-def _train_add(index: Any, x: np.ndarray) -> None:
+def _make_index(kind: str, dim: int, opts: dict[str, Any]) -> Any:
+    index = faiss.index_factory(dim, _factory_string(kind, opts), faiss.METRIC_INNER_PRODUCT)
+    if kind == "hnsw":
+        index.hnsw.efConstruction = opts["efConstruction"]
+    if kind in _PQ_KINDS:
+        # PQ codebooks: 2**nbits centroids in each of m small sub-spaces, trained one after the
+        # other; faiss's default sample (256 points per centroid) makes that the slowest step of
+        # the build, while 64 per centroid give the same codebooks within noise
+        pq = faiss.downcast_index(faiss.extract_index_ivf(index)).pq
+        pq.cp.max_points_per_centroid = _PQ_POINTS_PER_CENTROID
+    if kind == "opq":
+        # the rotation alternates PQ training and a D x D Procrustes step (an SVD): fewer,
+        # smaller rounds than faiss's defaults (50 rounds on 65536 vectors) keep it within
+        # minutes at D = 2048
+        opq = faiss.downcast_VectorTransform(index.chain.at(0))
+        opq.niter = _OPQ_ROUNDS
+        opq.max_train_points = _PQ_POINTS_PER_CENTROID * 2 ** opts["nbits"]
+    return index
+
+
+def _train_add(index: Any, x: np.ndarray, opts: dict[str, Any]) -> None:
+    """Train on a seeded sample of train_size rows (sorted, so a memmap reads forward), then add
+    the rows in chunks."""
+    n = x.shape[0]
     if not index.is_trained:
-        index.train(x)
-    index.add(x)
+        size = min(n, int(opts.get("train_size") or n))
+        if size < n:
+            rows = np.sort(np.random.default_rng(0).choice(n, size, replace=False))
+            sample = np.concatenate([x[rows[i : i + _CHUNK]] for i in range(0, size, _CHUNK)])
+        else:
+            sample = np.ascontiguousarray(x)
+        index.train(sample)
+        del sample
+    for start in range(0, n, _CHUNK):
+        index.add(np.ascontiguousarray(x[start : start + _CHUNK]))
 
 
 def _set_search_params(index: SearchIndex, k: int) -> None:
-    targets = index.parts or [index.index]
-    for part in targets:
-        if index.kind in ("ivf", "ivfpq"):
-            part.nprobe = index.options["nprobe"]
+    for part in index.parts or [index.index]:
+        if index.kind in _IVF_KINDS:
+            faiss.extract_index_ivf(part).nprobe = index.options["nprobe"]
         elif index.kind == "hnsw":
             part.hnsw.efSearch = max(index.options["efSearch"], k)
+
+
+def _rescore(
+    q: np.ndarray, database: np.ndarray, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of each query with its shortlisted database rows (read in place by
+    faiss, no gathered copy), top k by (-score, index); missing (-1) candidates go last.
+    ids is (n_q, shortlist)."""
+    n_q, width = ids.shape
+    cand = np.ascontiguousarray(np.sort(ids, axis=1), dtype=np.int64)  # forward reads of a memmap
+    scores = np.empty((n_q, width), dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(scores),
+        faiss.swig_ptr(q),
+        faiss.swig_ptr(database),
+        faiss.swig_ptr(cand),
+        database.shape[1],
+        n_q,
+        width,
+    )  # -inf where the id is -1
+    key_id = np.where(cand >= 0, cand, np.iinfo(np.int64).max)
+    order = np.lexsort((key_id, -scores.astype(np.float64)), axis=-1)[:, :k]
+    out_s = np.full((n_q, k), -np.inf, dtype=np.float32)
+    out_i = np.full((n_q, k), -1, dtype=np.int64)
+    out_s[:, : order.shape[1]] = np.take_along_axis(scores, order, axis=1)
+    out_i[:, : order.shape[1]] = np.take_along_axis(cand, order, axis=1)
+    return out_s, out_i
 
 
 def _sort_rows(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

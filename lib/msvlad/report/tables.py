@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,13 +69,19 @@ def format_cell(value: Any, decimals: int = 2) -> str:
     return str(value)
 
 
-def to_markdown(table: pd.DataFrame, *, decimals: int = 2, index: bool = False) -> str:
-    """GitHub-flavoured markdown table (numbers right-aligned), without the tabulate package."""
+def to_markdown(
+    table: pd.DataFrame, *, decimals: int | Mapping[str, int] = 2, index: bool = False
+) -> str:
+    """GitHub-flavoured markdown table (numbers right-aligned), without the tabulate package.
+
+    decimals: one number for every float column, or {column: decimals} (others get 2).
+    """
     frame = table.reset_index() if index else table
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
+    places = _column_decimals(frame.columns, decimals)
     header = [str(c).replace("|", "\\|") for c in frame.columns]
     body = [
-        [format_cell(v, decimals).replace("|", "\\|") for v in row]
+        [format_cell(v, d).replace("|", "\\|") for v, d in zip(row, places, strict=True)]
         for row in frame.itertuples(index=False)
     ]
     widths = [max([len(h), 3, *(len(r[j]) for r in body)]) for j, h in enumerate(header)]
@@ -170,6 +176,13 @@ _TEX_SPECIAL = {
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
 }
+
+
+def _column_decimals(columns: Sequence[Any], decimals: int | Mapping[str, int]) -> list[int]:
+    """Decimals per column: one number for all, or a {column name: decimals} map (default 2)."""
+    if isinstance(decimals, Mapping):
+        return [int(decimals.get(str(c), 2)) for c in columns]
+    return [int(decimals)] * len(columns)
 
 
 def _tex_escape(text: str) -> str:
