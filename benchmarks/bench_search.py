@@ -58,7 +58,7 @@ from msvlad.evaluation.search import (
     set_threads,
     with_search_options,
 )
-from msvlad.storage import load_npz
+from msvlad.storage import load_npz, write_json
 
 log = logging.getLogger(__name__)
 
@@ -514,6 +514,9 @@ def measure(run: common.Run) -> dict[str, Any]:
             log.info("N=%d: data and exact top-%d in %.1fs", n, case.k, time.perf_counter() - t0)
             profiles[str(n)] = case.profile
             rows += bench_case(case, args, search_threads)
+            # what is done so far survives a crash of a later, larger size
+            partial = Path(args.out).with_suffix(".partial.json")
+            write_json(partial, common.json_safe({"rows": rows}))
             nbytes = db.nbytes
             del case, db
             release(nbytes)
@@ -521,6 +524,7 @@ def measure(run: common.Run) -> dict[str, Any]:
             case = real_case(args.features, args.k)
             profiles[case.source] = case.profile
             rows += bench_case(case, args, search_threads)
+    Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)  # the record follows
     common.print_table(
         rows,
         "source n method setting recall ms_per_query ms_per_query_min speedup_vs_flat "

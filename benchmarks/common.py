@@ -306,7 +306,7 @@ def finish_run(run: Run, results: Mapping[str, Any], figure: FigureBuilder) -> d
         "memory_method": memory_method(run.device),
         **results,
     }
-    record = _clean(record)
+    record = json_safe(record)
     write_json(run.args.out, record)
     save_png(figure(record), record, run.args.out)
     return record
@@ -652,12 +652,12 @@ def save_png(fig: Figure, record: Mapping[str, Any], out: Path) -> Path:
 # ----------------------------------------------------------------------------- JSON
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON-safe copy: non-finite floats become None (JSON has no NaN)."""
     if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, float | np.floating):
         v = float(obj)
         return v if math.isfinite(v) else None
