@@ -14,9 +14,10 @@ from msvlad.mining.baselines import BatchHardMiner, HardestNegativeMiner, Random
 from msvlad.mining.difficulty import DifficultyMiner, difficulty_candidates, first_per_class
 from msvlad.mining.registry import MINERS, build_miner
 from msvlad.storage import load_torch, save_torch
-from msvlad.training.logs import TRIPLET_FIELDS
+from msvlad.training.logs import AGE_FIELDS, TRIPLET_FIELDS
 
-COLUMNS = TRIPLET_FIELDS[2:]  # the triplet log minus round and step: MinedTriplets.to_frame()
+# the triplet log minus round, step and the descriptor ages: MinedTriplets.to_frame()
+COLUMNS = [f for f in TRIPLET_FIELDS[2:] if f not in AGE_FIELDS]
 
 
 # ----------------------------------------------------------------------------- data and reference

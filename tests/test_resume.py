@@ -2,8 +2,11 @@
 
 Each case runs `python -m msvlad train` in a subprocess that dies at a named point
 (`MSVLAD_FAULT`, `msvlad.training.checkpoint.fault_point`: SIGKILL, or SIGTERM/SIGINT for a
-graceful stop), then reruns the same command in process and compares model.pt and every log,
-row for row, with an uninterrupted run (time columns aside). Leftover temp files must be gone.
+graceful stop), then reruns the same command in process and compares model.pt, every log, row for
+row, and the final checkpoint's descriptor bank with an uninterrupted run (time columns aside).
+The runs use amortised mining (`miner.refresh_fraction` 0.5), so each round's pool mixes fresh and
+banked descriptors and the bank must survive every interruption; the full refresh resumes exactly
+in tests/test_train.py. Leftover temp files must be gone.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 TIME_COLUMNS = {"seconds", "describe_seconds", "mine_seconds"}
 EPOCHS = ["--set", "train.epochs=3"]  # 6 steps, checkpoints at steps 2, 4, 6, ~6 mining rounds
+BANK = ["--set", "miner.refresh_fraction=0.5"]  # half of each 16-image pool re-embedded
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +51,8 @@ def world(tmp_path_factory) -> World:
 
 
 def _argv(w: World, out: Path) -> list[str]:
-    return ["train", *w.args("--init", str(w.root / "init.pt"), "--out", str(out), *EPOCHS)]
+    args = ("--init", str(w.root / "init.pt"), "--out", str(out), *EPOCHS, *BANK)
+    return ["train", *w.args(*args)]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,8 @@ def reference(world: World) -> Path:
     """The uninterrupted run."""
     out = world.root / "reference"
     assert main(_argv(world, out)) == 0
+    refreshed = [int(r["refreshed"]) for r in _rows(out / "rounds.csv")]
+    assert refreshed[0] == 16 and set(refreshed[1:]) == {8}  # later rounds reuse the bank
     return out
 
 
@@ -70,6 +77,12 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ from the uninterrupted run"
     for name in RUN_LOGS:
         assert _rows(run / name) == _rows(reference / name), name
+    bank_a = load_torch(reference / "checkpoint.pt")["bank"]
+    bank_b = load_torch(run / "checkpoint.pt")["bank"]
+    assert bank_a["ids"].numel() == 16, "the bank holds every training image"
+    order_a, order_b = bank_a["ids"].argsort(), bank_b["ids"].argsort()
+    for key in ("ids", "stamp", "desc"):
+        assert torch.equal(bank_a[key][order_a], bank_b[key][order_b]), f"bank {key}"
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
 
 

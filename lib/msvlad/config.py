@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -92,6 +93,9 @@ class ModelConfig:
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
     weights: Literal["torchvision", "cirtorch", "package"] = "package"
+    # null: the weight file must carry the sha256 prefix its official name states; a full sha256:
+    # the file under that name must have exactly this digest (not the official file: logged)
+    weights_sha256: str | None = None
     pooling: PoolingName = "msvlad"
     pool_sizes: list[int] = field(default_factory=lambda: [2, 3])
     split: int | None = 512
@@ -133,6 +137,7 @@ class MinerConfig:
     backend: Literal["torch", "faiss"] = "torch"
     pool_classes: PoolClasses = "with_positives"  # all: single-image classes serve as negatives
     pool_precision: PoolPrecision = "auto"  # auto: fp16 autocast on CUDA, fp32 on the CPU
+    refresh_fraction: float = 1.0  # pool share re-embedded per round (1: the paper's full refresh)
 
 
 @dataclass(frozen=True)
@@ -332,6 +337,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "miner.triplets_per_round": _ge(1),
     "miner.pool_size": _ge(2),
     "miner.images_per_class": _ge(2),
+    "miner.refresh_fraction": _within(0, 1),
     "train.lr": _gt(0),
     "train.lr_start": _gt(0),
     "train.warmup_steps": _ge(0),
@@ -383,6 +389,12 @@ def check_ranges(params: Params, source: str = "params") -> None:
     variants = params.evaluate.variants
     if not variants or len(set(variants)) < len(variants):
         raise ConfigError(f"{source}: evaluate.variants: {variants!r} must be unique, not empty")
+    sha = params.model.weights_sha256
+    if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ConfigError(
+            f"{source}: model.weights_sha256: {sha!r} must be null or a full sha256 "
+            "(64 lowercase hex digits)"
+        )
     m = params.miner
     if m.pool_size // m.images_per_class < 2:
         raise ConfigError(

@@ -176,6 +176,68 @@ def netvlad_grouped(
     return vlad_normalize(vlad, norm, eps)
 
 
+def pooled_maps(fmap: Tensor, pool_sizes: Sequence[int]) -> list[Tensor]:
+    """The stride-1 max-pooled maps of `multiscale_local_features`, one per window that fits.
+
+    An s x s window is the union of the four (s-1) x (s-1) windows at offsets (0|1, 0|1), so the
+    s-map is the 2 x 2 stride-1 max-pool of the (s-1)-map: the maps are built by chaining 2 x 2
+    pools (4 comparisons per output instead of s^2), with exactly the same values. Gradients match
+    too, except where a window holds several equal maxima (there the gradient may go to another
+    of them: post-ReLU zeros, whose gradient the ReLU drops anyway). With no window fitting, the
+    largest that does (min(H, W)), as `multiscale_local_features` does.
+    """
+    h, w = fmap.shape[-2:]
+    sizes = [s for s in pool_sizes if s <= h and s <= w] or [min(h, w)]
+    maps, current, size = {}, fmap, 1
+    for s in sorted(set(sizes)):
+        while size < s:
+            current, size = F.max_pool2d(current, kernel_size=2, stride=1), size + 1
+        maps[s] = current
+    return [maps[s] for s in sizes]
+
+
+def multiscale_netvlad(
+    fmap: Tensor,
+    centroids: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    pool_sizes: Sequence[int] = (2, 3),
+    split: int | None = 512,
+    eps: float = 1e-6,
+    norm: str = "intra",
+) -> Tensor:
+    """NetVLAD of the multi-scale bag of a feature map, with the bag's normalisation folded in.
+
+    Equals `netvlad(multiscale_local_features(fmap, pool_sizes, split), ...)` up to float
+    summation order; with per-group parameters (centroids and weight (G, K, D), bias (G, K)) it
+    equals `netvlad_grouped` of the per-group bags. The pooled maps come from chained 2 x 2
+    max-pools (`pooled_maps`); each one's locals (B, H'W' * C/D, D) are a view of it for a
+    channels-last map (the backbones' layout), and the scales are joined by one copy in the map's
+    dtype (one kernel, where aggregating each scale apart would launch each kernel below once per
+    scale: on a GPU at small batches the launches cost more than the copy). The L2 normalisation
+    of a local x is folded into its logits w.x / |x| and aggregation weights a / |x|, so neither a
+    normalised bag nor (under autocast) its cast copy is made: the two matmuls read the bag as it
+    is, in the autocast dtype. fmap (B, C, H, W) -> (B, K*D) (grouped: (B, G*K*D)).
+    """
+    b, c = fmap.shape[:2]
+    if split is not None and c > split and c % split:
+        raise ValueError(f"split={split} must divide the {c} backbone channels")
+    dim = c if split is None or c <= split else split
+    locals_ = [m.permute(0, 2, 3, 1).reshape(b, -1, dim) for m in pooled_maps(fmap, pool_sizes)]
+    x = locals_[0] if len(locals_) == 1 else torch.cat(locals_, dim=1)  # (B, N, D)
+    inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True).add(eps).reciprocal()  # (B, N, 1)
+    if weight.dim() == 3:  # one NetVLAD per chunk
+        x, inv = x.view(b, -1, c // dim, dim), inv.view(b, -1, c // dim, 1)  # (B, P, G, D)
+        logits = torch.addcmul(bias, torch.einsum("bpgd,gkd->bpgk", x, weight), inv)
+        assign = torch.softmax(logits, dim=-1)  # (B, P, G, K)
+        vlad = torch.einsum("bpgk,bpgd->bgkd", assign * inv, x)  # (B, G, K, D)
+    else:
+        assign = torch.softmax(torch.addcmul(bias, torch.matmul(x, weight.t()), inv), dim=-1)
+        vlad = torch.matmul((assign * inv).transpose(1, 2), x)  # (B, K, D)
+    residuals = torch.addcmul(vlad, assign.sum(dim=1).unsqueeze(-1), centroids, value=-1.0)
+    return vlad_normalize(residuals, norm, eps)
+
+
 def netvlad_params_from_centroids(
     centroids: Tensor, alpha: float, bias_init: str = "squared_norm"
 ) -> tuple[Tensor, Tensor]:

@@ -131,8 +131,9 @@ class NetVLAD(nn.Module):
         self.bias.copy_(bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return LF.netvlad(
-            self.local_features(x), self.centroids, self.weight, self.bias, norm=self.norm
+        """`LF.netvlad` of `local_features(x)`, computed without building the bag."""
+        return LF.multiscale_netvlad(
+            x, self.centroids, self.weight, self.bias, self.pool_sizes, self.split, norm=self.norm
         )
 
     def extra_repr(self) -> str:
@@ -185,12 +186,9 @@ class VLADConcat(NetVLAD):
         super().init_from_centroids(centroids.contiguous(), alpha)
 
     def forward(self, x: Tensor) -> Tensor:
-        return LF.netvlad_grouped(
-            self.grouped_local_features(x),
-            self.centroids,
-            self.weight,
-            self.bias,
-            norm=self.norm,
+        """`LF.netvlad_grouped` of `grouped_local_features(x)`, without building the bags."""
+        return LF.multiscale_netvlad(
+            x, self.centroids, self.weight, self.bias, self.pool_sizes, self.dim, norm=self.norm
         )
 
 

@@ -68,6 +68,11 @@ class TrainingInputs:
         )
         return at_pool_precision(desc.to(self.device).float(), precision)
 
+    def triplets(self, triplets: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The (3,) index rows of the triplets whose images load, and their `triplet` inputs."""
+        loaded = [(t, x) for t in triplets if (x := self.triplet(t)) is not None]
+        return [t for t, _ in loaded], [x for _, x in loaded]
+
     def triplet(self, triplet: torch.Tensor) -> torch.Tensor | None:
         """The three images (or cached trunk outputs) of one triplet; None if one is unreadable."""
         if self.trunk is not None:

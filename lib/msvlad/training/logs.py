@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +24,16 @@ if TYPE_CHECKING:
 
     from msvlad.data.trainsets import TrainingSet
 
+AGE_FIELDS = ["anchor_age", "positive_age", "negative_age"]  # steps since each descriptor's weights
 LOG_FIELDS = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map", "seconds"]
 ROUND_FIELDS = [
     "round",
     "step",
     "pool",  # images described and mined from
     "failed",  # images drawn for the pool that could not be read, dropped from the round
+    "refreshed",  # images embedded this round; the rest came from the descriptor bank
+    "age_mean",  # optimiser steps since the weights that computed the pool's descriptors: mean
+    "age_max",  # and max (0 for every image with miner.refresh_fraction 1)
     "candidates",
     "triplets",
     "semi_hard",
@@ -51,6 +56,7 @@ TRIPLET_FIELDS = [
     "neg_sim",
     "loss",
     "kind",
+    *AGE_FIELDS,
 ]
 # one row per (round, mined anchor, neighbour): rank is 0-based in the anchor's ranked list of the
 # round's pool (self excluded), as pos_rank/neg_rank in triplets.csv; sim is the cosine
@@ -64,6 +70,18 @@ RUN_LOGS: dict[str, tuple[list[str], str]] = {
     "triplets.csv": (TRIPLET_FIELDS, "round"),
     "neighbors.csv": (NEIGHBOR_FIELDS, "round"),
 }
+
+
+@dataclass(frozen=True)
+class PoolDescriptors:
+    """A round's pool as the miner saw it (`msvlad.training.bank.describe_pool`) and the logs
+    record it: indices, descriptors, their ages, how many images were embedded or unreadable."""
+
+    pool_idx: np.ndarray  # (P,) training-image indices, unreadable images dropped
+    desc: torch.Tensor  # (P, D) raw descriptors on the embedding device
+    ages: np.ndarray  # (P,) optimiser steps since the weights that computed each descriptor
+    refreshed: int  # images embedded this round (unreadable ones included)
+    failed: int  # images drawn for the pool that could not be read
 
 
 def append_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
@@ -127,14 +145,23 @@ def round_row(
     describe_seconds: float,
     mine_seconds: float,
     failed: int = 0,
+    refreshed: int | None = None,
+    ages: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The `rounds.csv` row of one mining round, from its `MinedTriplets.to_frame()`."""
+    """The `rounds.csv` row of one mining round, from its `MinedTriplets.to_frame()`.
+
+    `refreshed` defaults to the whole pool and `ages` to zeros (a full refresh).
+    """
     kinds = frame["kind"].value_counts() if len(frame) else {}
+    ages = np.zeros(pool_size, dtype=np.int64) if ages is None else np.asarray(ages)
     return {
         "round": round_index,
         "step": step,
         "pool": pool_size,
         "failed": failed,
+        "refreshed": pool_size + failed if refreshed is None else refreshed,
+        "age_mean": round(float(ages.mean()), 3) if len(ages) else float("nan"),
+        "age_max": int(ages.max()) if len(ages) else 0,
         "candidates": candidates,
         "triplets": len(frame),
         "semi_hard": int(kinds.get("semi-hard", 0)),
@@ -153,11 +180,18 @@ def triplet_rows(
     names: Sequence[str],
     labels: np.ndarray,
     classes: Sequence[str],
+    ages: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """The `triplets.csv` rows of one round: pool indices mapped to image names and class names."""
+    """The `triplets.csv` rows of one round: pool indices mapped to image names and class names.
+
+    `ages` (P,) are the steps since each pool descriptor's weights (zeros by default).
+    """
+    ages = np.zeros(len(pool_idx), dtype=np.int64) if ages is None else np.asarray(ages)
     rows = []
     for r in frame.itertuples(index=False):
         a, p, n = int(pool_idx[r.anchor]), int(pool_idx[r.positive]), int(pool_idx[r.negative])
+        at = (r.anchor, r.positive, r.negative)
+        age = {k: int(ages[i]) for k, i in zip(AGE_FIELDS, at, strict=True)}
         rows.append(
             {
                 "round": round_index,
@@ -173,6 +207,7 @@ def triplet_rows(
                 "neg_sim": round(float(r.neg_sim), 6),
                 "loss": round(float(r.loss), 6),
                 "kind": r.kind,
+                **age,
             }
         )
     return rows
@@ -250,22 +285,24 @@ def write_round(
     folder: Path,
     round_index: int,
     step: int,
-    pool_idx: np.ndarray,
+    pool: PoolDescriptors,
     frame: pd.DataFrame,
     candidates: int,
-    desc: torch.Tensor,
     seconds: tuple[float, float],
-    failed: int,
     train_set: TrainingSet,
 ) -> None:
     """Append one mining round to rounds.csv, triplets.csv and neighbors.csv of a run folder.
 
-    `frame` and `candidates` are the round's `MinedTriplets.to_frame()` and `num_candidates`.
+    `pool` is what the miner saw (`msvlad.training.bank.describe_pool`); `frame` and `candidates`
+    are the round's `MinedTriplets.to_frame()` and `num_candidates`.
     """
     names, labels, classes = train_set.names, train_set.labels, train_set.classes
-    row = round_row(round_index, step, len(pool_idx), candidates, frame, *seconds, failed)
+    pool_idx, n = pool.pool_idx, len(pool.pool_idx)
+    row = round_row(
+        round_index, step, n, candidates, frame, *seconds, pool.failed, pool.refreshed, pool.ages
+    )
     append_csv(folder / "rounds.csv", ROUND_FIELDS, [row])
-    rows = triplet_rows(round_index, step, frame, pool_idx, names, labels, classes)
+    rows = triplet_rows(round_index, step, frame, pool_idx, names, labels, classes, pool.ages)
     append_csv(folder / "triplets.csv", TRIPLET_FIELDS, rows)
-    rows = neighbor_rows(round_index, frame, desc, pool_idx, names, labels, classes)
+    rows = neighbor_rows(round_index, frame, pool.desc, pool_idx, names, labels, classes)
     append_csv(folder / "neighbors.csv", NEIGHBOR_FIELDS, rows)

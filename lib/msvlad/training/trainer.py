@@ -3,7 +3,9 @@
 One mining round: draw a class-balanced pool, describe it with the current network (eval, no
 grad, training resolution), mine triplets, then take optimiser steps of `batch_triplets` triplets
 until the round's triplets are used up; then a new round re-embeds a fresh pool (the paper's cache
-refresh). A pool image that cannot be read is dropped from its round (counted in rounds.csv).
+refresh; with `miner.refresh_fraction` < 1 only part of it, the rest from the descriptor bank of
+`msvlad.training.bank`). A pool image that cannot be read is dropped from its round (counted in
+rounds.csv).
 The run folder (`msvlad.training.rundir`) decides whether a run resumes, stops on other
 parameters, or is moved aside; checkpoints (`msvlad.training.checkpoint`) make a run killed at any
 point resume to the same weights and the same logs. SIGTERM/SIGINT write a checkpoint and stop.
@@ -37,6 +39,7 @@ from msvlad.nn.model import RetrievalNet, load_model, save_model
 from msvlad.runtime import init_distributed, resolve_device, seed_everything
 from msvlad.storage import atomic_path, torch_bytes
 from msvlad.training import logs
+from msvlad.training.bank import DescriptorBank, describe_pool
 from msvlad.training.checkpoint import (
     RunProgress,
     StopRequest,
@@ -78,6 +81,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(trainable, lr=params.train.lr_start, weight_decay=0.0)
         self.inputs = TrainingInputs(self.model, self.train_set, params, self.device)
         self.pool, self.miner = make_pool(self.train_set, params), make_miner(params)
+        self.bank = make_bank(self.train_set, params, self.dist.world)
         self.progress = RunProgress()
         self.total_steps = params.train.epochs * params.train.steps_per_epoch
         self._t0, self._empty_rounds = time.time(), 0
@@ -93,6 +97,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "miner": self.miner.state_dict(),
+            "bank": self.bank.state_dict(),
             **self.progress.state_dict(),
             "rng": rng_state(),
             "params": params_to_dict(self.params),
@@ -103,6 +108,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.miner.load_state_dict(state["miner"])
+        self.bank.load_state_dict(state.get("bank"))  # none before the bank: a full refresh
         self.progress.load_state_dict(state)
         set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
 
@@ -121,26 +127,21 @@ class Trainer:
         return self.inputs.describe(pool_idx, failures, f"round {self.progress.round}: pool")
 
     def mine_round(self) -> None:
-        """Draw the round's pool, embed it (unreadable images dropped), mine triplets, log them."""
-        pool_idx = self.pool.sample(self.progress.round)
-        t0, failures = time.time(), {}
-        desc = self.describe_pool(pool_idx, failures)
-        if failures:
-            keep = np.setdiff1d(np.arange(len(pool_idx)), list(failures))
-            pool_idx, desc = pool_idx[keep], desc[torch.from_numpy(keep).to(desc.device)]
+        """Draw the round's pool, describe it (bank, unreadable images dropped), mine, log."""
+        p = self.progress
+        pool_idx, t0 = self.pool.sample(p.round), time.time()
+        pool = describe_pool(self.bank, self.describe_pool, pool_idx, p.step, self.device)
         t1 = time.time()
-        labels = torch.from_numpy(self.train_set.labels[pool_idx]).to(desc.device)
-        mined = self.miner.mine(desc, labels)
+        labels = torch.from_numpy(self.train_set.labels[pool.pool_idx]).to(pool.desc.device)
+        mined = self.miner.mine(pool.desc, labels)
         seconds = (t1 - t0, time.time() - t1)
-        idx = torch.from_numpy(pool_idx)
+        idx = torch.from_numpy(pool.pool_idx)
         triplets = torch.stack([idx[t] for t in mined.as_tuple()], dim=1).reshape(-1, 3)
-        p, n_failed = self.progress, len(failures)
         if self.dist.main:
-            frame, ts = mined.to_frame(), self.train_set
-            args = (p.round, p.step, pool_idx, frame, mined.num_candidates, desc, seconds)
-            logs.write_round(self.out_dir, *args, n_failed, ts)
-        if n_failed:
-            log.warning("round %d: %d unreadable pool images dropped", p.round, n_failed)
+            args = (p.round, p.step, pool, mined.to_frame(), mined.num_candidates, seconds)
+            logs.write_round(self.out_dir, *args, self.train_set)
+        if pool.failed:
+            log.warning("round %d: %d unreadable pool images dropped", p.round, pool.failed)
         self.progress.new_round(triplets)
         fault_point("mined")
 
@@ -151,12 +152,13 @@ class Trainer:
             group["lr"] = lr_at(self.progress.step, cfg)
         self.net.train()
         shard = triplets[self.dist.rank :: self.dist.world]
-        images = [t for t in map(self.inputs.triplet, shard) if t is not None]
+        ids, images = self.inputs.triplets(shard)
         use_amp = cfg.amp and self.device.type == "cuda"
         ddp = isinstance(self.net, torch.nn.parallel.DistributedDataParallel)
         loss_sum = 0.0
-        micro = [images[i : i + cfg.micro_batch] for i in range(0, len(images), cfg.micro_batch)]
-        for j, chunk in enumerate(micro):
+        m = cfg.micro_batch
+        micro = [(images[i : i + m], ids[i : i + m]) for i in range(0, len(images), m)]
+        for j, (chunk, chunk_ids) in enumerate(micro):
             x = torch.cat(chunk).to(self.device, non_blocking=True)  # (3m, 3, S, S): a, p, n
             sync = j == len(micro) - 1 or not ddp
             ctx = nullcontext() if sync else self.net.no_sync()
@@ -168,6 +170,7 @@ class Trainer:
                 scaled = loss * len(chunk) / len(triplets) * self.dist.world
             scaled.backward()
             loss_sum += loss.item() * len(chunk)
+            self.bank.put_training(torch.stack(chunk_ids), d, self.progress.step)
         fault_point("step")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -183,16 +186,9 @@ class Trainer:
     def log_epoch(self, val_map: float) -> None:
         """Append the epoch's row to log.csv and reset the epoch accumulators."""
         cfg, p = self.params.train, self.progress
-        row = logs.epoch_row(
-            p.step // cfg.steps_per_epoch,
-            p.step,
-            lr_at(max(0, p.step - 1), cfg),
-            p.epoch_loss,
-            p.epoch_triplets,
-            [n for _, n in p.epoch_rounds],
-            val_map,
-            time.time() - self._t0,
-        )
+        head = (p.step // cfg.steps_per_epoch, p.step, lr_at(max(0, p.step - 1), cfg), p.epoch_loss)
+        tail = (p.epoch_triplets, [n for _, n in p.epoch_rounds], val_map, time.time() - self._t0)
+        row = logs.epoch_row(*head, *tail)
         if self.dist.main:
             logs.append_csv(self.out_dir / "log.csv", logs.LOG_FIELDS, [row])
         log.debug("epoch %(epoch)d step %(step)d: loss %(loss).4f, val mAP %(val_map).2f", row)
@@ -273,6 +269,18 @@ def make_pool(train_set: TrainingSet, params: Params) -> ClassBalancedPool:
         )
     except ValueError as err:
         raise InputError(f"{train_set.root}: {err}") from None
+
+
+def make_bank(train_set: TrainingSet, params: Params, world: int = 1) -> DescriptorBank:
+    """The descriptor bank of amortised mining (it keeps nothing with refresh_fraction 1).
+
+    Under torchrun each rank's training forward sees its own shard, so the steps do not update
+    the bank there (the pool descriptors, gathered on every rank, still do).
+    """
+    m = params.miner
+    return DescriptorBank(
+        len(train_set.labels), m.refresh_fraction, m.pool_size, m.pool_precision, world == 1
+    )
 
 
 def make_miner(params: Params) -> TripletMiner:
