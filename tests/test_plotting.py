@@ -158,6 +158,20 @@ def test_plot_training_curves(tree, params) -> None:
     assert len(figures.plot_training_curves(logs.iloc[:0]).axes) == 1
 
 
+def test_plot_validation_curves_skips_epochs_without_validation(tree, params) -> None:
+    logs = runs.load_training_logs(tree.runs_dir, params)
+    logs.loc[logs["epoch"] == 1, "val_map"] = np.nan  # val_every 2: no value at epoch 1
+    fig = figures.plot_validation_curves(logs, title="val")
+    ax = fig.axes[0]
+    assert len(ax.lines) == logs["method"].nunique()
+    first = logs[logs["method"] == logs["method"].iloc[0]].dropna(subset=["val_map"])
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), first["step"])
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), first["val_map"])
+    assert not np.isnan(ax.lines[0].get_ydata()).any()
+    empty = figures.plot_validation_curves(logs.assign(val_map=np.nan))
+    assert "no validation mAP" in empty.axes[0].texts[0].get_text()
+
+
 def test_plot_results_bars_and_bootstrap(tree, params) -> None:
     df = results.load_results(tree.results_dir, params)
     fig = figures.plot_results_bars(df)

@@ -326,3 +326,44 @@ def test_export_table_writes_three_formats(tmp_path: Path) -> None:
     assert "| MS_NetVLAD & co | 61.23 |  70 |" in out["md"].read_text()
     with pytest.raises(ValueError, match="stem"):
         tables.export_table(frame, "../x", tmp_path)
+
+
+def test_paper_claims_name_every_other_miner(params) -> None:
+    claims = results.paper_claims(params, "msvlad", "msvlad-ots", "msvlad-ots")
+    assert claims[:3] == [
+        ("msvlad", "msvlad-ots", "medium"),
+        ("msvlad", "msvlad-ots", "hard"),
+        ("msvlad", "msvlad-ots", "hard"),
+    ]
+    assert claims[3:] == [
+        ("msvlad", "msvlad-hardest", "medium"),
+        ("msvlad", "msvlad-hardest", "hard"),
+    ]
+    assert results.miner_rows(params, "msvlad") == ["msvlad", "msvlad-hardest"]
+    with pytest.raises(ValueError, match="'gem-ots' is not a row"):
+        results.paper_claims(params, "msvlad", "msvlad-ots", "gem-ots")
+
+
+def test_claims_table_scores_the_reference_by_its_best_variant(tree, params) -> None:
+    claims = [("msvlad", "msvlad-ots", "medium"), ("msvlad", "msvlad-hardest", "hard")]
+    table = results.claims_table(
+        tree.results_dir, params, claims, reference_variants=("plain", "qe"), n_boot=300
+    )
+    assert len(table) == 2
+    for (method, ref, setup), row in zip(claims, table.to_dict("records"), strict=True):
+        ours = results.per_query_ap(tree.results_dir, method, DATASET, setup=setup)
+        by_variant = {
+            v: results.per_query_ap(tree.results_dir, ref, DATASET, setup=setup, variant=v)
+            for v in ("plain", "qe")
+        }
+        best = max(by_variant, key=lambda v: by_variant[v]["AP"].mean())
+        expected = (ours["AP"] - by_variant[best]["AP"]).mean()
+        assert row["mAP ref"] == pytest.approx(by_variant[best]["AP"].mean())
+        assert row["Δ mAP"] == pytest.approx(expected)
+        assert row["Reference"].endswith(tables.VARIANT_SUFFIX[best]) and row["Setup"] == setup
+        assert row["CI low"] <= row["Δ mAP"] <= row["CI high"]
+        assert row["holds"] == (row["CI low"] > 0)
+    with pytest.raises(FileNotFoundError, match="no per-query results"):
+        results.claims_table(
+            tree.results_dir, params, claims[:1], reference_variants=("nonexistent",)
+        )

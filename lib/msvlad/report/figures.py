@@ -343,9 +343,10 @@ def plot_training_curves(logs: pd.DataFrame, *, title: str | None = None) -> Fig
         label = frame["label"].iloc[0] if "label" in frame else str(key)
         for ax, (col, _) in zip(axes, panels, strict=True):
             if col in frame:
+                points = frame.dropna(subset=[col])  # val_map: only the validated epochs
                 ax.plot(
-                    frame["step"].to_numpy(),
-                    frame[col].to_numpy(dtype=float),
+                    points["step"].to_numpy(),
+                    points[col].to_numpy(dtype=float),
                     marker="o",
                     ms=3,
                     label=label,
@@ -359,6 +360,23 @@ def plot_training_curves(logs: pd.DataFrame, *, title: str | None = None) -> Fig
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_validation_curves(logs: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Validation mAP against the training step, one line per method (validated epochs only)."""
+    if logs.empty or "val_map" not in logs or logs["val_map"].isna().all():
+        return _message_figure("no validation mAP in the training logs", title)
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.subplots()
+    for key, frame in logs.dropna(subset=["val_map"]).groupby("method", sort=False):
+        label = frame["label"].iloc[0] if "label" in frame else str(key)
+        ax.plot(frame["step"], frame["val_map"], marker="o", ms=4, label=label)
+    ax.set(xlabel="training step", ylabel="validation mAP (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=11)
     return fig
 
 

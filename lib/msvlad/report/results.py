@@ -373,3 +373,99 @@ def _num(value: Any) -> float:
 
 def _kappas(results: pd.DataFrame) -> list[str]:
     return [c for c in results.columns if c.startswith("mP@")]
+
+
+def paper_claims(
+    params: Params, method: str = "msvlad", init: str = "msvlad-ots", baseline: str = "gem-ots"
+) -> list[tuple[str, str, str]]:
+    """The paper's claims as (method, reference, setup): what a results table must support.
+
+    The trained model beats its k-means initialisation (Medium, Hard) and the off-the-shelf
+    `baseline` (Hard), and its miner is at least as good as every other miner on the same network
+    (the rows that differ from `method` by their miner only; Medium, Hard).
+    """
+    for key in (method, init, baseline):
+        if key not in params.methods:
+            raise ValueError(f"methods: {key!r} is not a row of the results table")
+    claims = [(method, init, "medium"), (method, init, "hard"), (method, baseline, "hard")]
+    others = miner_rows(params, method)[1:]
+    return claims + [(method, k, s) for k in others for s in ("medium", "hard")]
+
+
+def miner_rows(params: Params, method: str = "msvlad") -> list[str]:
+    """`method` and the trained rows that differ from it by their miner only (the miner study)."""
+    if method not in params.methods:
+        raise ValueError(f"methods: {method!r} is not a row of the results table")
+    ours = params.methods[method]
+    return [method] + [
+        k
+        for k, m in params.methods.items()
+        if k != method and m.miner is not None and m.pooling == ours.pooling and m.set == ours.set
+    ]
+
+
+def claims_table(
+    results_dir: str | os.PathLike,
+    params: Params,
+    claims: Sequence[tuple[str, str, str]],
+    *,
+    dataset: str | None = None,
+    reference_variants: Sequence[str] = ("plain", "raw"),
+    n_boot: int = 2000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """Paired bootstrap of each claim "method beats reference on setup", one row per claim.
+
+    The method is scored as the results table scores it (plain); the reference by the best of its
+    `reference_variants` on that setup (the strongest form of the baseline, e.g. GeM whitened or
+    raw). `holds` is True where the whole CI lies above zero.
+    """
+    from msvlad.evaluation.stats import paired_bootstrap
+
+    dataset = dataset or params.data.test_sets[0]
+    rows = []
+    for method, reference, setup in claims:
+        ours = per_query_ap(results_dir, method, dataset, setup=setup)
+        refs = []
+        for variant in reference_variants:
+            try:
+                refs.append(
+                    (
+                        variant,
+                        per_query_ap(results_dir, reference, dataset, setup=setup, variant=variant),
+                    )
+                )
+            except FileNotFoundError:
+                continue
+        if not refs:
+            raise FileNotFoundError(f"{results_dir}/{reference}/{dataset}: no per-query results")
+        variant, ref = max(refs, key=lambda r: float(np.nanmean(r[1]["AP"])))
+        if not (ours["query"].to_numpy() == ref["query"].to_numpy()).all():
+            raise ValueError(
+                f"{dataset}: {method} and {reference} were evaluated on different queries"
+            )
+        res = paired_bootstrap(
+            ours["AP"].to_numpy() / 100.0,
+            ref["AP"].to_numpy() / 100.0,
+            n_boot=n_boot,
+            seed=seed,
+            ci=ci,
+        )
+        rows.append(
+            {
+                "Method": params.methods[method].label,
+                "Reference": params.methods[reference].label + VARIANT_SUFFIX.get(variant, ""),
+                "Dataset": dataset,
+                "Setup": str(ours["setup"].iloc[0]),
+                "mAP": float(np.nanmean(ours["AP"])),
+                "mAP ref": float(np.nanmean(ref["AP"])),
+                "Δ mAP": res.diff,
+                "CI low": res.ci_low,
+                "CI high": res.ci_high,
+                "p": res.p_value,
+                "Queries": res.n_queries,
+                "holds": bool(res.ci_low > 0),
+            }
+        )
+    return pd.DataFrame(rows)
