@@ -67,6 +67,25 @@ def test_raw_variant_is_the_model_without_its_whitening(world: World, tmp_path: 
     assert a == (tmp_path / "b" / "test" / "per_query.csv").read_text()
 
 
+def test_whiten_dim_null_keeps_the_raw_descriptor(world: World, tmp_path: Path) -> None:
+    from msvlad.report.results import descriptor_label
+
+    raw_model = tmp_path / "nowhite.pt"
+    argv = ["whiten", *world.args("--checkpoint", str(world.model), "--out", str(raw_model))]
+    assert main([*argv, "--set", "whiten.dim=null"]) == 0
+    assert load_model(raw_model).whitening is None
+    assert _evaluate(world, tmp_path / "a") == 0
+    assert _evaluate(world, tmp_path / "b", model=raw_model) == 0
+    white, raw = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert white["plain"]["whitened"] and not white["raw"]["whitened"]
+    assert not raw["plain"]["whitened"] and "raw" not in raw
+    assert raw["plain"]["mAP"] == white["raw"]["mAP"]  # the same descriptor as the raw variant
+    dim = load_model(world.model).raw_dim
+    assert descriptor_label(white["plain"]) == "8-d PCA-w"
+    assert descriptor_label(raw["plain"]) == f"{dim}-d raw"
+    assert descriptor_label({"dim": 8}) == ""  # metrics written before the field existed
+
+
 def test_test_time_input_policy_is_applied_and_recorded(world: World, tmp_path: Path) -> None:
     out = tmp_path / "o"
     args = ["--set", "extract.image_size=96", "--set", "extract.resize=max_side"]

@@ -166,7 +166,7 @@ class WhitenConfig:
     """PCA-whitening learned on training-set descriptors after training."""
 
     num_images: int = 65536
-    dim: int = 2048
+    dim: int | None = 2048  # null: no whitening, the descriptor stays raw (where it would hurt)
     power: float = 0.5
     batch_size: int = 16
 

@@ -38,7 +38,8 @@ def load_results(
     """Long table of every method's metrics.json: one row per (method, dataset, variant, setup).
 
     Columns: method, label, training_set, pooling, miner, dataset, protocol, variant, setup, mAP,
-    mP@k for each k found, num_queries, input (the test-time input policy, `input_label`).
+    mP@k for each k found, num_queries, input (the test-time input policy, `input_label`),
+    descriptor (its dimension and whether it is PCA-whitened, `descriptor_label`).
     Methods without a metrics.json are skipped with a warning.
     """
     results_dir = Path(results_dir)
@@ -73,6 +74,7 @@ def load_results(
                         "mAP": _num(value),
                         "num_queries": js.get("num_queries"),
                         "input": input_label(js.get("input")),
+                        "descriptor": descriptor_label(js),
                     }
                     for k, v in js.get("mP@k", {}).get(setup, {}).items():
                         row[f"mP@{k}"] = _num(v)
@@ -103,9 +105,9 @@ def results_table(
     The "+raw (unwhitened)" row is the plain row's descriptor before PCA-whitening (same
     extraction), so a baseline is also shown at its strongest.
 
-    Columns are "Method", "Training set", then "<dataset> mAP <E|M|H>" (no setup letter for
-    single-setup protocols) and, when `kappa` is set, "<dataset> mP@<kappa> <E|M|H>". The index is
-    the run key ("msvlad", "msvlad+qe"). Rows follow the order of `results` with each method's
+    Columns are "Method", "Training set", "Descriptor" (when the metrics record it), then
+    "<dataset> mAP <E|M|H>" (no setup letter for single-setup protocols) and, when `kappa` is set,
+    "<dataset> mP@<kappa> <E|M|H>". The index is the run key ("msvlad", "msvlad+qe"). Rows follow the order of `results` with each method's
     +QE / +DBA rows right under it.
     """
     if results.empty:
@@ -128,15 +130,19 @@ def results_table(
     if not lookup.index.is_unique:
         raise ValueError("results: duplicate (method, variant, dataset, setup) rows")
     rows, index = [], []
+    with_descriptor = "descriptor" in results and results["descriptor"].astype(bool).any()
     for key in dict.fromkeys(results["method"]):
         first = results[results["method"] == key].iloc[0]
         for variant in variants:
-            if not ((results["method"] == key) & (results["variant"] == variant)).any():
+            mask = (results["method"] == key) & (results["variant"] == variant)
+            if not mask.any():
                 continue
             row: dict[str, Any] = {
                 "Method": f"{first['label']}{VARIANT_SUFFIX.get(variant, ' +' + variant)}",
                 "Training set": first["training_set"],
             }
+            if with_descriptor:
+                row["Descriptor"] = results.loc[mask, "descriptor"].iloc[0]
             for header, ds, s, metric in columns:
                 where = (key, variant, ds, s)
                 row[header] = lookup.at[where, metric] if where in lookup.index else math.nan
@@ -354,6 +360,13 @@ def load_ranks(results_dir: str | os.PathLike, method: str, dataset: str) -> np.
             f"{path}: expected an integer (n_db, n_queries) array, got {ranks.dtype} {ranks.shape}"
         )
     return ranks
+
+
+def descriptor_label(metrics: Mapping[str, Any]) -> str:
+    """ "128-d PCA-w" or "5120-d raw": what a results row ranked with ("" for older metrics)."""
+    if "dim" not in metrics or "whitened" not in metrics:
+        return ""
+    return f"{metrics['dim']}-d {'PCA-w' if metrics['whitened'] else 'raw'}"
 
 
 def input_label(policy: Mapping[str, Any] | None) -> str:

@@ -219,6 +219,7 @@ def _score_variants(
                 "num_queries": len(context["queries"]),
                 "num_db": int(db.shape[0]),
                 "dim": int(db.shape[1]),
+                "whitened": variant != "raw" and desc.q_raw is not None,
                 "input": context["policy"].to_json(),
                 "extract_seconds": round(context["seconds"], 2),
                 "failed_images": len(desc.failed_queries) + len(desc.failed_db),

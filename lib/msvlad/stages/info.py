@@ -23,10 +23,11 @@ def run(params: Params) -> str:
     if model.is_vlad:
         n_local = bag_size(channels, side, side, pool.pool_sizes, pool.split)
         lines.append(f"local bag     {n_local} descriptors of {pool.dim}-d")
-    white = min(params.whiten.dim, model.raw_dim)
+    w = params.whiten
+    white = "none (whiten.dim null)" if w.dim is None else f"{min(w.dim, model.raw_dim)}"
     lines += [
         f"raw dim       {model.raw_dim}",
-        f"whitened dim  {white} (PCA-whitening, power {params.whiten.power})",
+        f"whitened dim  {white}" + ("" if w.dim is None else f" (PCA-whitening, power {w.power})"),
         f"parameters    {sum(p.numel() for p in model.parameters()):,}",
     ]
     return "\n".join(lines + variant_lines(params))

@@ -24,10 +24,16 @@ log = logging.getLogger(__name__)
 def run(params: Params, model: RetrievalNet, out: Path) -> Path:
     """Describe `whiten.num_images` random training images, fit the whitening, save the model.
 
-    The images are described as the model was trained (its own size and resize filter).
+    The images are described as the model was trained (its own size and resize filter). With
+    `whiten.dim` null the model is saved without whitening (its descriptor stays raw).
     """
     check_writable(out.parent)
     remove_stale_temps(out.parent, out.name)  # left by a write a kill interrupted
+    if params.whiten.dim is None:
+        model.whitening = None
+        save_model(model.cpu(), out, whiten_images=0)
+        log.info("whiten.dim null: no whitening, the raw descriptor is kept -> %s", out)
+        return out
     device = resolve_device(params.base.device)
     model = model.to(device)
     train_set = load_training_set(Path(params.data.root) / params.data.train_set)
