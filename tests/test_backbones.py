@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +14,20 @@ from PIL import Image
 from skimage import data
 from torchvision.models._meta import _IMAGENET_CATEGORIES as CATEGORIES
 
-from msvlad.nn.backbones import BACKBONES, _load_trunk, build_backbone, build_classifier
+from httpserver import FileServer
+from msvlad.config import ConfigError, ModelConfig, model_config_from_dict
+from msvlad.data.download import verify_file
+from msvlad.data.registry import url_key
+from msvlad.errors import InputError
+from msvlad.nn.backbones import (
+    BACKBONES,
+    _load_trunk,
+    build_backbone,
+    build_classifier,
+    fetch_weights,
+    weights_cache_dir,
+)
+from msvlad.nn.model import build_model
 
 
 @pytest.mark.parametrize(
@@ -72,3 +89,76 @@ def test_efficientnet_lite0_backbone_uses_package_weights(gen):
     assert torch.equal(
         trained.body.state_dict()[k], build_classifier("efficientnet_lite0").state_dict()[k]
     )
+
+
+# ----------------------------------------------------------------------------- weight files
+
+
+def _state_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("MSVLAD_MIRROR", raising=False)
+    return tmp_path / "torch"
+
+
+def test_weights_come_through_the_mirror_and_the_name_check_holds(torch_home, caplog):
+    url = BACKBONES["resnet101"].urls["cirtorch"]  # its name states the sha256 prefix 10a101d
+    data = _state_bytes({"w": torch.arange(6.0)})
+    digest = hashlib.sha256(data).hexdigest()
+    assert not digest.startswith("10a101d")
+    dest = weights_cache_dir() / url.rsplit("/", 1)[-1]
+    with FileServer({"/" + url_key(url): data}) as server:
+        with pytest.raises(InputError, match="does not start with 10a101d") as err:
+            fetch_weights(url, mirror=server.base_url)
+        assert "model.weights_sha256" in str(err.value) and not dest.exists()
+        with pytest.raises(InputError, match="pinned by model.weights_sha256"):
+            fetch_weights(url, mirror=server.base_url, sha256="0" * 64)
+        assert not dest.exists()
+        with caplog.at_level("WARNING", logger="msvlad.nn.backbones"):
+            path = fetch_weights(url, mirror=server.base_url, sha256=digest)
+        assert path == dest and path.read_bytes() == data
+        assert "not the official file" in caplog.text
+        assert [r[0] for r in server.requests] == ["/" + url_key(url)] * 3
+        # a file whose digest matches its name's prefix needs no pin (torchvision's convention)
+        named = f"http://example.org/models/tiny-{digest[:8]}.pth"
+        server.add("/" + url_key(named), data)
+        os.environ["MSVLAD_MIRROR"] = server.base_url  # the environment names the mirror
+        try:
+            assert fetch_weights(named).read_bytes() == data
+        finally:
+            del os.environ["MSVLAD_MIRROR"]
+
+
+def test_pinned_weights_reach_the_model(torch_home):
+    src = BACKBONES["resnet50"].build()
+    torch.nn.init.normal_(src[0].weight, generator=torch.Generator().manual_seed(3))
+    data = _state_bytes(src.state_dict())
+    url = BACKBONES["resnet50"].urls["cirtorch"]
+    config = ModelConfig(
+        backbone="resnet50",
+        weights="cirtorch",
+        pooling="gem",
+        weights_sha256=hashlib.sha256(data).hexdigest(),
+    )
+    with FileServer({"/" + url_key(url): data}) as server:
+        model = build_model(config, mirror=server.base_url)
+    assert torch.equal(model.backbone.body[0].weight, src[0].weight)
+
+
+@pytest.mark.parametrize("value", ["10a101d", "G" * 64, "A" * 64])
+def test_weights_pin_must_be_a_full_sha256(value):
+    with pytest.raises(ConfigError, match="model.weights_sha256"):
+        model_config_from_dict({"weights_sha256": value})
+    assert model_config_from_dict({"weights_sha256": "a" * 64}).weights_sha256 == "a" * 64
+
+
+def test_checksum_mismatch_is_a_one_line_input_error(tmp_path):
+    (tmp_path / "f.bin").write_bytes(b"x")
+    with pytest.raises(InputError, match="f.bin: sha256 expected"):
+        verify_file(tmp_path / "f.bin", sha256="0" * 64)

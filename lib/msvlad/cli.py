@@ -142,7 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _checkpoint_fits(args, params, model.config)
     else:  # off-the-shelf ImageNet backbone + pooling (NetVLAD needs k-means: use `cluster`)
         model = build_model(
-            params.model if not args.backbone else _with_backbone(params, args.backbone).model
+            params.model if not args.backbone else _with_backbone(params, args.backbone).model,
+            mirror=params.data.mirror,
         )
     request = evaluate.EvaluateRequest(
         data_root=Path(args.data_root or params.data.root),

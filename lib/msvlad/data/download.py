@@ -48,8 +48,8 @@ class DownloadError(InputError, RuntimeError):
     """A file could not be fetched (offline, refused, HTTP error or interrupted transfer)."""
 
 
-class ChecksumError(ValueError):
-    """A file's size or checksum differs from the expected one."""
+class ChecksumError(InputError):
+    """A file's size or checksum differs from the expected one (one line on the command line)."""
 
 
 # ----------------------------------------------------------------------------- checksums

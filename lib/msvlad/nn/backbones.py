@@ -4,8 +4,14 @@ ResNet-50/101 keep conv1..layer4 (post-ReLU conv5_3, stride 32); VGG16 keeps `fe
 last max-pool (conv5_3 + ReLU, stride 16); EfficientNet-Lite0/1/2 keep the MBConv blocks up to the
 320-channel stage (stride 32), with the real ImageNet weights shipped in PyPI packages (offline
 default). Other weights come from torchvision's weight API or the Caffe-converted cnnimageretrieval
-checkpoints, downloaded once with a checksum into $TORCH_HOME/hub/checkpoints (torchvision's own
-cache, so pre-placed files are used).
+checkpoints, downloaded once (from the official host or the `data.mirror` / $MSVLAD_MIRROR copy of
+it) into $TORCH_HOME/hub/checkpoints (torchvision's own cache, so pre-placed files are used).
+
+Every use checks the file against the sha256 prefix its torch-hub name states
+(``name-<prefix>.pth``). A file that is not the official one (an own conversion, a rehearsal's
+random weights), or an official one whose name turns out not to carry its sha256, is accepted only
+when its full sha256 is pinned explicitly (`model.weights_sha256`); that pin replaces the name check
+and is logged.
 """
 
 from __future__ import annotations
@@ -183,8 +189,19 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-def build_backbone(name: str, pretrained: bool = True, weights: str = "package") -> Backbone:
-    """Backbone by name, with ImageNet weights when `pretrained` (torchvision|cirtorch|package)."""
+def build_backbone(
+    name: str,
+    pretrained: bool = True,
+    weights: str = "package",
+    *,
+    sha256: str | None = None,
+    mirror: str | None = None,
+) -> Backbone:
+    """Backbone by name, with ImageNet weights when `pretrained` (torchvision|cirtorch|package).
+
+    `sha256` pins the weight file's full digest (see the module docstring); `mirror` replaces the
+    official host (else $MSVLAD_MIRROR).
+    """
     if name not in BACKBONES:
         raise ValueError(
             f"model.backbone: unknown backbone {name!r}; choose from {sorted(BACKBONES)}"
@@ -202,9 +219,8 @@ def build_backbone(name: str, pretrained: bool = True, weights: str = "package")
                     f"model.weights: {name} has no {source!r} weights; "
                     f"choose from {sorted(spec.urls)}"
                 )
-            state = torch.load(
-                fetch_weights(spec.urls[source]), map_location="cpu", weights_only=True
-            )
+            path = fetch_weights(spec.urls[source], sha256=sha256, mirror=mirror)
+            state = torch.load(path, map_location="cpu", weights_only=True)
             _load_trunk(body, state, name, source)
     return Backbone(name, body.to(memory_format=torch.channels_last), spec)
 
@@ -226,28 +242,47 @@ def weights_cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def fetch_weights(url: str) -> Path:
-    """Download (or reuse) a checkpoint, verified by the sha256 prefix in its torch-hub name."""
-    from msvlad.data.download import DownloadError, download_file
+def fetch_weights(url: str, *, sha256: str | None = None, mirror: str | None = None) -> Path:
+    """Download (or reuse) a checkpoint, verified by the sha256 prefix in its torch-hub name.
+
+    `sha256`: the full digest the file must have instead (an explicit pin: a file that is not the
+    official one is then accepted, with a warning). `mirror`: ``<mirror>/<host>/<path>`` replaces
+    the official URL (else $MSVLAD_MIRROR, as for datasets). A file that fails its check is deleted.
+    """
+    from msvlad.data.download import ChecksumError, DownloadError, download_file, file_digest
+    from msvlad.data.registry import mirror_url, resolve_mirror
 
     filename = url.rsplit("/", 1)[-1]
     dest = weights_cache_dir() / filename
     match = re.search(r"-([a-f0-9]+)\.", filename)
     prefix = match.group(1) if match else None
+    source = mirror_url(url, resolve_mirror(mirror))
     try:
-        download_file(url, dest, desc=filename)
+        download_file(source, dest, desc=filename)
     except DownloadError as err:
         raise DownloadError(f"{err} (or place {filename} in {dest.parent} by hand)") from None
-    if prefix is not None:
-        import hashlib
-
-        digest = hashlib.sha256(dest.read_bytes()).hexdigest()
-        if not digest.startswith(prefix):
+    digest = file_digest(dest)
+    if sha256 is not None:
+        if digest != sha256.lower():
             dest.unlink()
-            raise ValueError(
-                f"{dest}: sha256 {digest[:12]}... does not start with {prefix} "
-                "(deleted; download again)"
+            raise ChecksumError(
+                f"{dest}: sha256 {digest} is not the one pinned by model.weights_sha256 "
+                f"({sha256}); deleted, download or place it again"
             )
+        if prefix is not None and not digest.startswith(prefix):
+            log.warning(
+                "%s: not the official file (its name states sha256 %s..., it has %s...); "
+                "accepted because model.weights_sha256 pins it",
+                *(dest, prefix, digest[:12]),
+            )
+        return dest
+    if prefix is not None and not digest.startswith(prefix):
+        dest.unlink()
+        raise ChecksumError(
+            f"{dest}: sha256 {digest[:12]}... does not start with {prefix}, as its name states "
+            f"(deleted; download again from {source}, or pin a file you checked yourself with "
+            "model.weights_sha256)"
+        )
     return dest
 
 

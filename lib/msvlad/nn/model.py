@@ -83,10 +83,21 @@ class RetrievalNet(nn.Module):
         return desc if self.whitening is None else self.whitening(desc)
 
 
-def build_model(config: ModelConfig, pretrained: bool | None = None) -> RetrievalNet:
-    """Network from its config; `pretrained` overrides config.pretrained (for untrained nets)."""
+def build_model(
+    config: ModelConfig, pretrained: bool | None = None, *, mirror: str | None = None
+) -> RetrievalNet:
+    """Network from its config; `pretrained` overrides config.pretrained (for untrained nets).
+
+    `mirror` (`data.mirror`) replaces the official host of downloaded weights.
+    """
     use_pretrained = config.pretrained if pretrained is None else pretrained
-    backbone = build_backbone(config.backbone, use_pretrained, config.weights)
+    backbone = build_backbone(
+        config.backbone,
+        use_pretrained,
+        config.weights,
+        sha256=config.weights_sha256,
+        mirror=mirror,
+    )
     pooling = build_pooling(
         config.pooling,
         backbone.out_channels,

@@ -39,7 +39,7 @@ def run(params: Params, out: Path) -> Path:
     remove_stale_temps(out.parent, out.name)  # left by a write a kill interrupted
     seed_everything(params.base.seed)
     device = resolve_device(params.base.device)
-    model = build_model(params.model).to(device)
+    model = build_model(params.model, mirror=params.data.mirror).to(device)
     extra: dict[str, Any] = {}
     if model.is_vlad:
         train_set = load_training_set(Path(params.data.root) / params.data.train_set)
