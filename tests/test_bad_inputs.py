@@ -423,6 +423,22 @@ def test_restart_if_changed_resumes_an_identical_run(world: World, trained: Path
     assert snapshot(run) == before  # nothing to do: nothing rewritten
 
 
+def test_a_new_mirror_or_test_set_list_resumes_the_run(
+    world: World, trained: Path, capsys, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = snapshot(run)
+    moved = ["--set", "data.mirror=http://127.0.0.1:9", "--set", "data.test_sets=[elsewhere]"]
+    argv = _train(world, run, *moved, "--restart=if-changed", "--max-steps", "0")
+    code, _ = run_cli(argv, capsys)
+    assert code == 0 and not (tmp_path / "run.previous").exists()  # resumed, not set aside
+    after = snapshot(run)
+    assert {k: after[k] for k in before if k != "run.json"} == {
+        k: v for k, v in before.items() if k != "run.json"
+    }
+
+
 def test_logs_without_a_run_record(world: World, capsys, tmp_path) -> None:
     run = tmp_path / "run"
     run.mkdir()
@@ -487,10 +503,18 @@ def test_prepare_offline_is_one_line(tmp_path: Path, capsys, repo_root: Path) ->
         "--params",
         str(repo_root / "params.paper.yaml"),
         "--set",
-        f"data.root={tmp_path}",
+        f"data.root={tmp_path / 'data'}",
         "--set",
         "data.mirror=http://127.0.0.1:9",  # nothing listens: refused at once
     ]
+    # without the rotation list the up-front check names it before any download is tried
+    code, lines = run_cli(argv, capsys)
+    assert_error(code, lines, "prepare", "prepare.holidays_rotations")
+    assert not (tmp_path / "data" / "gldv2_clean").exists()
+    # with every input supplied, the first download (GLDv2's list) fails in one line
+    rotations = tmp_path / "rotations.yaml"
+    rotations.write_text("100001.jpg: 90\n")
+    argv += ["--set", f"prepare.holidays_rotations={rotations}"]
     code, lines = run_cli(argv, capsys)
     assert_error(code, lines, "prepare", "train_clean.csv", "cannot fetch")
 

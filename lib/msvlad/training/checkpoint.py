@@ -49,6 +49,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# data keys a training run does not depend on: a run resumes after a change of mirror or of the
+# test sets evaluated afterwards (downloads are checked by checksum, not by where they came from)
+DATA_NOT_IN_RUN = ("mirror", "test_sets", "assets")
+
+
 def run_signature(params: dict[str, Any]) -> dict[str, Any]:
     """Parameters a checkpoint must share with the run resuming it (the step budget may grow).
 
@@ -67,6 +72,8 @@ def run_signature(params: dict[str, Any]) -> dict[str, Any]:
             for k, v in sig["train"].items()
             if k not in ("epochs", "checkpoint_every", "val_every")
         }
+    if isinstance(sig["data"], dict):  # where files come from and what is tested later
+        sig["data"] = {k: v for k, v in sig["data"].items() if k not in DATA_NOT_IN_RUN}
     return sig
 
 
