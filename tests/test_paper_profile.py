@@ -58,3 +58,35 @@ def test_unknown_test_set_stops_before_any_download(tmp_path, repo_root) -> None
         "holidays_rotated",
         "roxford5k",
     ]
+
+
+def test_the_replicas_are_what_prepare_reads(tmp_path, repo_root) -> None:
+    """Every replica of the rehearsal's mirror goes through the registry's own preparation."""
+    from msvlad.data.registry import prepare_dataset
+    from msvlad.data.testsets import load_dataset, load_distractors
+    from msvlad.data.trainsets import load_training_set
+    from replicas import GLDV2_CLASSES, HOLIDAYS_TURNED, paper_mirror
+
+    mirror = paper_mirror(weights=False)
+    rot = tmp_path / "rot.yaml"
+    rot.write_text(mirror.rotations)
+    root = tmp_path / "data"
+    with FileServer(mirror.files) as server:
+        params = _paper(
+            tmp_path,
+            repo_root,
+            **{"data.mirror": server.base_url, "prepare.holidays_rotations": str(rot)},
+        )
+        prepare.run(params)
+        prepare_dataset("revisitop1m", root, mirror=server.base_url)
+        assert all(status == 200 for _, _, status in server.requests)
+    for name, (n_db, n_q) in mirror.sizes.items():
+        ds = load_dataset(root, name)
+        assert (len(ds.imlist), len(ds.qimlist)) == (n_db, n_q), name
+    assert load_dataset(root, "holidays_rotated").rotations == HOLIDAYS_TURNED
+    train = load_training_set(root / "gldv2_clean")
+    assert len(train) == mirror.train_images
+    assert sorted(train.classes) == sorted(k for k, n in GLDV2_CLASSES.items() if n >= 2)
+    assert len(load_distractors(root, "revisitop1m")) == mirror.distractors
+    # the known-corrupt Paris name (an HTML page) was skipped while laying the images out
+    assert "paris_louvre_000136.jpg" in (root / "rparis6k" / "skipped.txt").read_text()
