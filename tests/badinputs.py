@@ -64,7 +64,7 @@ def tiny_params(data: Path) -> dict:
         steps_per_epoch=2, epochs=2, checkpoint_every=2, warmup_steps=1, frozen_stages=0
     )
     raw["whiten"].update(num_images=16, dim=8)
-    raw["extract"].update(scales=[1.0], batch_size=16)
+    raw["extract"].update(scales=[1.0], batch_size=16, image_size=None, resize=None)
     return raw
 
 

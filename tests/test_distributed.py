@@ -46,7 +46,7 @@ def test_sharded_evaluation_and_ddp_training(tmp_path, repo_root):
     raw["train"].update(
         steps_per_epoch=2, epochs=1, checkpoint_every=2, warmup_steps=1, frozen_stages=0
     )
-    raw["extract"].update(scales=[1.0], query_scale=1.0)
+    raw["extract"].update(scales=[1.0], query_scale=1.0, image_size=None, resize=None)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     p = ["--params", str(params)]

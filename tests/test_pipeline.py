@@ -28,7 +28,7 @@ def tiny_params(tmp_path, repo_root):
     raw["miner"].update(pool_size=24, images_per_class=4, triplets_per_round=6, delta=0.5)
     raw["train"].update(steps_per_epoch=2, epochs=2, checkpoint_every=2, warmup_steps=1)
     raw["whiten"].update(num_images=30, dim=8)
-    raw["extract"].update(scales=[1.0, 0.75])
+    raw["extract"].update(scales=[1.0, 0.75], image_size=None, resize=None)  # the 64 px input
     raw["report"].update(bootstrap=50, top_k=3, num_queries=2)
     raw["methods"] = {k: raw["methods"][k] for k in ("msvlad", "msvlad-hardest", "msvlad-ots")}
     path = tmp_path / "params.yaml"
