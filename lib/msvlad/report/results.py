@@ -107,8 +107,8 @@ def results_table(
 
     Columns are "Method", "Training set", "Descriptor" (when the metrics record it), then
     "<dataset> mAP <E|M|H>" (no setup letter for single-setup protocols) and, when `kappa` is set,
-    "<dataset> mP@<kappa> <E|M|H>". The index is the run key ("msvlad", "msvlad+qe"). Rows follow the order of `results` with each method's
-    +QE / +DBA rows right under it.
+    "<dataset> mP@<kappa> <E|M|H>". The index is the run key ("msvlad", "msvlad+qe"). Rows follow
+    the order of `results` with each method's +QE / +DBA rows right under it.
     """
     if results.empty:
         raise ValueError("results: empty table")
@@ -257,7 +257,6 @@ def bootstrap_table(
     One row per (method, dataset), indexed by method key; methods whose per-query results are
     missing are skipped with a warning. The reference's per-query results must exist.
     """
-    from msvlad.evaluation.stats import paired_bootstrap
 
     results_dir = Path(results_dir)
     if reference not in params.methods:
@@ -273,30 +272,8 @@ def bootstrap_table(
             except FileNotFoundError as err:
                 log.warning("bootstrap: %s left out (%s)", key, err)
                 continue
-            if not (other["query"].to_numpy() == ref["query"].to_numpy()).all():
-                raise ValueError(f"{ds}: {key} and {reference} were evaluated on different queries")
-            res = paired_bootstrap(
-                other["AP"].to_numpy() / 100.0,
-                ref["AP"].to_numpy() / 100.0,
-                n_boot=n_boot,
-                seed=seed,
-                ci=ci,
-            )
-            rows.append(
-                {
-                    "Method": params.methods[key].label,
-                    "Reference": params.methods[reference].label,
-                    "Dataset": ds,
-                    "Setup": other["setup"].iloc[0],
-                    "mAP": float(np.nanmean(other["AP"])),
-                    "mAP ref": float(np.nanmean(ref["AP"])),
-                    "Δ mAP": res.diff,
-                    "CI low": res.ci_low,
-                    "CI high": res.ci_high,
-                    "p": res.p_value,
-                    "Queries": res.n_queries,
-                }
-            )
+            names = (params.methods[key].label, params.methods[reference].label, ds)
+            rows.append(_paired_row(other, ref, names, n_boot=n_boot, seed=seed, ci=ci))
             index.append(key)
     if not rows:
         raise FileNotFoundError(f"{results_dir}: no per-query results to compare with {reference}")
@@ -434,7 +411,6 @@ def claims_table(
     `reference_variants` on that setup (the strongest form of the baseline, e.g. GeM whitened or
     raw). `holds` is True where the whole CI lies above zero.
     """
-    from msvlad.evaluation.stats import paired_bootstrap
 
     dataset = dataset or params.data.test_sets[0]
     rows = []
@@ -454,31 +430,33 @@ def claims_table(
         if not refs:
             raise FileNotFoundError(f"{results_dir}/{reference}/{dataset}: no per-query results")
         variant, ref = max(refs, key=lambda r: float(np.nanmean(r[1]["AP"])))
-        if not (ours["query"].to_numpy() == ref["query"].to_numpy()).all():
-            raise ValueError(
-                f"{dataset}: {method} and {reference} were evaluated on different queries"
-            )
-        res = paired_bootstrap(
-            ours["AP"].to_numpy() / 100.0,
-            ref["AP"].to_numpy() / 100.0,
-            n_boot=n_boot,
-            seed=seed,
-            ci=ci,
-        )
-        rows.append(
-            {
-                "Method": params.methods[method].label,
-                "Reference": params.methods[reference].label + VARIANT_SUFFIX.get(variant, ""),
-                "Dataset": dataset,
-                "Setup": str(ours["setup"].iloc[0]),
-                "mAP": float(np.nanmean(ours["AP"])),
-                "mAP ref": float(np.nanmean(ref["AP"])),
-                "Δ mAP": res.diff,
-                "CI low": res.ci_low,
-                "CI high": res.ci_high,
-                "p": res.p_value,
-                "Queries": res.n_queries,
-                "holds": bool(res.ci_low > 0),
-            }
-        )
+        label = params.methods[reference].label + VARIANT_SUFFIX.get(variant, "")
+        names = (params.methods[method].label, label, dataset)
+        row = _paired_row(ours, ref, names, n_boot=n_boot, seed=seed, ci=ci)
+        rows.append({**row, "holds": bool(row["CI low"] > 0)})
     return pd.DataFrame(rows)
+
+
+def _paired_row(
+    ours: pd.DataFrame, ref: pd.DataFrame, names: tuple[str, str, str], **bootstrap: Any
+) -> dict[str, Any]:
+    """One table row: the paired bootstrap of per-query AP `ours` - `ref` (method, ref, dataset)."""
+    from msvlad.evaluation.stats import paired_bootstrap
+
+    method, reference, dataset = names
+    if not (ours["query"].to_numpy() == ref["query"].to_numpy()).all():
+        raise ValueError(f"{dataset}: {method} and {reference} were evaluated on different queries")
+    res = paired_bootstrap(ours["AP"].to_numpy() / 100.0, ref["AP"].to_numpy() / 100.0, **bootstrap)
+    return {
+        "Method": method,
+        "Reference": reference,
+        "Dataset": dataset,
+        "Setup": str(ours["setup"].iloc[0]),
+        "mAP": float(np.nanmean(ours["AP"])),
+        "mAP ref": float(np.nanmean(ref["AP"])),
+        "Δ mAP": res.diff,
+        "CI low": res.ci_low,
+        "CI high": res.ci_high,
+        "p": res.p_value,
+        "Queries": res.n_queries,
+    }
