@@ -35,6 +35,8 @@ EXPECTED = {
         "figures/results/map_bars.png",
         "figures/results/bootstrap_vs_ots.png",
         "figures/results/bootstrap_vs_hardest.png",
+        "figures/results/validation_per_miner.png",
+        "tables/claims.csv",
         "tables/results.csv",
         "tables/results.md",
         "tables/results.tex",
@@ -119,6 +121,7 @@ def test_notebook_executes(name: str, tree, tmp_path: Path) -> None:
         "reports_dir": str(tree.reports_dir),
         "results_dir": str(tree.results_dir),
         "runs_dir": str(tree.runs_dir),
+        "offtheshelf": "msvlad-ots",  # the tree's only off-the-shelf row
     }
     declared = pm.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))
     out = tmp_path / f"{name}.ipynb"
