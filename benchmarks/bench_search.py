@@ -30,6 +30,7 @@ descriptors (their q and db arrays, k capped at a quarter of the database).
 
     python -m benchmarks.bench_search                              # N = 10k, 30k, 100k, 300k
     nice -n 10 python -m benchmarks.bench_search --sizes 30000,100000,300000,1000000 \\
+        --methods numpy,flat,ivf,ivfsq8,ivfpq,ivfpq_rerank,hnsw --restrict-above 300000 \\
         --features results/evaluate/msvlad/mini-test/features.npz
 """
 
@@ -352,7 +353,11 @@ def bench_numpy(case: Case, args: argparse.Namespace) -> list[dict[str, Any]]:
 def bench_case(case: Case, args: argparse.Namespace, search_threads: int) -> list[dict[str, Any]]:
     """Every requested family on one database (flat only below --copy-limit)."""
     rows: list[dict[str, Any]] = []
-    for method in args.methods:
+    restricted = 0 < args.restrict_above < len(case.db)
+    methods = [m for m in args.methods if not restricted or m in args.restricted_methods]
+    if restricted:
+        log.info("N=%d: families restricted to %s (--restrict-above)", len(case.db), methods)
+    for method in methods:
         if method == "numpy":
             rows += bench_numpy(case, args)
         elif method == "flat" and len(case.db) > args.copy_limit:
@@ -448,6 +453,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--k", type=int, default=100, help="neighbours per query (recall@k)")
     p.add_argument("--methods", type=common.str_list, default=list(METHODS), help=",".join(METHODS))
+    p.add_argument(
+        "--restrict-above",
+        type=int,
+        default=0,
+        help="databases larger than this run only --restricted-methods (0: no restriction)",
+    )
+    p.add_argument(
+        "--restricted-methods",
+        type=common.str_list,
+        default=["ivfsq8", "ivfpq_rerank"],
+        help="the families run above --restrict-above (builds bounded at R1M on a few cores)",
+    )
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: library default)")
     p.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantizers (0: library default)")
     p.add_argument("--hnsw-m", type=int, default=32)
@@ -482,6 +499,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p, args, "repeats", "dim", "queries", "k", "build_threads", "cluster_size"
     )
     common.check_choices(p, "--methods", args.methods, METHODS)
+    common.check_choices(p, "--restricted-methods", args.restricted_methods, METHODS)
     return args
 
 

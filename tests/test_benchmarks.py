@@ -275,6 +275,28 @@ def test_bench_search_tiny(tmp_path):
     assert on_disk["summary"]["n"] == 600
 
 
+def test_bench_search_restricts_the_families_above_a_size(tmp_path):
+    from benchmarks import bench_search
+
+    out = tmp_path / "search.json"
+    record = bench_search.main(
+        _argv(
+            out,
+            threads=1,
+            sizes="300,600",
+            dim=16,
+            queries=4,
+            k=10,
+            cluster_size=20,
+            methods="numpy,ivf,ivfsq8,hnsw",
+            restrict_above=300,
+            restricted_methods="ivfsq8,opq",  # opq is not asked for: it stays out
+        )
+    )
+    got = {(r["n"], r["method"]) for r in record["rows"]}
+    assert got == {(300, m) for m in ("numpy", "ivf", "ivfsq8", "hnsw")} | {(600, "ivfsq8")}
+
+
 def test_landmark_model_is_seeded_clustered_and_fills_a_memmap(tmp_path):
     from benchmarks.bench_search import LandmarkModel, database_array
 
