@@ -24,3 +24,9 @@ def device() -> torch.device:
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _msvlad_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Frozen-trunk caches of the tests (and their subprocesses) go to a scratch folder."""
+    os.environ["MSVLAD_CACHE"] = str(tmp_path_factory.mktemp("msvlad-cache"))

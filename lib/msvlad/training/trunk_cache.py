@@ -3,11 +3,18 @@
 With `train.frozen_stages = s > 0` the first s stages never change, so their output is computed
 once and every later forward (pool description, training step) starts from it. This makes the
 mini profile's partial fine-tuning cheap; the paper fine-tunes everything (s = 0, no cache).
+
+The cache can also be kept on disk (`store`, the trainer uses `trunk_store_dir()`): one file per
+content key (the frozen stages' weights, the input size and filter, every image's path, size and
+mtime), so the results-table rows that share a backbone compute it once. A file is only ever
+reused for exactly that key, and a damaged one is rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +24,9 @@ from tqdm import tqdm
 
 from msvlad.config import ResizeFilter
 from msvlad.data.images import ImageItem, load_batch
+from msvlad.errors import CheckpointError
 from msvlad.nn.model import RetrievalNet
+from msvlad.storage import load_torch, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +44,46 @@ class FrozenTrunkCache:
         batch_size: int,
         device: torch.device,
         resize_filter: ResizeFilter = "bilinear",
+        store: Path | None = None,
     ) -> None:
         self.model, self.stages, self.device, self.batch_size = model, stages, device, batch_size
         self.resize_filter = resize_filter
         self.ok = np.zeros(len(paths), dtype=bool)  # images that could be read
+        file = None if store is None else store / f"{self.key(paths, image_size)}.pt"
+        if file is not None and self._load(file, len(paths)):
+            log.info("frozen-trunk cache: %d images from %s", len(paths), file)
+            return
         self.features = self._build(paths, image_size)
+        if file is not None:
+            save_torch(file, {"features": self.features, "ok": torch.from_numpy(self.ok)})
+
+    def key(self, paths: Sequence[Path], image_size: int) -> str:
+        """Content key: the frozen stages' weights, the input, each image's path, size and mtime."""
+        name = self.model.backbone.name
+        h = hashlib.sha256(f"{name}|{self.stages}|{image_size}|{self.resize_filter}".encode())
+        for stage in self.model.backbone.stages[: self.stages]:
+            for name, tensor in stage.state_dict().items():
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        for path in paths:
+            st = os.stat(path)
+            h.update(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:32]
+
+    def _load(self, file: Path, n: int) -> bool:
+        """Reuse a stored cache of this key; False (rebuild) when absent or damaged."""
+        if not file.is_file():
+            return False
+        try:
+            state = load_torch(file)
+            features, ok = state["features"], state["ok"].numpy()
+        except (CheckpointError, KeyError, OSError, RuntimeError) as err:
+            log.warning("frozen-trunk cache %s unusable (%s): rebuilt", file, err)
+            return False
+        if len(features) != n or len(ok) != n:
+            return False
+        self.features, self.ok = features, ok.astype(bool)
+        return True
 
     @torch.no_grad()
     def _build(self, paths: Sequence[Path], size: int) -> torch.Tensor:
@@ -77,3 +121,12 @@ class FrozenTrunkCache:
             for i in range(0, len(index), bs)
         ]
         return torch.cat(out)
+
+
+def trunk_store_dir() -> Path:
+    """Where frozen-trunk caches are kept between runs: $MSVLAD_CACHE or ~/.cache/msvlad, /trunk."""
+    root = (
+        os.environ.get("MSVLAD_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "msvlad"
+    )
+    return Path(root) / "trunk"
