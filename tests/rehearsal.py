@@ -129,8 +129,8 @@ class Rehearsal:
 def environment(workspace: Path) -> dict[str, str]:
     """The run's environment: the workspace's code, no inherited mirror, every cache in scratch.
 
-    HOME, TMPDIR and DVC's site cache (else /var/tmp/dvc) point into the scratch folder, so dvc,
-    git, matplotlib, Jupyter and torch write nothing outside it.
+    HOME, TMPDIR, DVC's site cache (else /var/tmp/dvc) and msvlad's own cache point into the
+    scratch folder, so dvc, git, matplotlib, Jupyter, torch and msvlad write nothing outside it.
     """
     scratch = workspace.parent
     env = {k: v for k, v in os.environ.items() if k not in ("MSVLAD_MIRROR", "PYTHONPATH")}
@@ -142,6 +142,7 @@ def environment(workspace: Path) -> dict[str, str]:
         ("DVC_SITE_CACHE_DIR", "dvc-site"),
         ("DVC_GLOBAL_CONFIG_DIR", "dvc-global"),
         ("DVC_SYSTEM_CONFIG_DIR", "dvc-system"),
+        ("MSVLAD_CACHE", "msvlad-cache"),  # the frozen-trunk cache between runs
     ):
         (scratch / sub).mkdir(parents=True, exist_ok=True)
         env[key] = str(scratch / sub)

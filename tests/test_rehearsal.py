@@ -106,6 +106,6 @@ def test_rehearsal_runs_the_paper_profile_end_to_end(tmp_path):
     # nothing outside the scratch folder was written: every cache points into it, and no trace
     # of the run is in the repository or the real torch cache
     env = environment(ws)
-    for key in ("HOME", "TMPDIR", "TORCH_HOME", "DVC_SITE_CACHE_DIR", "DVC_GLOBAL_CONFIG_DIR"):
+    for key in ("HOME", "TMPDIR", "TORCH_HOME", "DVC_SITE_CACHE_DIR", "MSVLAD_CACHE"):
         assert Path(env[key]).is_relative_to(tmp_path), key
     assert _traces() == before
