@@ -200,6 +200,10 @@ def test_results_table_shows_the_raw_row(world: World, tmp_path: Path) -> None:
     assert set(frame["input"]) == {"64 square x{1}, queries x0.7"}
     table = results_table(frame)
     assert list(table.index) == ["msvlad", "msvlad+raw", "msvlad+qe", "msvlad+dba"]
+    assert list(table.columns[:4]) == ["Method", "Training set", "Descriptor", "Test input"]
+    assert set(table["Test input"]) == {"64 square x{1}, queries x0.7"}  # each row names it
+    assert table.loc["msvlad+raw", "Descriptor"].endswith("-d raw")
+    assert table.loc["msvlad", "Descriptor"] == "8-d PCA-w"
     label = params.methods["msvlad"].label
     assert table.loc["msvlad+raw", "Method"] == f"{label} +raw (unwhitened)"
     raw = _metrics(tmp_path / "results" / "msvlad")["raw"]["mAP"]["medium"]

@@ -105,7 +105,8 @@ def results_table(
     The "+raw (unwhitened)" row is the plain row's descriptor before PCA-whitening (same
     extraction), so a baseline is also shown at its strongest.
 
-    Columns are "Method", "Training set", "Descriptor" (when the metrics record it), then
+    Columns are "Method", "Training set", "Descriptor" and "Test input" (when the metrics record
+    them: what was ranked, and the test-time size, resize policy and scales), then
     "<dataset> mAP <E|M|H>" (no setup letter for single-setup protocols) and, when `kappa` is set,
     "<dataset> mP@<kappa> <E|M|H>". The index is the run key ("msvlad", "msvlad+qe"). Rows follow
     the order of `results` with each method's +QE / +DBA rows right under it.
@@ -131,6 +132,7 @@ def results_table(
         raise ValueError("results: duplicate (method, variant, dataset, setup) rows")
     rows, index = [], []
     with_descriptor = "descriptor" in results and results["descriptor"].astype(bool).any()
+    with_input = "input" in results and results["input"].astype(bool).any()
     for key in dict.fromkeys(results["method"]):
         first = results[results["method"] == key].iloc[0]
         for variant in variants:
@@ -143,6 +145,8 @@ def results_table(
             }
             if with_descriptor:
                 row["Descriptor"] = results.loc[mask, "descriptor"].iloc[0]
+            if with_input:
+                row["Test input"] = results.loc[mask, "input"].iloc[0]
             for header, ds, s, metric in columns:
                 where = (key, variant, ds, s)
                 row[header] = lookup.at[where, metric] if where in lookup.index else math.nan
