@@ -201,10 +201,15 @@ def _rescore(
     vals = torch.empty(n, n_cand, dtype=torch.float64, device=desc.device)
     budget = _CUDA_GATHER_BYTES if desc.is_cuda else _CPU_GATHER_BYTES
     step = max(1, min(chunk_size, budget // (8 * n_cand * d)))
+    # one float64 copy of the descriptors when it fits the gather budget (the conversion is exact,
+    # so gathering from it equals converting each gathered chunk, at one conversion instead of many)
+    desc64 = desc.double() if 8 * desc.numel() <= budget else None
     for start in range(0, n, step):
         stop = min(n, start + step)
-        q = desc[start:stop].double()  # (c, D)
-        c_desc = desc[cand[start:stop]].double()  # (c, n_cand, D)
+        if desc64 is not None:
+            q, c_desc = desc64[start:stop], desc64[cand[start:stop]]  # (c, D), (c, n_cand, D)
+        else:
+            q, c_desc = desc[start:stop].double(), desc[cand[start:stop]].double()
         vals[start:stop] = torch.bmm(c_desc, q.unsqueeze(2)).squeeze(2)  # (c, n_cand)
     sims, idx = _exact_topk(vals, cand, k)  # (N, k) each
     if complete:
