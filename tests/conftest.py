@@ -30,3 +30,13 @@ def repo_root() -> Path:
 def _msvlad_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Frozen-trunk caches of the tests (and their subprocesses) go to a scratch folder."""
     os.environ["MSVLAD_CACHE"] = str(tmp_path_factory.mktemp("msvlad-cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: compared runs (in process and in a subprocess) reduce
+    alike, and tiny tensors do not stall in OpenMP spinning on a loaded machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

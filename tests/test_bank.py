@@ -20,16 +20,9 @@ from msvlad.storage import load_torch, save_torch
 from msvlad.training.bank import DescriptorBank, describe_pool
 from msvlad.training.logs import AGE_FIELDS, RUN_LOGS, PoolDescriptors
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 DIM = 8
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the two runs compared reduce alike, and a loaded machine does not stall them."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _desc(ids, step: int) -> torch.Tensor:

@@ -10,17 +10,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from msvlad.storage import read_json
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_gpu_paper_profile_smoke_runs_on_the_cpu(tmp_path):

@@ -12,15 +12,9 @@ from badinputs import make_world
 from msvlad.cli import main
 from msvlad.config import load_params, with_overrides
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 BAD = ("class01/2.jpg", "class03/0.jpg")  # a truncated JPEG and a text file
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture

@@ -27,20 +27,11 @@ from msvlad.cli import main
 from msvlad.storage import load_torch
 from msvlad.training.logs import RUN_LOGS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TIME_COLUMNS = {"seconds", "describe_seconds", "mine_seconds"}
 EPOCHS = ["--set", "train.epochs=3"]  # 6 steps, checkpoints at steps 2, 4, 6, ~6 mining rounds
 BANK = ["--set", "miner.refresh_fraction=0.5"]  # half of each 16-image pool re-embedded
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The same thread count in and out of process: bit-identical float reductions."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
