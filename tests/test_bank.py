@@ -235,6 +235,22 @@ def test_partial_refresh_reuses_the_bank_and_logs_ages(tiny):
     assert len(t.bank) == 16 and t.bank.stamps(np.arange(16)).max() == t.step - 1
 
 
+def test_rolling_pool_embeds_only_its_new_classes(tiny):
+    """With rolling draws a round keeps the newer half of the last pool's classes (their images
+    come from the bank) and re-embeds the half it brings in."""
+    params, init, tmp = tiny
+    miner = {"refresh_fraction": 0.5, "pool_draw": "rolling", "pool_size": 8}
+    t = _train(with_overrides(params, miner=miner), init, tmp / "run")
+    rounds = _rows(tmp / "run" / "rounds.csv")
+    assert len(rounds) >= 3 and rounds[0]["refreshed"] == rounds[0]["pool"] == "8"
+    labels = t.train_set.labels
+    for r in range(1, len(rounds)):
+        prev, cur = t.pool.sample(r - 1), t.pool.sample(r)
+        assert np.array_equal(cur[:4], prev[4:])  # the newer class stays, first, same images
+        assert len(np.unique(labels[cur])) == 2 and rounds[r]["refreshed"] == "4", r
+        assert int(rounds[r]["age_max"]) > 0  # the kept class's descriptors are from the bank
+
+
 def test_fraction_zero_with_every_image_banked_embeds_nothing():
     net, bank = FakeNet(), DescriptorBank(10, 0.0, min_rows=4)
     bank.put(np.array([1, 2, 3]), _desc([1, 2, 3], 2), step=2)

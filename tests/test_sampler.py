@@ -95,3 +95,60 @@ def test_bad_round_index() -> None:
     sampler = ClassBalancedPool(np.repeat(np.arange(3), 3), 6, 3, seed=0)
     with pytest.raises(ValueError, match="round_index"):
         sampler.sample(-1)
+
+
+def _groups(labels: np.ndarray, pool: np.ndarray) -> dict[int, tuple[int, ...]]:
+    return {int(c): tuple(sorted(pool[labels[pool] == c].tolist())) for c in np.unique(labels[pool])}
+
+
+def test_rolling_pool_replaces_its_oldest_classes() -> None:
+    labels = _labels()
+    sampler = ClassBalancedPool(labels, 60, 5, seed=3, draw="rolling", turnover=0.3)
+    g = sampler.classes_per_pool
+    assert g == 12
+    replace = int(np.ceil(0.3 * g))  # 4 classes a round
+    pools = [sampler.sample(r) for r in range(40)]
+    first_seen: dict[int, int] = {}
+    for r, pool in enumerate(pools):
+        assert len(np.unique(pool)) == len(pool) and len(np.unique(labels[pool])) == g
+        order = list(dict.fromkeys(labels[pool].tolist()))  # classes in pool order: oldest first
+        for c in order:
+            first_seen.setdefault(c, r)
+        if r == 0:
+            continue
+        prev, cur = _groups(labels, pools[r - 1]), _groups(labels, pool)
+        prev_order = list(dict.fromkeys(labels[pools[r - 1]].tolist()))
+        kept = prev_order[replace:]
+        assert order[: g - replace] == kept  # the oldest 4 left, the others stay in order
+        assert all(cur[c] == prev[c] for c in kept)  # with the same images
+        assert not set(order[g - replace :]) & set(kept)  # the new ones were not in the pool
+    # every class that can be drawn is drawn within a few turnovers (29 classes with positives)
+    assert len(first_seen) == 29
+
+
+def test_rolling_pool_is_replayed_from_its_seed() -> None:
+    labels = _labels()
+    a = ClassBalancedPool(labels, 40, 4, seed=7, draw="rolling", turnover=0.25)
+    sequential = [a.sample(r) for r in range(8)]
+    b = ClassBalancedPool(labels, 40, 4, seed=7, draw="rolling", turnover=0.25)
+    assert np.array_equal(b.sample(6), sequential[6])  # a resumed run: replayed, same pool
+    assert np.array_equal(b.sample(2), sequential[2])  # backwards: replayed from round 0
+    assert np.array_equal(b.sample(7), sequential[7])
+    c = ClassBalancedPool(labels, 40, 4, seed=8, draw="rolling", turnover=0.25)
+    assert not np.array_equal(c.sample(6), sequential[6])
+    # the first round of a rolling pool draws its classes as the first independent round does
+    d = ClassBalancedPool(labels, 40, 4, seed=7)
+    assert set(labels[d.sample(0)]) == set(labels[sequential[0]])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"draw": "sliding"}, "miner.pool_draw"),
+        ({"draw": "rolling", "turnover": 0.0}, "miner.refresh_fraction"),
+        ({"draw": "rolling", "turnover": 1.5}, "miner.refresh_fraction"),
+    ],
+)
+def test_rolling_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ClassBalancedPool(_labels(), 40, 4, seed=0, **kwargs)

@@ -33,6 +33,7 @@ BiasInit = Literal["squared_norm", "norm"]
 ResizeFilter = Literal["bilinear", "lanczos"]
 KMeansName = Literal["faiss", "sklearn_minibatch"]
 PoolClasses = Literal["with_positives", "all"]
+PoolDraw = Literal["independent", "rolling"]
 PoolPrecision = Literal["auto", "fp32", "fp16"]
 LrSchedule = Literal["aligned", "lagged"]
 
@@ -138,6 +139,7 @@ class MinerConfig:
     pool_classes: PoolClasses = "with_positives"  # all: single-image classes serve as negatives
     pool_precision: PoolPrecision = "auto"  # auto: fp16 autocast on CUDA, fp32 on the CPU
     refresh_fraction: float = 1.0  # pool share re-embedded per round (1: the paper's full refresh)
+    pool_draw: PoolDraw = "independent"  # rolling: a round replaces refresh_fraction of the classes
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class TrainConfig:
     checkpoint_every: int = 8000
     amp: bool = True  # bf16 autocast of the training steps, only on CUDA
     val_every: int = 1  # epochs between validation mAP
+    val_query_scale: float = 0.7  # validation queries at this fraction of model.image_size
     frozen_stages: int = 0  # leading backbone stages kept frozen (0 = the paper's full fine-tuning)
     lr_schedule: LrSchedule = "aligned"  # lagged: the authors' scheduler, stepped after Adam
 
@@ -350,6 +353,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.epochs": _ge(0),
     "train.checkpoint_every": _ge(1),
     "train.val_every": _ge(0),
+    "train.val_query_scale": _gt(0),
     "train.frozen_stages": _ge(0),
     "whiten.num_images": _ge(2),
     "whiten.dim": _ge(1),

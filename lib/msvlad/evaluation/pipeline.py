@@ -230,21 +230,28 @@ def per_query_frame(
 def validation_map(
     model: torch.nn.Module, dataset: RetrievalDataset, params: Params, device: torch.device
 ) -> float:
-    """Validation mAP (Medium for revisited sets): raw descriptors, one scale, training input."""
+    """Validation mAP (Medium for revisited sets): raw descriptors, one scale, training input.
+
+    Only training keys decide it (model.image_size/resize, train.val_query_scale; float32
+    descriptors, exact search, strict failure rules), so rows that differ in their test-time
+    policy (`extract.*`, `evaluate.*`) train and validate the same run; extract.batch_size only
+    sets the speed.
+    """
     policy = InputPolicy(
-        params.model.image_size, params.model.resize, (1.0,), params.extract.query_scale
+        params.model.image_size, params.model.resize, (1.0,), params.train.val_query_scale
     )
     desc = extract_dataset(
         model,
         dataset,
         model_cfg=params.model,
-        extract_cfg=params.extract,
+        extract_cfg=ExtractConfig(batch_size=params.extract.batch_size),
         policy=policy,
         whiten=False,
         device=device,
         num_workers=params.base.num_workers,
     )
-    queries = check_failures(desc, dataset, params.evaluate)
-    metrics, _ = score(desc, dataset, params.evaluate, queries=queries)
+    rules = EvaluateConfig()
+    queries = check_failures(desc, dataset, rules)
+    metrics, _ = score(desc, dataset, rules, queries=queries)
     js = metrics.to_json()["mAP"]
     return float(js.get("medium", js.get("all", float("nan"))))

@@ -7,6 +7,13 @@ two images (only they can give an anchor a positive), or "all", every class fold
 code does, so single-image classes enter pools as negatives for the others. The draw depends on
 (seed, round_index) alone, so a resumed run re-draws the same pools.
 
+`draw` says how consecutive pools relate: "independent" (the paper's), every round a fresh draw;
+"rolling" (our extension for amortised mining, docs/method.md), the pool of round r is that of
+round r - 1 with its oldest ceil(turnover * G) classes (G classes per pool) replaced by classes it
+does not hold, so the descriptor bank holds the rest of the pool at any training-set size (with
+independent draws from GLDv2-clean's 81k classes a pool shares about 1 % of its images with the
+bank). Rolling pools are replayed from round 0, so they too depend on (seed, round_index) alone.
+
 `pool_precision` sets the numeric precision of the pool descriptors the miner sees
 (`miner.pool_precision`): "fp32" everywhere (the authors'), "fp16" (float16 autocast on CUDA,
 and the descriptors rounded to float16 on every device, so a CPU run measures what float16 mining
@@ -16,17 +23,19 @@ changes), or "auto" (float16 autocast on CUDA, float32 on the CPU).
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from msvlad.config import PoolClasses, PoolPrecision
+from msvlad.config import PoolClasses, PoolDraw, PoolPrecision
 from msvlad.nn import functional as LF
 
 log = logging.getLogger(__name__)
 
 POOL_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16")  # = config.PoolPrecision
+POOL_DRAWS: tuple[str, ...] = ("independent", "rolling")  # = config.PoolDraw
 
 
 def pool_autocast_fp16(precision: PoolPrecision) -> bool:
@@ -55,6 +64,8 @@ class ClassBalancedPool:
         images_per_class: int,
         seed: int,
         classes: PoolClasses = "with_positives",
+        draw: PoolDraw = "independent",
+        turnover: float = 1.0,
     ) -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
@@ -77,6 +88,10 @@ class ClassBalancedPool:
             raise ValueError(
                 f"miner.pool_classes: {classes!r} is not one of ['with_positives', 'all']"
             )
+        if draw not in POOL_DRAWS:
+            raise ValueError(f"miner.pool_draw: {draw!r} is not one of {list(POOL_DRAWS)}")
+        if not 0.0 < turnover <= 1.0:
+            raise ValueError(f"miner.refresh_fraction: {turnover!r} must be in (0, 1] to roll")
         names, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         with_positives = np.flatnonzero(counts >= 2)
         if with_positives.size < 2:
@@ -95,6 +110,8 @@ class ClassBalancedPool:
         self.images_per_class = int(images_per_class)
         self.seed = int(seed)
         self.classes_per_pool = min(self.pool_size // self.images_per_class, usable.size)
+        self.draw, self.turnover = draw, float(turnover)
+        self._rolled: tuple[int, list[tuple[int, np.ndarray]]] | None = None  # last rolling pool
         log.debug("ClassBalancedPool: %d usable of %d classes", usable.size, names.size)
 
     def sample(self, round_index: int) -> np.ndarray:
@@ -105,20 +122,44 @@ class ClassBalancedPool:
             or round_index < 0
         ):
             raise ValueError(f"round_index: must be an int >= 0, got {round_index!r}")
+        if self.draw == "rolling":
+            return np.concatenate([imgs for _, imgs in self._rolling(int(round_index))])
         rng = np.random.default_rng([self.seed, int(round_index)])
         picked = rng.choice(len(self._members), size=self.classes_per_pool, replace=False)
-        parts = []
-        for c in picked:
-            members = self._members[c]
-            take = min(self.images_per_class, members.size)
-            parts.append(rng.choice(members, size=take, replace=False))
-        pool = np.concatenate(parts).astype(np.int64)
+        pool = np.concatenate([self._images(c, rng) for c in picked])
         rng.shuffle(pool)
         return pool[: self.pool_size]
+
+    def _images(self, c: int, rng: np.random.Generator) -> np.ndarray:
+        """Up to images_per_class random images of usable class `c`."""
+        members = self._members[c]
+        take = min(self.images_per_class, members.size)
+        return rng.choice(members, size=take, replace=False).astype(np.int64)
+
+    def _rolling(self, round_index: int) -> list[tuple[int, np.ndarray]]:
+        """The (class, images) groups of a rolling pool, oldest first, replayed from round 0."""
+        if self._rolled is not None and self._rolled[0] <= round_index:
+            r, groups = self._rolled
+        else:
+            rng = np.random.default_rng([self.seed, 0])
+            picked = rng.choice(len(self._members), size=self.classes_per_pool, replace=False)
+            r, groups = 0, [(int(c), self._images(c, rng)) for c in picked]
+        replace = math.ceil(self.turnover * len(groups) - 1e-9)
+        while r < round_index:
+            r += 1
+            rng = np.random.default_rng([self.seed, r])
+            kept = groups[replace:]
+            held = np.array([c for c, _ in kept], dtype=np.int64)
+            free = np.setdiff1d(np.arange(len(self._members)), held)  # the dropped ones included
+            picked = rng.choice(free, size=min(replace, free.size), replace=False)
+            groups = kept + [(int(c), self._images(c, rng)) for c in picked]
+        self._rolled = (r, groups)
+        return groups
 
     def __repr__(self) -> str:
         return (
             f"ClassBalancedPool(pool_size={self.pool_size}, "
             f"images_per_class={self.images_per_class}, classes_per_pool={self.classes_per_pool}, "
-            f"usable_classes={self.classes.size}, classes={self.class_rule!r}, seed={self.seed})"
+            f"usable_classes={self.classes.size}, classes={self.class_rule!r}, draw={self.draw!r}, "
+            f"turnover={self.turnover}, seed={self.seed})"
         )

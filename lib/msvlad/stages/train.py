@@ -25,6 +25,8 @@ def run(
 
     `restart`: None resumes a run with the same parameters and refuses one with others;
     "always" moves any earlier run aside first, "if-changed" only one with other parameters.
+    In the runs/<row>/train layout a finished run of another row with the same training, budget
+    and init is copied instead of trained again (not with "always").
     """
     if max_steps is not None and max_steps < 0:
         raise InputError(f"--max-steps: {max_steps} must be >= 0")
@@ -39,4 +41,7 @@ def run(
         return out / "model.pt"
     from msvlad.training.trainer import train
 
-    return train(params, init, out, max_steps=max_steps, restart=restart)
+    # the other rows' runs (runs/<row>/train): one with the same training is copied, not redone
+    rows = out.parent.parent if method and out.parent.name == method else None
+    twins = [rows / m / out.name for m in params.methods if m != method] if rows else []
+    return train(params, init, out, max_steps=max_steps, restart=restart, twins=twins)

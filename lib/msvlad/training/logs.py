@@ -129,6 +129,16 @@ def truncate_logs(folder: Path, step: int, next_round: int) -> None:
         truncate_csv(folder / name, column, limit, fields)
 
 
+def last_logged_step(path: Path) -> int | None:
+    """The step of the last complete row of a run's log.csv (None: no row, or not readable)."""
+    try:
+        with path.open(newline="") as fh:
+            steps = [_number(r.get("step")) for r in csv.DictReader(fh)]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None
+    return int(steps[-1]) if steps and steps[-1] != float("inf") else None
+
+
 def _number(value: str | None) -> float:
     try:
         return float(value) if value not in (None, "") else float("inf")

@@ -9,6 +9,11 @@ there (`run.json`, or the checkpoint of a run from before `run.json` existed) wi
 - other parameters: stop with `RunConflictError` listing the differing keys, touching nothing;
 - `restart="always"` (or `"if-changed"` and other parameters): every file of the old run is moved
   to `<out>.previous/<timestamp>/` (a name never reused) and the run starts in an empty folder.
+- a run that would start from nothing first looks at its `twins` (the other rows' run folders):
+  a finished run there with the same run signature, step budget and initial model (`run.json`
+  records the init's sha256) is the same training, so its files are copied in and the run is
+  already finished (rows differing only in their test-time policy train once); "always" skips this.
+- the initial model is part of what a run is: another init (after a new k-means) is another run.
   Nothing is ever deleted. The previous runs sit beside the run folder, not in it, so a DVC
   out such as `runs/<method>/train` never caches or hashes them.
 """
@@ -17,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -28,9 +34,16 @@ import torch
 from msvlad.config import Params, params_to_dict
 from msvlad.errors import InputError, RunConflictError
 from msvlad.runtime import Dist, code_version
-from msvlad.storage import check_writable, load_torch, read_json, remove_stale_temps, write_json
+from msvlad.storage import (
+    atomic_path,
+    check_writable,
+    load_torch,
+    read_json,
+    remove_stale_temps,
+    write_json,
+)
 from msvlad.training.checkpoint import run_signature, signature_diff
-from msvlad.training.logs import RUN_LOGS, truncate_logs
+from msvlad.training.logs import RUN_LOGS, last_logged_step, truncate_logs
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +79,16 @@ def locked(out: Path) -> Iterator[None]:
 
 
 def open_run(
-    out: Path, params: Params, restart: Restart | None, device: torch.device, dist: Dist
+    out: Path,
+    params: Params,
+    restart: Restart | None,
+    device: torch.device,
+    dist: Dist,
+    init_digest: str | None = None,
+    twins: Sequence[Path] = (),
 ) -> dict[str, Any] | None:
     """Make `out` ready for this run (main rank); every rank gets the checkpoint to resume."""
-    state = _prepare(out, params, restart, device) if dist.main else None
+    state = _prepare(out, params, restart, device, init_digest, twins) if dist.main else None
     if dist.world > 1:
         torch.distributed.barrier()
         if not dist.main and (out / CHECKPOINT).is_file():
@@ -78,7 +97,12 @@ def open_run(
 
 
 def _prepare(
-    out: Path, params: Params, restart: Restart | None, device: torch.device
+    out: Path,
+    params: Params,
+    restart: Restart | None,
+    device: torch.device,
+    init_digest: str | None = None,
+    twins: Sequence[Path] = (),
 ) -> dict[str, Any] | None:
     remove_stale_temps(out)
     ckpt_path = out / CHECKPOINT
@@ -86,11 +110,14 @@ def _prepare(
     if leftovers and restart == "always":  # before reading anything: it may be corrupt
         log.info("previous run in %s moved to %s", out, _move_aside(out))
     state = load_torch(ckpt_path, device) if ckpt_path.is_file() else None
-    recorded = [_recorded_params(out / RUN_FILE)] if (out / RUN_FILE).is_file() else []
+    record = read_run_record(out / RUN_FILE) if (out / RUN_FILE).is_file() else None
+    recorded = [record["params"]] if record else []
     if state is not None:
         recorded.append(state.get("params", {}))
     new = run_signature(params_to_dict(params))
     diff = sorted({d for old in recorded for d in signature_diff(run_signature(old), new)})
+    if record and init_digest and record.get("init", init_digest) != init_digest:
+        diff.append(f"init: sha256 {record['init'][:12]} -> {init_digest[:12]}")
     if not recorded and any(p.name in RUN_LOGS or p.name == "model.pt" for p in out.iterdir()):
         diff = ["<unknown>: the folder holds a run without run.json or checkpoint.pt"]
     if diff and restart == "if-changed":
@@ -102,9 +129,17 @@ def _prepare(
             f"parameters ({'; '.join(diff)}); rerun with the same parameters to resume it, or "
             f"pass --restart to move it to {previous_dir(out)}/ and start over"
         )
-    current = params_to_dict(params)
-    if not (out / RUN_FILE).is_file() or _recorded_params(out / RUN_FILE) != current:
-        write_json(out / RUN_FILE, {"params": current, "code": code_version()})
+    if state is None and restart != "always" and init_digest is not None:
+        twin = finished_twin(twins, out, params, init_digest)
+        if twin is not None:
+            _copy_run(twin, out)
+            log.info("%s: the same training as the finished run %s, copied from there", out, twin)
+            state = load_torch(ckpt_path, device)
+    current = {"params": params_to_dict(params), "code": code_version(), "init": init_digest}
+    if record is None or {k: record.get(k) for k in ("params", "init")} != {
+        k: current[k] for k in ("params", "init")
+    }:
+        write_json(out / RUN_FILE, current)
     if state is None:
         truncate_logs(out, -1, 0)  # rows logged before a first checkpoint are written again
     else:
@@ -112,11 +147,52 @@ def _prepare(
     return state
 
 
-def _recorded_params(path: Path) -> dict[str, Any]:
+def finished_twin(
+    twins: Sequence[Path], out: Path, params: Params, init_digest: str
+) -> Path | None:
+    """The first of `twins` holding a finished run of this training: same run signature, step
+    budget and initial model (runs recorded without their init's digest are never twins)."""
+    current = params_to_dict(params)
+    signature, total = run_signature(current), params.train.epochs * params.train.steps_per_epoch
+    for twin in twins:
+        if twin.resolve() == out.resolve() or not (twin / RUN_FILE).is_file():
+            continue
+        if not all((twin / name).is_file() for name in (CHECKPOINT, "model.pt", "log.csv")):
+            continue
+        try:
+            record = read_run_record(twin / RUN_FILE)
+        except InputError:
+            continue
+        rec_train = record["params"].get("train", {})
+        same = (
+            record.get("init") == init_digest
+            and run_signature(record["params"]) == signature
+            and rec_train.get("epochs", 0) * rec_train.get("steps_per_epoch", 0) == total
+        )
+        if same and last_logged_step(twin / "log.csv") == total:
+            return twin
+    return None
+
+
+def _copy_run(src: Path, out: Path) -> None:
+    """Copy a finished run's files into `out`, each atomically, the checkpoint last (a copy cut
+    short is then either resumable from that checkpoint or an unknown folder moved aside)."""
+    names = sorted(
+        p.name
+        for p in src.iterdir()
+        if p.is_file() and p.name not in (LOCK, RUN_FILE, CHECKPOINT) and not p.name.startswith(".")
+    )
+    for name in [*names, CHECKPOINT]:
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(src / name, tmp)
+
+
+def read_run_record(path: Path) -> dict[str, Any]:
+    """A run.json: the parameters, the code version and the initial model's sha256 (if known)."""
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
         raise InputError(f"{path}: not a msvlad run record (no params)")
-    return data["params"]
+    return data
 
 
 def _move_aside(out: Path) -> Path:

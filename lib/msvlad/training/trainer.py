@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from msvlad.mining.registry import build_miner
 from msvlad.nn.loss import triplet_loss
 from msvlad.nn.model import RetrievalNet, load_model, save_model
 from msvlad.runtime import init_distributed, resolve_device, seed_everything
-from msvlad.storage import atomic_path, torch_bytes
+from msvlad.storage import atomic_path, file_digest, torch_bytes
 from msvlad.training import logs
 from msvlad.training.bank import DescriptorBank, describe_pool
 from msvlad.training.checkpoint import (
@@ -60,9 +61,15 @@ class Trainer:
     """Holds everything a training run needs; `run()` trains until the step budget or a stop."""
 
     def __init__(
-        self, params: Params, init_model: Path, out_dir: Path, device: torch.device | None = None
+        self,
+        params: Params,
+        init_model: Path,
+        out_dir: Path,
+        device: torch.device | None = None,
+        twins: Sequence[Path] = (),
     ) -> None:
-        self.params, self.out_dir = params, Path(out_dir)
+        self.params, self.out_dir, self.twins = params, Path(out_dir), list(twins)
+        self.init_digest = file_digest(init_model)
         self.dist = init_distributed()
         self.device = device or resolve_device(params.base.device)
         if self.dist.world > 1 and self.device.type == "cuda":
@@ -198,7 +205,15 @@ class Trainer:
         """Train to the configured steps (or `max_steps` more), checkpointing; returns model.pt."""
         stopper = StopRequest()
         with locked(self.out_dir) if self.dist.main else nullcontext(), stopper.installed():
-            state = open_run(self.out_dir, self.params, restart, self.device, self.dist)
+            state = open_run(
+                self.out_dir,
+                self.params,
+                restart,
+                self.device,
+                self.dist,
+                init_digest=self.init_digest,
+                twins=self.twins,
+            )
             if state is not None:
                 self.load_state_dict(state)
             start = self.progress.step
@@ -265,7 +280,13 @@ def make_pool(train_set: TrainingSet, params: Params) -> ClassBalancedPool:
     m = params.miner
     try:
         return ClassBalancedPool(
-            train_set.labels, m.pool_size, m.images_per_class, params.base.seed, m.pool_classes
+            train_set.labels,
+            m.pool_size,
+            m.images_per_class,
+            params.base.seed,
+            m.pool_classes,
+            m.pool_draw,
+            m.refresh_fraction if m.pool_draw == "rolling" else 1.0,
         )
     except ValueError as err:
         raise InputError(f"{train_set.root}: {err}") from None
@@ -304,6 +325,8 @@ def train(
     out_dir: Path,
     max_steps: int | None = None,
     restart: Restart | None = None,
+    twins: Sequence[Path] = (),
 ) -> Path:
-    """Train from a (k-means-initialised) model file; resumes from out_dir/checkpoint.pt."""
-    return Trainer(params, init_model, out_dir).run(max_steps, restart)
+    """Train from a (k-means-initialised) model file; resumes from out_dir/checkpoint.pt, or
+    copies a finished run of the same training from one of `twins` (msvlad.training.rundir)."""
+    return Trainer(params, init_model, out_dir, twins=twins).run(max_steps, restart)
