@@ -18,6 +18,8 @@ init and images for every run) is computed once and shared.
 
     python -m benchmarks.amortised_mining --fractions 1,0.25,0.1,0 --seeds 0,1,2 \\
         --init runs/msvlad/init.pt --out results/bench/amortised_mining.json
+    python -m benchmarks.amortised_mining --draw rolling --fractions 1,0.25,0.1 --seeds 0,1,2 \\
+        --out results/bench/amortised_mining_rolling.json   # rolling pools (miner.pool_draw)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 
 from benchmarks import common
 from msvlad.config import load_params, with_overrides
+from msvlad.mining.pool import POOL_DRAWS
 from msvlad.paths import ROOT
 from msvlad.storage import read_json, write_json
 from msvlad.training.trainer import Trainer, make_miner
@@ -101,6 +104,11 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def draw_for(draw: str, fraction: float) -> str:
+    """The pool draw of a run: the full refresh (1.0) is always the paper's independent draws."""
+    return draw if fraction < 1.0 else "independent"
+
+
 def run_one(args: argparse.Namespace, seed: int, fraction: float, folder: Path) -> dict[str, Any]:
     """One training run; its per-epoch mAP, yield, overlap, shares and ages."""
     params = load_params(args.params)
@@ -108,7 +116,7 @@ def run_one(args: argparse.Namespace, seed: int, fraction: float, folder: Path) 
         params,
         base={"seed": seed, "device": "cpu"},
         data={"root": str(Path(params.data.root).resolve())},
-        miner={"refresh_fraction": fraction},
+        miner={"refresh_fraction": fraction, "pool_draw": draw_for(args.draw, fraction)},
         train={"val_every": args.val_every or params.train.val_every},
     )
     load = common.load_average()
@@ -138,6 +146,7 @@ def run_one(args: argparse.Namespace, seed: int, fraction: float, folder: Path) 
     return {
         "seed": seed,
         "fraction": fraction,
+        "draw": params.miner.pool_draw,
         "val_map": [float(e["val_map"]) for e in epochs],
         "final_val_map": float(epochs[-1]["val_map"]),
         "yield": statistics.mean(int(r["triplets"]) for r in rounds),
@@ -198,6 +207,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=None, help="keep the run folders here")
     parser.add_argument("--val-every", type=int, default=0, help="epochs (0: the profile's)")
+    parser.add_argument(
+        "--draw",
+        choices=POOL_DRAWS,
+        default="independent",
+        help="miner.pool_draw of the runs with a fraction < 1 (1.0 stays independent)",
+    )
     parser.set_defaults(threads=1)  # one thread: steady timings on a shared machine
     return parser.parse_args(argv)
 
@@ -210,7 +225,7 @@ def measure(run: common.Run) -> dict[str, Any]:
         work = args.work or Path(tmp)
         for seed in args.seeds:
             for f in args.fractions:
-                folder = work / f"seed{seed}-f{f}"
+                folder = work / f"seed{seed}-f{f}-{draw_for(args.draw, f)}"
                 done = folder / "measure.json"  # a run measured before (with --work) is reused
                 runs.append(read_json(done) if done.is_file() else run_one(args, seed, f, folder))
                 write_json(done, runs[-1])

@@ -41,6 +41,9 @@ def test_gpu_paper_profile_smoke_runs_on_the_cpu(tmp_path):
     assert cover["images"] >= 1_580_470 and len(cover["in_bank"]) == 20
     assert cover["in_bank"][0] == cover["ever_described"][0] == 0.0  # nothing before round 0
     assert all(b <= e for b, e in zip(cover["in_bank"], cover["ever_described"], strict=True))
+    (rolling,) = cover["rolling"]  # fraction 0.5: half of every later pool is the last one's
+    assert rolling["fraction"] == 0.5 and rolling["in_bank_mean"] >= 0.5 * 19 / 20 - 0.02
+    assert rolling["images_seen"] < cover["summary"]["images_seen"]
 
 
 def test_bench_pooling_records_shares_against_the_backbone(tmp_path):

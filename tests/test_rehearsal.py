@@ -69,6 +69,11 @@ def test_rehearsal_runs_the_paper_profile_end_to_end(tmp_path):
     served = {path for path, _, _ in result.requests}
     assert "/" + result.mirror.weights_url.split("://", 1)[1] in served
 
+    # the row that differs only in its test-time policy shares the paper row's training run
+    assert "the same training as the finished run runs/msvlad/train, copied" in result.output
+    trained = [(ws / "runs" / m / "train" / "model.pt").read_bytes() for m in methods[:2]]
+    assert methods[:2] == ["msvlad", "msvlad-maxside"] and trained[0] == trained[1]
+
     # the results table holds every paper test set for every row, and a number in each cell
     tests = paper["data"]["test_sets"]
     with open(ws / "reports" / "tables" / "results.csv", newline="") as f:
