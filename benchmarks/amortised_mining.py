@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks import common
+from msvlad.cli import parse_sets
 from msvlad.config import load_params, with_overrides
 from msvlad.mining.pool import POOL_DRAWS
 from msvlad.paths import ROOT
@@ -111,7 +112,7 @@ def draw_for(draw: str, fraction: float) -> str:
 
 def run_one(args: argparse.Namespace, seed: int, fraction: float, folder: Path) -> dict[str, Any]:
     """One training run; its per-epoch mAP, yield, overlap, shares and ages."""
-    params = load_params(args.params)
+    params = load_params(args.params, parse_sets(args.set))
     params = with_overrides(
         params,
         base={"seed": seed, "device": "cpu"},
@@ -207,6 +208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=None, help="keep the run folders here")
     parser.add_argument("--val-every", type=int, default=0, help="epochs (0: the profile's)")
+    parser.add_argument(
+        "--set", action="append", default=[], help="section.key=value over --params (repeatable)"
+    )
     parser.add_argument(
         "--draw",
         choices=POOL_DRAWS,

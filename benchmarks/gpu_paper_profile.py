@@ -215,11 +215,10 @@ def bank_coverage(
 
     out: dict[str, Any] = {"classes": classes, "images": int(len(labels)), "bank_rounds": window}
     out.update(_coverage(pools(), len(labels), rounds, window))
-    out["rolling"] = [
-        {"fraction": f, **_coverage(pools("rolling", f), len(labels), rounds, window)["summary"]}
-        for f in fractions
-        if f < 1.0
-    ]
+    out["rolling"] = []
+    for f in (f for f in fractions if f < 1.0):
+        cover = _coverage(pools("rolling", f), len(labels), rounds, window)
+        out["rolling"].append({"fraction": f, **cover["summary"], "in_bank": cover["in_bank"]})
     return out
 
 
@@ -360,10 +359,12 @@ def measure(run: common.Run) -> dict[str, Any]:
 
 
 def figure(record: dict[str, Any]) -> Any:
-    """The round's describe and mining shares against the refresh fraction, per miner backend."""
+    """The round's describe and mining shares against the refresh fraction, per miner backend,
+    and the share of each round's pool a bank holds at GLDv2-clean scale, per pool draw."""
+    panels: list[tuple[list[dict[str, Any]], common.Panel]] = []
     rounds = record.get("rounds", [])
-    return common.draw_panels(
-        [
+    if rounds:
+        panels += [
             (
                 rounds,
                 common.Panel(
@@ -383,9 +384,22 @@ def figure(record: dict[str, Any]) -> Any:
                     ("refresh fraction", "share", "describe / round"),
                 ),
             ),
-        ],
-        f"paper profile at {record['profile']['model']['image_size']} px: a training round",
-    )
+        ]
+    cover = record.get("coverage")
+    if cover:
+        draws = [("independent", cover["in_bank"])]
+        draws += [(f"rolling {r['fraction']}", r["in_bank"]) for r in cover.get("rolling", [])]
+        every = max(1, len(cover["in_bank"]) // 200)  # about 200 points a line
+        rows = [
+            {"draw": name, "round": i, "in_bank": v}
+            for name, series in draws
+            for i, v in enumerate(series)
+            if i % every == 0
+        ]
+        title = f"pool share in a bank, {cover['classes']:,} classes"
+        panels.append((rows, common.Panel("round", "in_bank", "{draw}", ("round", "share", title))))
+    size = record["profile"]["model"]["image_size"]
+    return common.draw_panels(panels, f"paper profile at {size} px: a training round")
 
 
 main = common.entry_point(NAME, parse_args, measure, figure)

@@ -31,7 +31,8 @@ log = logging.getLogger("msvlad")
 # ----------------------------------------------------------------------------- helpers
 
 
-def _parse_sets(values: list[str]) -> dict[str, Any]:
+def parse_sets(values: list[str]) -> dict[str, Any]:
+    """`--set section.key=value` strings -> {"section.key": YAML value} for `load_params`."""
     out = {}
     for item in values:
         key, sep, raw = item.partition("=")
@@ -45,7 +46,7 @@ def _parse_sets(values: list[str]) -> dict[str, Any]:
 
 
 def _params(args: argparse.Namespace) -> Params:
-    params = load_params(args.params, _parse_sets(args.set))
+    params = load_params(args.params, parse_sets(args.set))
     if getattr(args, "method", None):
         params = method_params(params, args.method)
     return params
@@ -56,7 +57,7 @@ def _checkpoint_fits(args: argparse.Namespace, params: Params, config: ModelConf
 
     The checkpoint fixes the architecture; the test-time input policy is `extract.*`.
     """
-    keys = {k.partition(".")[2] for k in _parse_sets(args.set) if k.startswith("model.")}
+    keys = {k.partition(".")[2] for k in parse_sets(args.set) if k.startswith("model.")}
     if getattr(args, "method", None):
         row = params.methods[args.method]
         keys |= {"pooling"} | {k.partition(".")[2] for k in row.set if k.startswith("model.")}
