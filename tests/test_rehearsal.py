@@ -42,7 +42,7 @@ def _traces() -> dict[str, bool]:
 
 
 @pytest.mark.slow
-@pytest.mark.rehearsal  # about an hour on 2 busy cores: outside the CI command
+@pytest.mark.rehearsal  # 9 min on 2 idle cores (longer when shared): outside the CI command
 def test_rehearsal_runs_the_paper_profile_end_to_end(tmp_path):
     before = _traces()
     result = rehearse(tmp_path)
