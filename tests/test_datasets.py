@@ -9,7 +9,6 @@ import io
 import json
 import os
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -38,36 +37,16 @@ from msvlad.data.registry import (
 from msvlad.data.safe_pickle import UnsafePickleError, load_pickle
 from msvlad.data.testsets import load_dataset, load_distractors, read_rotations
 from msvlad.data.trainsets import build_gldv2_clean, build_sfm120k, load_training_set
+from replicas import pkl_bytes, random_jpeg, tar_bytes
 
 # ----------------------------------------------------------------------------- replica builders
-
-
-def _jpeg(seed: int, size: tuple[int, int] = (16, 12)) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def _tar_bytes(members: dict[str, bytes], gz: bool = True) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _pkl(obj: object, protocol: int = 4) -> bytes:
-    return pickle.dumps(obj, protocol=protocol)
 
 
 def _write_dataset(root: Path, name: str, cfg: dict, images: list[str] | None = None) -> Path:
     (root / name / "jpg").mkdir(parents=True)
     for i, n in enumerate(images if images is not None else [*cfg["imlist"], *cfg["qimlist"]]):
-        (root / name / "jpg" / f"{n}.jpg").write_bytes(_jpeg(i))
-    (root / name / f"gnd_{name}.pkl").write_bytes(_pkl(cfg))
+        (root / name / "jpg" / f"{n}.jpg").write_bytes(random_jpeg(i))
+    (root / name / f"gnd_{name}.pkl").write_bytes(pkl_bytes(cfg))
     return root / name
 
 
@@ -330,7 +309,7 @@ def test_build_sfm120k_clusters(tmp_path: Path) -> None:
         "train": {"cids": cids, "cluster": [5, 5, 12, 12, 12, 7, 7], "qidxs": [0], "pidxs": [1]},
         "val": {"cids": [], "cluster": [], "qidxs": [], "pidxs": []},
     }
-    (tmp_path / "db.pkl").write_bytes(_pkl(db))
+    (tmp_path / "db.pkl").write_bytes(pkl_bytes(db))
     ts = load_training_set(build_sfm120k(tmp_path / "db.pkl", ims, tmp_path / "out"))
     assert ts.classes == ["05", "12"]  # cluster 7 keeps 1 image on disk < 2
     assert ts.labels.tolist() == [0, 0, 1, 1, 1]
@@ -379,11 +358,11 @@ def _replica_files() -> dict[str, bytes]:
     }
     put(
         "http://cmp.felk.cvut.cz/revisitop/data/datasets/roxford5k/gnd_roxford5k.pkl",
-        _pkl(rev_ox, 2),
+        pkl_bytes(rev_ox, 2),
     )
     put(
         "http://cmp.felk.cvut.cz/cnnimageretrieval/data/test/oxford5k/gnd_oxford5k.pkl",
-        _pkl(
+        pkl_bytes(
             {
                 "imlist": OX_DB + OX_Q,
                 "qimlist": OX_Q,
@@ -394,17 +373,23 @@ def _replica_files() -> dict[str, bytes]:
             }
         ),
     )
-    put(OXFORD_IMAGES[0], _tar_bytes({f"{n}.jpg": _jpeg(i) for i, n in enumerate(OX_DB + OX_Q)}))
+    put(
+        OXFORD_IMAGES[0],
+        tar_bytes({f"{n}.jpg": random_jpeg(i) for i, n in enumerate(OX_DB + OX_Q)}),
+    )
 
     rev_pa = {
         "imlist": PA_DB,
         "qimlist": PA_Q,
         "gnd": [{"easy": [2], "hard": [], "junk": [0], "bbx": [2, 2, 10, 10]}],
     }
-    put("http://cmp.felk.cvut.cz/revisitop/data/datasets/rparis6k/gnd_rparis6k.pkl", _pkl(rev_pa))
+    put(
+        "http://cmp.felk.cvut.cz/revisitop/data/datasets/rparis6k/gnd_rparis6k.pkl",
+        pkl_bytes(rev_pa),
+    )
     put(
         "http://cmp.felk.cvut.cz/cnnimageretrieval/data/test/paris6k/gnd_paris6k.pkl",
-        _pkl(
+        pkl_bytes(
             {
                 "imlist": PA_DB + PA_Q,
                 "qimlist": PA_Q,
@@ -415,10 +400,10 @@ def _replica_files() -> dict[str, bytes]:
     html = b"<html><head><title>302 Found</title></head></html>"
     put(
         PARIS_IMAGES[0],
-        _tar_bytes(
+        tar_bytes(
             {
-                "paris/louvre/paris_louvre_000001.jpg": _jpeg(10),
-                "paris/louvre/paris_louvre_000002.jpg": _jpeg(11),
+                "paris/louvre/paris_louvre_000001.jpg": random_jpeg(10),
+                "paris/louvre/paris_louvre_000002.jpg": random_jpeg(11),
                 "paris/louvre/paris_louvre_000136.jpg": html,
                 "paris/general/paris_general_000099.jpg": html,
             }
@@ -426,27 +411,27 @@ def _replica_files() -> dict[str, bytes]:
     )
     put(
         PARIS_IMAGES[1],
-        _tar_bytes(
+        tar_bytes(
             {
-                "paris/triomphe/paris_triomphe_000001.jpg": _jpeg(12),
-                "paris/triomphe/paris_triomphe_000005.jpg": _jpeg(13),
+                "paris/triomphe/paris_triomphe_000001.jpg": random_jpeg(12),
+                "paris/triomphe/paris_triomphe_000005.jpg": random_jpeg(13),
             }
         ),
     )
 
     put(
         HOLIDAYS_IMAGES[0],
-        _tar_bytes({f"jpg/{n}.jpg": _jpeg(20 + i) for i, n in enumerate(HOL[:3])}),
+        tar_bytes({f"jpg/{n}.jpg": random_jpeg(20 + i) for i, n in enumerate(HOL[:3])}),
     )
     put(
         HOLIDAYS_IMAGES[1],
-        _tar_bytes({f"jpg/{n}.jpg": _jpeg(30 + i) for i, n in enumerate(HOL[3:])}),
+        tar_bytes({f"jpg/{n}.jpg": random_jpeg(30 + i) for i, n in enumerate(HOL[3:])}),
     )
 
     r1m = [f"{a}/{b}/{a}{b}{k}.jpg" for a in "01" for b in "ab" for k in range(2)]
     put(R1M_LIST, "".join(n + "\n" for n in r1m).encode())
-    put(R1M_ARCHIVE.format(i=1), _tar_bytes({n: _jpeg(40 + i) for i, n in enumerate(r1m[:4])}))
-    put(R1M_ARCHIVE.format(i=2), _tar_bytes({n: _jpeg(50 + i) for i, n in enumerate(r1m[4:])}))
+    put(R1M_ARCHIVE.format(i=1), tar_bytes({n: random_jpeg(40 + i) for i, n in enumerate(r1m[:4])}))
+    put(R1M_ARCHIVE.format(i=2), tar_bytes({n: random_jpeg(50 + i) for i, n in enumerate(r1m[4:])}))
 
     put(
         GLDV2_CLEAN_CSV,
@@ -454,8 +439,8 @@ def _replica_files() -> dict[str, bytes]:
     )
     ids = sorted(i for v in GLD.values() for i in v)
     for t, chunk in enumerate((ids[:3], ids[3:])):
-        tar = _tar_bytes(
-            {f"{i[0]}/{i[1]}/{i[2]}/{i}.jpg": _jpeg(60 + int(i[:4], 16) % 50) for i in chunk},
+        tar = tar_bytes(
+            {f"{i[0]}/{i[1]}/{i[2]}/{i}.jpg": random_jpeg(60 + int(i[:4], 16) % 50) for i in chunk},
             gz=False,
         )
         put(GLDV2_TAR.format(i=t), tar)
@@ -463,16 +448,16 @@ def _replica_files() -> dict[str, bytes]:
 
     put(
         SFM120K_IMAGES,
-        _tar_bytes(
+        tar_bytes(
             {
-                f"ims/{c[-2:]}/{c[-4:-2]}/{c[-6:-4]}/{c}": _jpeg(70 + k)
+                f"ims/{c[-2:]}/{c[-4:-2]}/{c[-6:-4]}/{c}": random_jpeg(70 + k)
                 for k, c in enumerate(SFM_CIDS)
             }
         ),
     )
     put(
         SFM120K_DB,
-        _pkl(
+        pkl_bytes(
             {
                 "train": {"cids": SFM_CIDS[:3], "cluster": [0, 0, 1], "qidxs": [0], "pidxs": [1]},
                 "val": {"cids": SFM_CIDS[3:], "cluster": [2], "qidxs": [], "pidxs": []},
@@ -502,7 +487,7 @@ def test_prepare_revisited_oxford(mirror: FileServer, tmp_path: Path) -> None:
     assert ds.protocol == "revisited" and ds.imlist == OX_DB and ds.qimlist == OX_Q
     assert ds.query_bbx(0) == (1.0, 1.0, 12.0, 10.0)
     assert np.array_equal(
-        np.asarray(load_image(ds.image_path(0))), np.asarray(Image.open(io.BytesIO(_jpeg(0))))
+        np.asarray(load_image(ds.image_path(0))), np.asarray(Image.open(io.BytesIO(random_jpeg(0))))
     )
     checks = json.loads((tmp_path / "checksums.json").read_text())
     assert (
