@@ -223,6 +223,17 @@ def test_bench_extraction_jpegs_have_mixed_aspects(tmp_path):
     assert (60, 45) in sizes and (45, 60) in sizes and (60, 60) in sizes and len(sizes) == 6
 
 
+# a bench_search run small enough for the test suite: two database sizes, 16-d, 4 queries
+TINY_SEARCH = {
+    "threads": 1,
+    "sizes": "300,600",
+    "dim": 16,
+    "queries": 4,
+    "k": 10,
+    "cluster_size": 20,
+}
+
+
 def test_bench_search_tiny(tmp_path):
     from benchmarks import bench_search
 
@@ -236,12 +247,7 @@ def test_bench_search_tiny(tmp_path):
     record = bench_search.main(
         _argv(
             out,
-            threads=1,
-            sizes="300,600",
-            dim=16,
-            queries=4,
-            k=10,
-            cluster_size=20,
+            **TINY_SEARCH,
             copy_limit=500,  # N = 600 runs without the flat index, as R1M does
             features=features,
         )
@@ -282,12 +288,7 @@ def test_bench_search_restricts_the_families_above_a_size(tmp_path):
     record = bench_search.main(
         _argv(
             out,
-            threads=1,
-            sizes="300,600",
-            dim=16,
-            queries=4,
-            k=10,
-            cluster_size=20,
+            **TINY_SEARCH,
             methods="numpy,ivf,ivfsq8,hnsw",
             restrict_above=300,
             restricted_methods="ivfsq8,opq",  # opq is not asked for: it stays out
