@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import get_args
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from msvlad.nn import functional as LF
 log = logging.getLogger(__name__)
 
 POOL_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16")  # = config.PoolPrecision
-POOL_DRAWS: tuple[str, ...] = ("independent", "rolling")  # = config.PoolDraw
+POOL_DRAWS: tuple[str, ...] = get_args(PoolDraw)
 
 
 def pool_autocast_fp16(precision: PoolPrecision) -> bool:
@@ -125,10 +126,14 @@ class ClassBalancedPool:
         if self.draw == "rolling":
             return np.concatenate([imgs for _, imgs in self._rolling(int(round_index))])
         rng = np.random.default_rng([self.seed, int(round_index)])
-        picked = rng.choice(len(self._members), size=self.classes_per_pool, replace=False)
-        pool = np.concatenate([self._images(c, rng) for c in picked])
+        pool = np.concatenate([imgs for _, imgs in self._draw(rng)])
         rng.shuffle(pool)
         return pool[: self.pool_size]
+
+    def _draw(self, rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
+        """A fresh pool: classes_per_pool usable classes, each with its (class, images) group."""
+        picked = rng.choice(len(self._members), size=self.classes_per_pool, replace=False)
+        return [(int(c), self._images(c, rng)) for c in picked]
 
     def _images(self, c: int, rng: np.random.Generator) -> np.ndarray:
         """Up to images_per_class random images of usable class `c`."""
@@ -140,10 +145,8 @@ class ClassBalancedPool:
         """The (class, images) groups of a rolling pool, oldest first, replayed from round 0."""
         if self._rolled is not None and self._rolled[0] <= round_index:
             r, groups = self._rolled
-        else:
-            rng = np.random.default_rng([self.seed, 0])
-            picked = rng.choice(len(self._members), size=self.classes_per_pool, replace=False)
-            r, groups = 0, [(int(c), self._images(c, rng)) for c in picked]
+        else:  # round 0 draws the classes and images of the first independent round
+            r, groups = 0, self._draw(np.random.default_rng([self.seed, 0]))
         replace = math.ceil(self.turnover * len(groups) - 1e-9)
         while r < round_index:
             r += 1

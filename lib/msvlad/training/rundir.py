@@ -9,13 +9,13 @@ there (`run.json`, or the checkpoint of a run from before `run.json` existed) wi
 - other parameters: stop with `RunConflictError` listing the differing keys, touching nothing;
 - `restart="always"` (or `"if-changed"` and other parameters): every file of the old run is moved
   to `<out>.previous/<timestamp>/` (a name never reused) and the run starts in an empty folder.
+  Nothing is ever deleted. The previous runs sit beside the run folder, not in it, so a DVC
+  out such as `runs/<method>/train` never caches or hashes them.
+- the initial model is part of what a run is: another init (after a new k-means) is another run.
 - a run that would start from nothing first looks at its `twins` (the other rows' run folders):
   a finished run there with the same run signature, step budget and initial model (`run.json`
   records the init's sha256) is the same training, so its files are copied in and the run is
   already finished (rows differing only in their test-time policy train once); "always" skips this.
-- the initial model is part of what a run is: another init (after a new k-means) is another run.
-  Nothing is ever deleted. The previous runs sit beside the run folder, not in it, so a DVC
-  out such as `runs/<method>/train` never caches or hashes them.
 """
 
 from __future__ import annotations
@@ -135,11 +135,9 @@ def _prepare(
             _copy_run(twin, out)
             log.info("%s: the same training as the finished run %s, copied from there", out, twin)
             state = load_torch(ckpt_path, device)
-    current = {"params": params_to_dict(params), "code": code_version(), "init": init_digest}
-    if record is None or {k: record.get(k) for k in ("params", "init")} != {
-        k: current[k] for k in ("params", "init")
-    }:
-        write_json(out / RUN_FILE, current)
+    current = params_to_dict(params)
+    if record is None or record["params"] != current or record.get("init") != init_digest:
+        write_json(out / RUN_FILE, {"params": current, "code": code_version(), "init": init_digest})
     if state is None:
         truncate_logs(out, -1, 0)  # rows logged before a first checkpoint are written again
     else:
@@ -152,12 +150,11 @@ def finished_twin(
 ) -> Path | None:
     """The first of `twins` holding a finished run of this training: same run signature, step
     budget and initial model (runs recorded without their init's digest are never twins)."""
-    current = params_to_dict(params)
-    signature, total = run_signature(current), params.train.epochs * params.train.steps_per_epoch
+    signature = run_signature(params_to_dict(params))
+    total = params.train.epochs * params.train.steps_per_epoch
+    needed = (RUN_FILE, CHECKPOINT, "model.pt", "log.csv")
     for twin in twins:
-        if twin.resolve() == out.resolve() or not (twin / RUN_FILE).is_file():
-            continue
-        if not all((twin / name).is_file() for name in (CHECKPOINT, "model.pt", "log.csv")):
+        if twin.resolve() == out.resolve() or not all((twin / n).is_file() for n in needed):
             continue
         try:
             record = read_run_record(twin / RUN_FILE)
