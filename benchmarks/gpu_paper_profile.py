@@ -22,10 +22,10 @@ per round, the difficulty miner with its backend):
    `bank_coverage`). The amortised rounds of part 2 (the rest of the pool from the bank) are what
    rolling draws give at that scale; independent draws find about 1 % of a pool in the bank.
 
-Writes results/bench/gpu_paper_profile.json (or --out) and its figure beside it. `--device cpu --image-size N` measures on
-the CPU at a smaller image size (the embedding then weighs less against the miner than at 512 px);
-`--parts` picks parts. `--smoke` runs every part on the CPU at toy sizes (32 px, a 12-image pool,
-one repeat, 20 coverage rounds): the test suite runs it.
+Writes results/bench/gpu_paper_profile.json (or --out) and its figure beside it.
+`--device cpu --image-size N` measures on the CPU at a smaller image size (the embedding then
+weighs less against the miner than at 512 px); `--parts` picks parts. `--smoke` runs every part on
+the CPU at toy sizes (32 px, a 12-image pool, one repeat, 20 coverage rounds): the tests run it.
 
     python -m benchmarks.gpu_paper_profile                      # on a CUDA machine, a few minutes
     python -m benchmarks.gpu_paper_profile --device cpu --image-size 64 \

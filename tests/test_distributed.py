@@ -33,7 +33,7 @@ def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
 
 
 def _errors(res: subprocess.CompletedProcess) -> str:
-    """Every rank's error lines (msvlad's one-line errors, tracebacks' last lines), then the tail."""
+    """Every rank's error lines (one-line errors, tracebacks' last lines), then the tail."""
     lines = [ln for ln in res.stderr.splitlines() if "error" in ln.lower()]
     return "\n".join(lines[-20:]) + "\n" + res.stderr[-1500:]
 

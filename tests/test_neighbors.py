@@ -1,8 +1,14 @@
-"""topk_neighbors against a full float64 argsort, on both backends, with exact ties and failures."""
+"""topk_neighbors against a full float64 argsort on every path, with exact ties and failures.
+
+Paths: "dense" (the torch backend on the CPU: float64 blocks of the whole matrix), "candidates"
+(torch float32 candidates + float64 re-scoring: the torch backend on CUDA, run here on the CPU) and
+"faiss" (IndexFlatIP candidates + the same re-scoring).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -35,19 +41,32 @@ def _reference(x: torch.Tensor, k: int, exclude_self: bool) -> tuple[np.ndarray,
     return np.take_along_axis(s, order, 1), order
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+PATHS = ["dense", "candidates", "faiss"]
+
+
+def _topk(
+    path: str, x: torch.Tensor, k: int, *, exclude_self: bool = True, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_neighbors through one path (the torch candidates path is CUDA's; forced here)."""
+    if path == "candidates":
+        return neighbors._candidate_topk(x, k, chunk_size, exclude_self, "torch")
+    backend = "torch" if path == "dense" else "faiss"
+    return topk_neighbors(x, k, exclude_self=exclude_self, backend=backend, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("exclude_self", [False, True])
 @pytest.mark.parametrize(
     ("n", "d", "k", "chunk"), [(60, 5, 7, 13), (150, 16, 30, 4096), (40, 3, 39, 1)]
 )
 def test_matches_full_argsort(
-    backend: str, exclude_self: bool, n: int, d: int, k: int, chunk: int
+    path: str, exclude_self: bool, n: int, d: int, k: int, chunk: int
 ) -> None:
     x = _unit(n, d, seed=n + d)
     x[3] = x[10]  # duplicated rows: exact ties
     x[4] = x[10]
     k = min(k, n - int(exclude_self))
-    sims, idx = topk_neighbors(x, k, exclude_self=exclude_self, backend=backend, chunk_size=chunk)
+    sims, idx = _topk(path, x, k, exclude_self=exclude_self, chunk_size=chunk)
     ref_s, ref_i = _reference(x, k, exclude_self)
     assert sims.shape == (n, k) and idx.shape == (n, k)
     assert sims.dtype == torch.float64 and idx.dtype == torch.int64
@@ -57,40 +76,84 @@ def test_matches_full_argsort(
         assert not (idx == torch.arange(n)[:, None]).any()
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
-def test_exact_ties_break_by_lower_index(backend: str, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_exact_ties_break_by_lower_index(path: str, caplog: pytest.LogCaptureFixture) -> None:
     # 8-d sign vectors have only 9 distinct similarities: ties at every rank and at the cut,
-    # which also exercises the full-row fallback
+    # which also exercises the candidate paths' full-row fallback
     x = _hypercube(120, seed=1)
     caplog.set_level(logging.DEBUG, logger="msvlad.mining.neighbors")
-    sims, idx = topk_neighbors(x, 25, exclude_self=True, backend=backend, chunk_size=32)
+    sims, idx = _topk(path, x, 25, chunk_size=32)
     _, ref_i = _reference(x, 25, True)
     np.testing.assert_array_equal(idx.numpy(), ref_i)
     equal = sims[:, 1:] == sims[:, :-1]
     assert bool(equal.any())  # the data does have ties
     assert bool((idx[:, 1:][equal] > idx[:, :-1][equal]).all())
     assert bool((sims[:, 1:] <= sims[:, :-1]).all())
-    assert "recomputed over all columns" in caplog.text
+    assert ("recomputed over all columns" in caplog.text) == (path != "dense")
 
 
-def test_backends_identical_on_clustered_data() -> None:
+@pytest.mark.parametrize("block_rows", [1, 7, 64])
+def test_dense_blocks_keep_duplicates_tied(
+    block_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # blocks of a few distinct rows; copies of rows in other blocks, in 40-d (inexact sums)
+    x = torch.cat([_hypercube(60, seed=2), _unit(60, 8, seed=9)])
+    x = torch.cat([x, _unit(120, 32, seed=4)], dim=1) / math.sqrt(2)
+    copies = {50: 2, 90: 2, 7: 119, 64: 33, 65: 33}  # row -> the row it copies
+    for row, src in copies.items():
+        x[row] = x[src]
+    monkeypatch.setattr(neighbors, "_BLOCK_BYTES", 8 * x.shape[0] * block_rows)
+    sims, idx = topk_neighbors(x, 21, exclude_self=True, chunk_size=5)
+    ref_s, ref_i = _reference(x, 21, True)
+    np.testing.assert_array_equal(idx.numpy(), ref_i)
+    np.testing.assert_allclose(sims.numpy(), ref_s, rtol=0, atol=1e-12)
+    full, _ = topk_neighbors(x, x.shape[0] - 1, exclude_self=True)
+    at = torch.full((len(x), len(x)), math.nan, dtype=torch.float64)
+    at.scatter_(1, topk_neighbors(x, len(x) - 1, exclude_self=True)[1], full)
+    for row, src in copies.items():  # a copy scores exactly as its source, in every list
+        others = [i for i in range(len(x)) if i not in (row, src)]
+        assert torch.equal(at[others, row], at[others, src])
+        assert torch.equal(at[row, others], at[src, others])
+
+
+def test_large_pools_take_the_candidate_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: list[str] = []
+    for name in ("_dense_topk", "_candidate_topk"):
+        real = getattr(neighbors, name)
+        monkeypatch.setattr(
+            neighbors, name, lambda *a, _r=real, _n=name: taken.append(_n) or _r(*a)
+        )
+    x = _unit(200, 6, seed=8)
+    _, dense = topk_neighbors(x, 4, exclude_self=True)  # 200 <= 64 * (4 + 8)
+    monkeypatch.setattr(neighbors, "_DENSE_ROWS_PER_CANDIDATE", 16)  # 200 > 16 * 12
+    _, cand = topk_neighbors(x, 4, exclude_self=True)
+    monkeypatch.setattr(neighbors, "_DENSE_ROWS_PER_CANDIDATE", 64)
+    monkeypatch.setattr(neighbors, "_DENSE_BYTES", 8 * x.numel() - 1)  # the copy does not fit
+    topk_neighbors(x, 4, exclude_self=True)
+    assert taken == ["_dense_topk", "_candidate_topk", "_candidate_topk"]
+    assert torch.equal(dense, cand)
+
+
+def test_paths_agree_on_clustered_data() -> None:
     g = torch.Generator().manual_seed(3)
     centers = torch.randn(30, 24, generator=g)
     labels = torch.randint(0, 30, (400,), generator=g)
     x = torch.nn.functional.normalize(
         centers[labels] + 0.3 * torch.randn(400, 24, generator=g), dim=1
     )
-    a = topk_neighbors(x, 40, exclude_self=True, backend="torch", chunk_size=64)
-    b = topk_neighbors(x, 40, exclude_self=True, backend="faiss")
-    assert torch.equal(a[1], b[1])
-    assert torch.equal(a[0], b[0])
+    a = _topk("candidates", x, 40, chunk_size=64)
+    b = _topk("faiss", x, 40)
+    c = _topk("dense", x, 40, chunk_size=64)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])  # the same re-scoring
+    assert torch.equal(a[1], c[1])  # float64 GEMM blocks: same order, values to summation order
+    torch.testing.assert_close(a[0], c[0], rtol=0, atol=1e-14)
 
 
 def test_fallback_rows_still_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     # no slack: every row whose k-th neighbour is not clearly above the candidate cut is recomputed
     monkeypatch.setattr(neighbors, "_SLACK", 0)
     x = _unit(80, 4, seed=5)
-    sims, idx = topk_neighbors(x, 10, exclude_self=True, backend="torch")
+    sims, idx = _topk("candidates", x, 10)
     _, ref_i = _reference(x, 10, True)
     np.testing.assert_array_equal(idx.numpy(), ref_i)
 

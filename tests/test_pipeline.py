@@ -103,8 +103,9 @@ def test_cli_pipeline_end_to_end(tiny_params):
         }
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["variants"] == ["plain", "raw", "qe", "dba"]
-        assert len(manifest["checkpoint"]["sha256"]) == 64 and "test/per_query_raw.csv" in (
-            manifest["files"]
+        assert (
+            len(manifest["checkpoint"]["sha256"]) == 64
+            and "test/per_query_raw.csv" in (manifest["files"])
         )
         summary = json.loads((out / "summary.json").read_text())  # what dvc metrics show reads
         assert summary["test"]["M"] == plain["mAP"]["medium"]

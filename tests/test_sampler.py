@@ -98,7 +98,9 @@ def test_bad_round_index() -> None:
 
 
 def _groups(labels: np.ndarray, pool: np.ndarray) -> dict[int, tuple[int, ...]]:
-    return {int(c): tuple(sorted(pool[labels[pool] == c].tolist())) for c in np.unique(labels[pool])}
+    return {
+        int(c): tuple(sorted(pool[labels[pool] == c].tolist())) for c in np.unique(labels[pool])
+    }
 
 
 def test_rolling_pool_replaces_its_oldest_classes() -> None:

@@ -76,6 +76,7 @@ def test_a_row_with_the_same_training_copies_the_finished_run(world, runs, tmp_p
         assert _train(world, rows, "msvlad-wide", "--restart=if-changed") == 0
     assert "copied from" in caplog.text
     paper, wide = snapshot(rows / "msvlad" / "train"), snapshot(rows / "msvlad-wide" / "train")
+
     # every file is the paper row's, byte for byte (log.csv's wall times included: copied, not
     # retrained); run.json records the row's own parameters
     def files(snap: dict[str, str]) -> dict[str, str]:
@@ -119,14 +120,14 @@ def test_validation_reads_only_training_keys(world):
     )
     assert validation_map(model, val, policy, torch.device("cpu")) == base
     # the validation queries' own scale is read: queries at the 32-px floor instead of 45 px
-    small = dataclasses.replace(params, train=dataclasses.replace(params.train, val_query_scale=0.1))
+    small = dataclasses.replace(
+        params, train=dataclasses.replace(params.train, val_query_scale=0.1)
+    )
     big = validation_map(model, val, small, torch.device("cpu"))
     assert big != base
 
 
-def test_no_copy_from_another_init_an_unfinished_run_or_with_restart(
-    world, runs, tmp_path, caplog
-):
+def test_no_copy_from_another_init_an_unfinished_run_or_with_restart(world, runs, tmp_path, caplog):
     rows = tmp_path / "runs"
     shutil.copytree(runs, rows)
     other = tmp_path / "other-init.pt"
