@@ -6,7 +6,10 @@ threshold 20, semi-hard probability 0.5, 256 triplets) on a synthetic class-bala
 L2-normalised descriptors (`--images-per-class` images per class around a random centre, Gaussian
 noise scaled so that the loss window does catch triplets). Methods:
 
-- topk:      `topk_neighbors(backend="torch")`, chunked torch.topk; memory O(chunk * N + N * k);
+- topk:      `topk_neighbors(backend="torch")`: on CUDA chunked torch.topk candidates + float64
+             re-scoring, memory O(chunk * N + N * k); on the CPU, for pools up to 64 (k + slack)
+             rows, float64 GEMM blocks of the distinct rows (`msvlad.mining.neighbors`);
+- candidates: the torch candidate path forced (what CUDA runs, and the CPU for large pools);
 - faiss:     `topk_neighbors(backend="faiss")`, IndexFlatIP candidates (CPU), same re-scoring;
 - full_sort: the paper code's way and the baseline: the full N x N float32 similarity matrix,
              every row fully sorted (torch.sort), then the same rule walked over the full lists.
@@ -21,26 +24,31 @@ triplets of topk (full_sort ranks float32 values, so a near-tie may rarely make 
     python -m benchmarks.bench_mining --sizes 1000 4000 16000 --dims 2048 \
         --out results/bench/mining.json
     python -m benchmarks.bench_mining --sizes 500 1000 --dims 64          # seconds
+    python -m benchmarks.bench_mining --device cpu --sizes 320 1000 2000 4000 --dims 2048 5120 \
+        --methods topk candidates full_sort --out results/bench/mining_cpu_dense.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from benchmarks import common
 from benchmarks.common import Panel
+from msvlad.mining import neighbors
 from msvlad.mining.difficulty import DifficultyMiner, difficulty_candidates, first_per_class
 
 log = logging.getLogger(__name__)
 
 NAME = "bench_mining"
-METHODS = ("topk", "faiss", "full_sort")
+METHODS = ("topk", "candidates", "faiss", "full_sort")
 BASELINE = "full_sort"
 RATIO = "ratio to the full-sort baseline (same run)"
 BASELINES: dict[str, str] = {
@@ -120,11 +128,15 @@ def bench_pool(
             return lambda: mined.__setitem__(
                 method, full_sort_round(desc, labels, miners[method], args.seed)
             )
-        # a fresh miner per call: every repeat mines with the same seed, like full_sort
-        return lambda: mined.__setitem__(
-            method,
-            torch.stack(_miner(args, backend=miners[method].backend).mine(desc, labels).as_tuple()),
-        )
+
+        def mine() -> None:
+            # a fresh miner per call: every repeat mines with the same seed, like full_sort
+            forced = candidate_path() if method == "candidates" else contextlib.nullcontext()
+            with forced:
+                res = _miner(args, backend=miners[method].backend).mine(desc, labels)
+            mined[method] = torch.stack(res.as_tuple())
+
+        return mine
 
     fns = {m: runner(m) for m in args.methods}
     timings = common.time_interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device)
@@ -153,6 +165,17 @@ def bench_pool(
         r["time_ratio"] = common.ratio(r["time_s"], base["time_s"]) if base else None
         r["mem_ratio"] = common.ratio(r["peak_mib"], base["peak_mib"]) if base else None
     return rows
+
+
+@contextlib.contextmanager
+def candidate_path() -> Iterator[None]:
+    """Make the torch backend take float32 candidates + float64 re-scoring on the CPU too."""
+    saved = neighbors._DENSE_ROWS_PER_CANDIDATE
+    neighbors._DENSE_ROWS_PER_CANDIDATE = 0
+    try:
+        yield
+    finally:
+        neighbors._DENSE_ROWS_PER_CANDIDATE = saved
 
 
 def _miner(args: argparse.Namespace, backend: str) -> DifficultyMiner:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from benchmarks.bench_mining import METHODS, main
 
+from msvlad.mining import neighbors
 from msvlad.storage import read_json
 
 
@@ -32,6 +33,7 @@ def test_bench_mining_tiny(tmp_path: Path) -> None:
         ]
     )
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 0
+    assert neighbors._DENSE_ROWS_PER_CANDIDATE == 64  # the forced candidate path is undone
     saved = read_json(out)
     assert saved["benchmark"] == "bench_mining" == record["benchmark"]
     rows = saved["rows"]
