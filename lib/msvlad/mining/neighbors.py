@@ -17,12 +17,13 @@ equal similarities are ordered by increasing column index. Two stages make that 
    candidate cut). The float32 error is estimated as 4x the largest error observed on the
    candidates, capped by the worst-case (Higham) bound.
 
-On the CPU, for pools of up to about 64 candidates' worth of rows (N <= 64 (k + slack), float64 copy
-<= 1 GiB), the torch backend skips both stages and takes the exact top k of float64 blocks of the
-whole similarity matrix (`_dense_topk`): there a float64 GEMM costs less than gathering every row's
-candidates (2 cores, 1 thread, k = 36: 0.49x the time at N = 1000, D = 4096; 0.29x for a mini pool
-of 320 x 5120; 1.07x at N = 4000, where candidates take over). Every path returns the same idx and
-float64 similarities equal up to float64 summation order (1e-15), on the input's device.
+On the CPU, for pools of up to 64 (k + slack) rows whose float64 copy fits 1 GiB, the torch
+backend skips both stages and takes the exact top k of float64 blocks of the whole similarity
+matrix (`_dense_topk`): there a float64 GEMM costs less than gathering every row's candidates. A
+difficulty-mining round (`results/bench/mining_cpu_dense.json`, 2 cores, D = 5120) takes 0.22x the
+candidate path's time at N = 320 (the mini pool), 0.42x at 1000, 0.76x at 2000; at 4000 (k = 36)
+the candidates take over. Every path returns the same idx and float64 similarities equal up to
+float64 summation order (1e-15), on the input's device.
 """
 
 from __future__ import annotations
