@@ -107,9 +107,9 @@ def test_dense_blocks_keep_duplicates_tied(
     ref_s, ref_i = _reference(x, 21, True)
     np.testing.assert_array_equal(idx.numpy(), ref_i)
     np.testing.assert_allclose(sims.numpy(), ref_s, rtol=0, atol=1e-12)
-    full, _ = topk_neighbors(x, x.shape[0] - 1, exclude_self=True)
-    at = torch.full((len(x), len(x)), math.nan, dtype=torch.float64)
-    at.scatter_(1, topk_neighbors(x, len(x) - 1, exclude_self=True)[1], full)
+    full, order = topk_neighbors(x, len(x) - 1, exclude_self=True)
+    at = torch.full((len(x), len(x)), math.nan, dtype=torch.float64)  # at[i, j] = s(i, j)
+    at.scatter_(1, order, full)
     for row, src in copies.items():  # a copy scores exactly as its source, in every list
         others = [i for i in range(len(x)) if i not in (row, src)]
         assert torch.equal(at[others, row], at[others, src])
