@@ -35,7 +35,8 @@ from msvlad.nn import functional as LF
 
 log = logging.getLogger(__name__)
 
-POOL_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16")  # = config.PoolPrecision
+POOL_PRECISIONS: tuple[str, ...] = get_args(PoolPrecision)
+POOL_CLASSES: tuple[str, ...] = get_args(PoolClasses)
 POOL_DRAWS: tuple[str, ...] = get_args(PoolDraw)
 
 
@@ -85,10 +86,8 @@ class ClassBalancedPool:
             raise ValueError(
                 f"pool_size: {pool_size} // images_per_class {images_per_class} must be >= 2"
             )
-        if classes not in ("with_positives", "all"):
-            raise ValueError(
-                f"miner.pool_classes: {classes!r} is not one of ['with_positives', 'all']"
-            )
+        if classes not in POOL_CLASSES:
+            raise ValueError(f"miner.pool_classes: {classes!r} is not one of {list(POOL_CLASSES)}")
         if draw not in POOL_DRAWS:
             raise ValueError(f"miner.pool_draw: {draw!r} is not one of {list(POOL_DRAWS)}")
         if not 0.0 < turnover <= 1.0:
