@@ -19,12 +19,14 @@ from msvlad.config import ConfigError, ModelConfig, model_config_from_dict
 from msvlad.data.download import verify_file
 from msvlad.data.registry import url_key
 from msvlad.errors import InputError
+from msvlad.nn import backbones
 from msvlad.nn.backbones import (
     BACKBONES,
     _load_trunk,
     build_backbone,
     build_classifier,
     fetch_weights,
+    package_weights_path,
     weights_cache_dir,
 )
 from msvlad.nn.model import build_model
@@ -32,7 +34,13 @@ from msvlad.nn.model import build_model
 
 @pytest.mark.parametrize(
     ("name", "channels", "stride"),
-    [("resnet50", 2048, 32), ("vgg16", 512, 16), ("efficientnet_lite0", 320, 32)],
+    [
+        ("resnet50", 2048, 32),
+        ("vgg16", 512, 16),
+        ("efficientnet_lite0", 320, 32),
+        ("efficientnet_lite1", 320, 32),
+        ("efficientnet_lite2", 352, 32),  # width x1.1
+    ],
 )
 def test_untrained_cut_points(name, channels, stride, gen):
     net = build_backbone(name, pretrained=False).eval()
@@ -75,8 +83,9 @@ def _classify(net, img: np.ndarray) -> list[str]:
     return [CATEGORIES[i] for i in top]
 
 
-def test_efficientnet_lite0_classifies_real_photos_offline():
-    net = build_classifier("efficientnet_lite0")
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_classifies_real_photos_offline(name):
+    net = build_classifier(name)
     assert _classify(net, data.coffee())[0] == "espresso"
     assert _classify(net, data.chelsea())[0] in {"tabby", "tiger cat", "Egyptian cat"}
 
@@ -89,6 +98,30 @@ def test_efficientnet_lite0_backbone_uses_package_weights(gen):
     assert torch.equal(
         trained.body.state_dict()[k], build_classifier("efficientnet_lite0").state_dict()[k]
     )
+
+
+PACKAGED = sorted(name for name, spec in BACKBONES.items() if spec.package is not None)
+
+
+def test_package_backbones_are_pinned_with_their_weight_files(repo_root):
+    import tomllib
+
+    deps = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert PACKAGED == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    for name in PACKAGED:
+        spec = BACKBONES[name]
+        assert f"{spec.package}==0.1.0" in deps
+        path = package_weights_path(name, spec.package)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert digest == spec.package_sha256 and path.name.split("-")[-1][:-4] == digest[:8]
+
+
+def test_package_weights_with_another_sha256_are_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "efficientnet-lite1-77cc7160.pth"
+    fake.write_bytes(_state_bytes({"w": torch.zeros(2)}))
+    monkeypatch.setattr(backbones, "package_weights_path", lambda name, package: fake)
+    with pytest.raises(InputError, match=r"efficientnet-lite1-77cc7160\.pth: sha256 .* pinned"):
+        build_backbone("efficientnet_lite1", pretrained=True)
 
 
 # ----------------------------------------------------------------------------- weight files

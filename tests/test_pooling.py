@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from msvlad.nn import functional as LF
-from msvlad.nn.pooling import MAC, RMAC, GeM, NetVLAD, SPoC, VLADConcat, build_pooling
+from msvlad.nn.pooling import (
+    GEM_P_LR_SCALE,
+    MAC,
+    RMAC,
+    GeM,
+    NetVLAD,
+    SPoC,
+    VLADConcat,
+    build_pooling,
+    optimizer_groups,
+)
 
 
 def test_global_poolings_match_functional(gen):
@@ -63,3 +75,44 @@ def test_build_pooling_names():
         build_pooling("avg", 8)
     with pytest.raises(ValueError, match="split=300"):
         build_pooling("msvlad", 1024, split=300)
+
+
+def test_gem_exponent_gradient_hand_computed():
+    # one channel with cells 1 and 2: f(p) = m^(1/p), m = (1 + 2^p) / 2; at p = 3, m = 4.5 and
+    # df/dp = f * (-ln(m) / p^2 + (2^p ln(2) / 2) / (p m))
+    x = torch.tensor([[[[1.0, 2.0]]]], dtype=torch.float64)
+    p = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    LF.gem(x, p).sum().backward()
+    m = 4.5
+    expected = m ** (1 / 3) * (-math.log(m) / 9 + (8 * math.log(2) / 2) / (3 * m))
+    assert p.grad.item() == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx(0.06317, abs=1e-5)
+
+
+def test_optimizer_groups_give_gem_p_ten_times_the_lr(gen):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), GeM(4))
+    params = list(net.parameters())
+    groups = optimizer_groups(net, params)
+    assert len(groups) == 2 and groups[1]["params"] == [net[1].p]
+    assert groups[1]["lr_scale"] == GEM_P_LR_SCALE == 10.0 and groups[1]["weight_decay"] == 0.0
+    assert groups[0] == {"params": [net[0].weight, net[0].bias]}
+    # a frozen exponent (not among the trained parameters) gets no group
+    assert optimizer_groups(net, params[:2]) == [{"params": params[:2]}]
+
+
+def test_optimizer_groups_leave_a_network_without_gem_unchanged(gen):
+    """One plain group: Adam takes exactly the steps it takes on the parameter list."""
+
+    def stepped(grouped: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), NetVLAD(8, 4, (2,), None))
+        params = list(net.parameters())
+        opt = torch.optim.Adam(optimizer_groups(net, params) if grouped else params, lr=1e-2)
+        x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            net(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in net.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(stepped(True), stepped(False), strict=True))

@@ -328,44 +328,235 @@ def test_export_table_writes_three_formats(tmp_path: Path) -> None:
         tables.export_table(frame, "../x", tmp_path)
 
 
-def test_paper_claims_name_every_other_miner(params) -> None:
-    claims = results.paper_claims(params, "msvlad", "msvlad-ots", "msvlad-ots")
-    assert claims[:3] == [
-        ("msvlad", "msvlad-ots", "medium"),
-        ("msvlad", "msvlad-ots", "hard"),
-        ("msvlad", "msvlad-ots", "hard"),
-    ]
-    assert claims[3:] == [
-        ("msvlad", "msvlad-hardest", "medium"),
-        ("msvlad", "msvlad-hardest", "hard"),
+def test_paper_claims_name_every_other_miner(params, caplog) -> None:
+    with caplog.at_level("WARNING", logger="msvlad.report.results"):
+        claims = results.paper_claims(params, "msvlad")
+    backbone = params.model.backbone
+    assert [(c.claim, c.method, c.reference, c.setup, c.kind) for c in claims] == [
+        (f"{backbone}: trained > its k-means init", "msvlad", "msvlad-ots", "medium", "better"),
+        (f"{backbone}: trained > its k-means init", "msvlad", "msvlad-ots", "hard", "better"),
+        (
+            "difficulty miner > hardest_negative miner",
+            "msvlad",
+            "msvlad-hardest",
+            "medium",
+            "better",
+        ),
+        ("difficulty miner > hardest_negative miner", "msvlad", "msvlad-hardest", "hard", "better"),
     ]
     assert results.miner_rows(params, "msvlad") == ["msvlad", "msvlad-hardest"]
-    without_gem = results.paper_claims(params, "msvlad", "msvlad-ots", "gem-ots")
-    assert without_gem == claims[:2] + claims[3:]  # no such row: that claim is left out
-    with pytest.raises(ValueError, match="'nope' is not a row"):
+    # rows absent from this table: their claims are left out, each with a warning
+    text = caplog.text
+    assert "msvlad has no off-the-shelf GeM row" in text
+    assert "only by model.pooling = netvlad" in text and "only by model.split;" in text
+    with pytest.raises(ValueError, match="'nope' is not a trained row"):
         results.paper_claims(params, "nope")
+    with pytest.raises(ValueError, match="'msvlad-ots' is not a trained row"):
+        results.paper_claims(params, "msvlad-ots")
 
 
 def test_claims_table_scores_the_reference_by_its_best_variant(tree, params) -> None:
-    claims = [("msvlad", "msvlad-ots", "medium"), ("msvlad", "msvlad-hardest", "hard")]
+    claims = [
+        results.Claim("a", "msvlad", "msvlad-ots", "medium"),
+        results.Claim("b", "msvlad", "msvlad-hardest", "hard"),
+    ]
     table = results.claims_table(
         tree.results_dir, params, claims, reference_variants=("plain", "qe"), n_boot=300
     )
     assert len(table) == 2
-    for (method, ref, setup), row in zip(claims, table.to_dict("records"), strict=True):
-        ours = results.per_query_ap(tree.results_dir, method, DATASET, setup=setup)
+    for claim, row in zip(claims, table.to_dict("records"), strict=True):
+        ours = results.per_query_ap(tree.results_dir, claim.method, DATASET, setup=claim.setup)
         by_variant = {
-            v: results.per_query_ap(tree.results_dir, ref, DATASET, setup=setup, variant=v)
+            v: results.per_query_ap(
+                tree.results_dir, claim.reference, DATASET, setup=claim.setup, variant=v
+            )
             for v in ("plain", "qe")
         }
         best = max(by_variant, key=lambda v: by_variant[v]["AP"].mean())
         expected = (ours["AP"] - by_variant[best]["AP"]).mean()
         assert row["mAP ref"] == pytest.approx(by_variant[best]["AP"].mean())
         assert row["Δ mAP"] == pytest.approx(expected)
-        assert row["Reference"].endswith(tables.VARIANT_SUFFIX[best]) and row["Setup"] == setup
+        assert (
+            row["Reference"].endswith(tables.VARIANT_SUFFIX[best]) and row["Setup"] == claim.setup
+        )
         assert row["CI low"] <= row["Δ mAP"] <= row["CI high"]
-        assert row["holds"] == (row["CI low"] > 0)
+        assert row["Claim"] == claim.claim and row["Descriptor"] == ""  # no dim/whitened here
+        assert row["Verdict"] == results.verdict("better", row["CI low"], row["CI high"])
     with pytest.raises(FileNotFoundError, match="no per-query results"):
         results.claims_table(
             tree.results_dir, params, claims[:1], reference_variants=("nonexistent",)
         )
+
+
+# ----------------------------------------------------------------------------- network claims
+
+CLAIM_ROWS = {
+    "msvlad": {"label": "paper", "pooling": "msvlad", "miner": "difficulty"},
+    "msvlad-hardest": {"label": "hardest", "pooling": "msvlad", "miner": "hardest_negative"},
+    "alt-norm": {  # a trained ablation of another setting: no network claim
+        "label": "across clusters",
+        "pooling": "msvlad",
+        "miner": "difficulty",
+        "set": {"model.vlad_norm": "across_clusters"},
+    },
+    "longer": {  # another schedule: not a control (trained otherwise)
+        "label": "longer",
+        "pooling": "netvlad",
+        "miner": "difficulty",
+        "set": {"train.epochs": 8},
+    },
+    "msvlad-ots": {"label": "init", "pooling": "msvlad", "miner": None},
+    "gem-ots": {"label": "GeM ots", "pooling": "gem", "miner": None, "set": {"whiten.dim": 320}},
+    "netvlad": {"label": "single-scale", "pooling": "netvlad", "miner": "difficulty"},
+    "gem": {"label": "GeM", "pooling": "gem", "miner": "difficulty", "set": {"whiten.dim": 320}},
+    "nosplit": {
+        "label": "no split",
+        "pooling": "msvlad",
+        "miner": "difficulty",
+        "set": {"model.split": None},
+    },
+    "w2": {
+        "label": "2x2",
+        "pooling": "msvlad",
+        "miner": "difficulty",
+        "set": {"model.pool_sizes": [2]},
+    },
+    "b1": {
+        "label": "Lite1",
+        "pooling": "msvlad",
+        "miner": "difficulty",
+        "set": {"model.backbone": "efficientnet_lite1"},
+    },
+    "b1-ots": {
+        "label": "Lite1 init",
+        "pooling": "msvlad",
+        "miner": None,
+        "set": {"model.backbone": "efficientnet_lite1"},
+    },
+    "b1-gem-ots": {
+        "label": "Lite1 GeM",
+        "pooling": "gem",
+        "miner": None,
+        "set": {"model.backbone": "efficientnet_lite1", "whiten.dim": 320},
+    },
+    "b2": {  # a backbone with no untrained rows: both its claims left out, with warnings
+        "label": "R50",
+        "pooling": "msvlad",
+        "miner": "difficulty",
+        "set": {"model.backbone": "resnet50", "model.split": 512},
+    },
+}
+
+
+@pytest.fixture
+def claim_params(repo_root):
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["methods"] = CLAIM_ROWS
+    raw["data"]["test_sets"] = ["t"]
+    return params_from_dict(raw)
+
+
+def test_paper_claims_come_from_the_rows_settings(claim_params, caplog) -> None:
+    with caplog.at_level("WARNING", logger="msvlad.report.results"):
+        claims = results.paper_claims(claim_params, "msvlad", setups=("hard",))
+    lite0, lite1 = "efficientnet_lite0", "efficientnet_lite1"
+    assert [(c.claim, c.reference, c.kind) for c in claims] == [
+        (f"{lite0}: trained > its k-means init", "msvlad-ots", "better"),
+        (f"{lite0}: trained > off-the-shelf GeM", "gem-ots", "better"),
+        ("multi-scale NetVLAD > single-scale NetVLAD (both trained)", "netvlad", "better"),
+        ("multi-scale NetVLAD > GeM (both trained)", "gem", "better"),
+        ("split into 160-d chunks: same mAP (within CI) as no split", "nosplit", "no_worse"),
+        ("windows 2×2+3×3 > 2×2", "w2", "better"),
+        (f"{lite1}: trained > its k-means init", "b1-ots", "better"),
+        (f"{lite1}: trained > off-the-shelf GeM", "b1-gem-ots", "better"),
+        ("difficulty miner > hardest_negative miner", "msvlad-hardest", "better"),
+    ]
+    assert [c.method for c in claims] == ["msvlad"] * 6 + ["b1", "b1"] + ["msvlad"]
+    assert {c.setup for c in claims} == {"hard"}
+    assert "b2 has no its k-means init row" in caplog.text
+    assert "b2 has no off-the-shelf GeM row" in caplog.text
+    assert "no trained row" not in caplog.text  # every control is there
+    diff = results.row_difference(claim_params, "msvlad", "gem")
+    assert diff == {"model.pooling": ("msvlad", "gem"), "whiten.dim": (None, 320)}
+    # an untrained row's training settings are not compared
+    assert results.row_difference(claim_params, "msvlad", "msvlad-ots") == {}
+
+
+def _hand_run(res: Path, method: str, variant: str, aps: dict[str, list[float]], dim: int) -> None:
+    """per_query csv (AP fractions over queries q0..q3) and metrics.json entry of one variant."""
+    folder = res / method / "t"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"query": f"q{i}", "setup": setup, "AP": ap}
+        for setup, values in aps.items()
+        for i, ap in enumerate(values)
+    ]
+    tag = "" if variant == "plain" else f"_{variant}"
+    pd.DataFrame(rows).to_csv(folder / f"per_query{tag}.csv", index=False)
+    path = res / method / "metrics.json"
+    body = read_json(path) if path.is_file() else {"t": {}}
+    body["t"][variant] = {"mAP": {}, "dim": dim, "whitened": variant == "plain" and dim == 320}
+    write_json(path, body)
+
+
+def test_claims_table_hand_computed_differences_and_verdicts(tmp_path, claim_params) -> None:
+    res = tmp_path / "results"
+    ours = {"medium": [0.6, 0.5, 0.7, 0.4], "hard": [0.3, 0.2, 0.4, 0.1]}
+
+    def shifted(by: list[float]) -> dict[str, list[float]]:
+        return {s: [a + b for a, b in zip(v, by, strict=True)] for s, v in ours.items()}
+
+    _hand_run(res, "msvlad", "plain", ours, 5120)
+    _hand_run(res, "msvlad-ots", "plain", shifted([-0.1] * 4), 5120)  # 10 points below
+    _hand_run(res, "gem", "plain", shifted([0.05] * 4), 320)  # whitened: 5 points above
+    _hand_run(res, "gem", "raw", shifted([0.08] * 4), 320)  # raw: 8 above, the better variant
+    _hand_run(res, "nosplit", "plain", shifted([0.1, -0.1, 0.1, -0.1]), 10240)  # same mAP
+    _hand_run(res, "w2", "plain", shifted([0.1, -0.1, 0.1, -0.1]), 5120)
+    claims = [
+        results.Claim("init", "msvlad", "msvlad-ots", "medium"),
+        results.Claim("gem", "msvlad", "gem", "hard"),
+        results.Claim("split", "msvlad", "nosplit", "medium", "no_worse"),
+        results.Claim("split", "msvlad", "gem", "hard", "no_worse"),
+        results.Claim("windows", "msvlad", "w2", "medium"),
+    ]
+    table = results.claims_table(res, claim_params, claims, n_boot=500)
+    rows = table.to_dict("records")
+    assert list(table.columns) == [
+        *("Claim", "Method", "Reference", "Dataset", "Setup", "Descriptor", "Descriptor ref"),
+        *("mAP", "mAP ref", "Δ mAP", "CI low", "CI high", "p", "Queries", "Verdict"),
+    ]
+    # every query 10 points above its init: the difference and its whole CI are +10
+    init = rows[0]
+    assert init["mAP"] == pytest.approx(55.0) and init["mAP ref"] == pytest.approx(45.0)
+    assert [init[k] for k in ("Δ mAP", "CI low", "CI high")] == pytest.approx([10.0] * 3)
+    assert init["Verdict"] == "holds" and init["Queries"] == 4 and init["p"] == 0.0
+    assert (init["Descriptor"], init["Descriptor ref"]) == ("5120-d raw", "5120-d raw")
+    # GeM scored by its better (raw) variant: 8 points above on every query
+    gem = rows[1]
+    assert gem["Reference"] == "GeM" + tables.VARIANT_SUFFIX["raw"]
+    assert gem["Descriptor ref"] == "320-d raw" and gem["mAP ref"] == pytest.approx(33.0)
+    assert [gem["CI low"], gem["CI high"]] == pytest.approx([-8.0, -8.0])
+    assert gem["Verdict"] == "does not hold"
+    # +10/-10 per query: mean 0, a CI across 0 (resamples of all + or all - are 1/16 each)
+    split, no_split_loses, windows = rows[2], rows[3], rows[4]
+    assert split["Δ mAP"] == pytest.approx(0.0, abs=1e-9)
+    assert split["CI low"] == pytest.approx(-10.0) and split["CI high"] == pytest.approx(10.0)
+    assert split["Verdict"] == "holds" and split["Descriptor ref"] == "10240-d raw"
+    assert no_split_loses["Verdict"] == "does not hold"  # a whole CI below 0 fails it too
+    assert windows["Verdict"] == "tie"
+
+
+@pytest.mark.parametrize(
+    ("kind", "low", "high", "expected"),
+    [
+        ("better", 0.1, 2.0, "holds"),
+        ("better", -0.1, 2.0, "tie"),
+        ("better", 0.0, 0.0, "tie"),
+        ("better", -2.0, -0.1, "does not hold"),
+        ("no_worse", -3.0, 0.5, "holds"),
+        ("no_worse", 0.5, 3.0, "holds"),
+        ("no_worse", -3.0, -0.5, "does not hold"),
+    ],
+)
+def test_claim_verdicts(kind, low, high, expected) -> None:
+    assert results.verdict(kind, low, high) == expected

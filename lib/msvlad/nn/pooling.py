@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +38,15 @@ class SPoC(nn.Module):
         return LF.l2n(LF.spoc(x))
 
 
+# cirtorch trains GeM's exponent p at 10x the network's learning rate (and without weight decay)
+GEM_P_LR_SCALE = 10.0
+
+
 class GeM(nn.Module):
-    """Generalised-mean pooling with a learnable exponent p (Radenovic et al.)."""
+    """Generalised-mean pooling with a learnable exponent p (Radenovic et al.).
+
+    p is a trained parameter; `optimizer_groups` gives it cirtorch's learning rate.
+    """
 
     def __init__(self, in_channels: int, p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
@@ -190,6 +198,22 @@ class VLADConcat(NetVLAD):
         return LF.multiscale_netvlad(
             x, self.centroids, self.weight, self.bias, self.pool_sizes, self.dim, norm=self.norm
         )
+
+
+def optimizer_groups(module: nn.Module, params: Sequence[nn.Parameter]) -> list[dict[str, Any]]:
+    """Optimiser groups of `params`: GeM exponents at GEM_P_LR_SCALE x the lr, as cirtorch.
+
+    The group of the exponents carries `lr_scale` (the trainer multiplies the scheduled lr by
+    it) and no weight decay; every other parameter stays in one plain group, so a network
+    without GeM gets exactly the optimiser it had with the parameter list alone.
+    """
+    exponents = {id(m.p) for m in module.modules() if isinstance(m, GeM)}
+    rest = [p for p in params if id(p) not in exponents]
+    scaled = [p for p in params if id(p) in exponents]
+    groups: list[dict[str, Any]] = [{"params": rest}] if rest else []
+    if scaled:
+        groups.append({"params": scaled, "lr_scale": GEM_P_LR_SCALE, "weight_decay": 0.0})
+    return groups
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,14 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from msvlad.config import VLAD_POOLINGS, Params
+from msvlad.config import VLAD_POOLINGS, Params, method_params, params_to_dict
 from msvlad.report.tables import SETUP_ORDER, SETUP_SHORT, VARIANT_SUFFIX
 from msvlad.storage import read_json
 
@@ -369,23 +370,109 @@ def _kappas(results: pd.DataFrame) -> list[str]:
     return [c for c in results.columns if c.startswith("mP@")]
 
 
-def paper_claims(
-    params: Params, method: str = "msvlad", init: str = "msvlad-ots", baseline: str = "gem-ots"
-) -> list[tuple[str, str, str]]:
-    """The paper's claims as (method, reference, setup): what a results table must support.
+# ----------------------------------------------------------------------------- the paper's claims
 
-    The trained model beats its k-means initialisation (Medium, Hard) and the off-the-shelf
-    `baseline` (Hard), and its miner is at least as good as every other miner on the same network
-    (the rows that differ from `method` by their miner only; Medium, Hard). A claim whose
-    reference is not a row of the table is left out (with a warning).
+ClaimKind = Literal["better", "no_worse"]
+SETTINGS_SAME = ("base", "data", "prepare", "extract", "evaluate")  # data and test-time input
+SETTINGS_TRAINING = ("miner", "train")  # compared only between trained rows
+BACKBONE_KEYS = ("model.backbone", "model.pretrained", "model.weights", "model.weights_sha256")
+POOLING_NAMES: dict[str, str] = {
+    "msvlad": "multi-scale NetVLAD",
+    "netvlad": "single-scale NetVLAD",
+    "vlad_concat": "per-split NetVLADs concatenated",
+    "gem": "GeM",
+    "mac": "MAC",
+    "spoc": "SPoC",
+    "rmac": "R-MAC",
+}
+# The network claims' controls: a trained row that differs from the paper row in this one model
+# setting (its whitening aside) and has this value there (None: any value other than the paper's).
+NETWORK_CONTROLS: tuple[tuple[str, Any], ...] = (
+    ("model.pooling", "netvlad"),
+    ("model.pooling", "gem"),
+    ("model.split", None),
+    ("model.pool_sizes", None),
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim as a paired comparison: `method` against `reference` on `setup`.
+
+    kind "better": holds when the whole 95 % CI of the mAP difference lies above 0, does not hold
+    when it lies below 0, a tie otherwise; "no_worse" (equal mAP at a smaller descriptor): holds
+    unless the whole CI lies below 0.
     """
-    claims = [(method, init, "medium"), (method, init, "hard"), (method, baseline, "hard")]
-    for key in dict.fromkeys([init, baseline]):
-        if key not in params.methods:
-            log.warning("claims against %r left out: not a row of the results table", key)
-    claims = [c for c in claims if c[1] in params.methods]
-    others = miner_rows(params, method)[1:]
-    return claims + [(method, k, s) for k in others for s in ("medium", "hard")]
+
+    claim: str
+    method: str
+    reference: str
+    setup: str
+    kind: ClaimKind = "better"
+
+
+def row_settings(params: Params, key: str) -> dict[str, Any]:
+    """Every effective `section.key` setting of a results row (its pooling, miner and `set`)."""
+    effective = params_to_dict(method_params(params, key))
+    return {
+        f"{section}.{k}": v
+        for section, values in effective.items()
+        if section not in ("methods", "report")
+        for k, v in values.items()
+    }
+
+
+def row_difference(params: Params, a: str, b: str) -> dict[str, tuple[Any, Any]]:
+    """Settings where rows a and b differ, {key: (a's, b's)}; training ones only if both train."""
+    trained = params.methods[a].miner is not None and params.methods[b].miner is not None
+    sa, sb = row_settings(params, a), row_settings(params, b)
+    return {
+        k: (sa[k], sb[k])
+        for k in sa
+        if sa[k] != sb[k] and (trained or k.split(".")[0] not in SETTINGS_TRAINING)
+    }
+
+
+def verdict(kind: ClaimKind, ci_low: float, ci_high: float) -> str:
+    """ "holds", "tie" or "does not hold" for a claim's CI of the mAP difference (see `Claim`)."""
+    if ci_high < 0:
+        return "does not hold"
+    if kind == "no_worse" or ci_low > 0:
+        return "holds"
+    return "tie"
+
+
+def paper_claims(
+    params: Params, method: str = "msvlad", setups: Sequence[str] = ("medium", "hard")
+) -> list[Claim]:
+    """The paper's claims about `method` (its trained row), each on every one of `setups`.
+
+    Derived from the rows' settings, not their names: per backbone (the paper row's first), the
+    trained paper network against its k-means initialisation and against off-the-shelf GeM on
+    that backbone; the network controls (`NETWORK_CONTROLS`: single-scale NetVLAD and GeM trained
+    alike, no channel split, fewer windows); the miner against every other miner (`miner_rows`).
+    A claim whose rows are absent is left out with a warning.
+    """
+    if method not in params.methods or params.methods[method].miner is None:
+        raise ValueError(f"methods: {method!r} is not a trained row of the results table")
+    pairs: list[tuple[str, str, str, ClaimKind]] = []
+    for backbone, trained in _backbone_rows(params, method).items():
+        name = f"{backbone}: "
+        for ref, what in (
+            (_init_row(params, trained), "its k-means init"),
+            (_offtheshelf_gem(params, trained), "off-the-shelf GeM"),
+        ):
+            if ref is None:
+                log.warning("claims: %s has no %s row; that claim is left out", trained, what)
+            else:
+                pairs.append((f"{name}trained > {what}", trained, ref, "better"))
+        if trained == method:
+            pairs += _control_claims(params, method)
+    ours = params.methods[method].miner
+    for key in miner_rows(params, method)[1:]:
+        claim = f"{ours} miner > {params.methods[key].miner} miner"
+        pairs.append((claim, method, key, "better"))
+    return [Claim(c, m, r, s, kind) for c, m, r, kind in pairs for s in setups]
 
 
 def miner_rows(params: Params, method: str = "msvlad") -> list[str]:
@@ -400,10 +487,112 @@ def miner_rows(params: Params, method: str = "msvlad") -> list[str]:
     ]
 
 
+def _backbone_rows(params: Params, method: str) -> dict[str, str]:
+    """{backbone: its trained paper network}: `method` first, then the trained row on every
+    other backbone with `method`'s pooling and miner (the one closest to `method` in settings)."""
+    mine = row_settings(params, method)
+    out = {mine["model.backbone"]: method}
+    for key, m in params.methods.items():
+        if m.miner != params.methods[method].miner or m.pooling != params.methods[method].pooling:
+            continue
+        backbone = row_settings(params, key)["model.backbone"]
+        best = out.get(backbone)
+        if best is None or (
+            best != method
+            and len(row_difference(params, key, method)) < len(row_difference(params, best, method))
+        ):
+            out[backbone] = key
+    return out
+
+
+def _closest(params: Params, to: str, candidates: Sequence[str]) -> str | None:
+    """The candidate row with the fewest settings different from `to` (params order on ties)."""
+    if not candidates:
+        return None
+    return min(candidates, key=lambda k: len(row_difference(params, to, k)))
+
+
+def _init_row(params: Params, trained: str) -> str | None:
+    """The untrained row of `trained`'s network: same pooling, model and k-means settings."""
+    pooling = params.methods[trained].pooling
+    return _closest(
+        params,
+        trained,
+        [
+            k
+            for k, m in params.methods.items()
+            if m.miner is None
+            and m.pooling == pooling
+            and not any(
+                s.startswith(("model.", "cluster.")) for s in row_difference(params, trained, k)
+            )
+        ],
+    )
+
+
+def _offtheshelf_gem(params: Params, trained: str) -> str | None:
+    """The untrained GeM row on `trained`'s backbone (same weights)."""
+    return _closest(
+        params,
+        trained,
+        [
+            k
+            for k, m in params.methods.items()
+            if m.miner is None
+            and m.pooling == "gem"
+            and not set(BACKBONE_KEYS) & set(row_difference(params, trained, k))
+        ],
+    )
+
+
+def _control_claims(params: Params, method: str) -> list[tuple[str, str, str, ClaimKind]]:
+    """Claims against the trained rows that differ from `method` in one network setting only
+    (`NETWORK_CONTROLS`; whitening may differ, data, test-time input and training may not)."""
+    found: dict[tuple[str, Any], list[str]] = {c: [] for c in NETWORK_CONTROLS}
+    mine = row_settings(params, method)
+    for key, m in params.methods.items():
+        if key == method or m.miner is None:
+            continue
+        diff = row_difference(params, method, key)
+        changed = [k for k in diff if not k.startswith("whiten.")]
+        if len(changed) != 1:
+            continue
+        setting, theirs = changed[0], diff[changed[0]][1]
+        for control in found:
+            if control[0] == setting and control[1] in (None, theirs):
+                found[control].append(key)
+    claims: list[tuple[str, str, str, ClaimKind]] = []
+    for (setting, wanted), keys in found.items():
+        if not keys:
+            log.warning(
+                "claims: no trained row differs from %s only by %s%s; that claim is left out",
+                *(method, setting, "" if wanted is None else f" = {wanted}"),
+            )
+        for key in keys:
+            text, kind = _control_text(setting, mine[setting], row_settings(params, key)[setting])
+            claims.append((text, method, key, kind))
+    return claims
+
+
+def _control_text(setting: str, ours: Any, theirs: Any) -> tuple[str, ClaimKind]:
+    """The claim a network control tests, in words, and its kind."""
+    if setting == "model.pooling":
+        return f"{POOLING_NAMES[ours]} > {POOLING_NAMES[theirs]} (both trained)", "better"
+    if setting == "model.pool_sizes":
+        return f"windows {_windows(ours)} > {_windows(theirs)}", "better"
+    if theirs is None:  # model.split
+        return f"split into {ours}-d chunks: same mAP (within CI) as no split", "no_worse"
+    return f"split into {ours}-d chunks: same mAP (within CI) as {theirs}-d chunks", "no_worse"
+
+
+def _windows(sizes: Sequence[int]) -> str:
+    return "+".join(f"{s}×{s}" for s in sizes)
+
+
 def claims_table(
     results_dir: str | os.PathLike,
     params: Params,
-    claims: Sequence[tuple[str, str, str]],
+    claims: Sequence[Claim],
     *,
     dataset: str | None = None,
     reference_variants: Sequence[str] = ("plain", "raw"),
@@ -411,36 +600,60 @@ def claims_table(
     seed: int = 0,
     ci: float = 0.95,
 ) -> pd.DataFrame:
-    """Paired bootstrap of each claim "method beats reference on setup", one row per claim.
+    """Paired bootstrap of each claim on `dataset` (default the first test set), one row each.
 
     The method is scored as the results table scores it (plain); the reference by the best of its
     `reference_variants` on that setup (the strongest form of the baseline, e.g. GeM whitened or
-    raw). `holds` is True where the whole CI lies above zero.
+    raw). Columns: Claim, Method, Reference, Dataset, Setup, Descriptor and Descriptor ref (what
+    each ranked, from metrics.json), mAP, mAP ref, Δ mAP, CI low, CI high, p, Queries, Verdict.
     """
 
     dataset = dataset or params.data.test_sets[0]
+    results_dir = Path(results_dir)
     rows = []
-    for method, reference, setup in claims:
-        ours = per_query_ap(results_dir, method, dataset, setup=setup)
+    for c in claims:
+        ours = per_query_ap(results_dir, c.method, dataset, setup=c.setup)
         refs = []
         for variant in reference_variants:
             try:
                 refs.append(
                     (
                         variant,
-                        per_query_ap(results_dir, reference, dataset, setup=setup, variant=variant),
+                        per_query_ap(
+                            results_dir, c.reference, dataset, setup=c.setup, variant=variant
+                        ),
                     )
                 )
             except FileNotFoundError:
                 continue
         if not refs:
-            raise FileNotFoundError(f"{results_dir}/{reference}/{dataset}: no per-query results")
+            raise FileNotFoundError(f"{results_dir}/{c.reference}/{dataset}: no per-query results")
         variant, ref = max(refs, key=lambda r: float(np.nanmean(r[1]["AP"])))
-        label = params.methods[reference].label + VARIANT_SUFFIX.get(variant, "")
-        names = (params.methods[method].label, label, dataset)
+        label = params.methods[c.reference].label + VARIANT_SUFFIX.get(variant, "")
+        names = (params.methods[c.method].label, label, dataset)
         row = _paired_row(ours, ref, names, n_boot=n_boot, seed=seed, ci=ci)
-        rows.append({**row, "holds": bool(row["CI low"] > 0)})
+        described = {
+            "Descriptor": _descriptor(results_dir, c.method, dataset, "plain"),
+            "Descriptor ref": _descriptor(results_dir, c.reference, dataset, variant),
+        }
+        rows.append(
+            {
+                "Claim": c.claim,
+                **{k: row.pop(k) for k in ("Method", "Reference", "Dataset", "Setup")},
+                **described,
+                **row,
+                "Verdict": verdict(c.kind, row["CI low"], row["CI high"]),
+            }
+        )
     return pd.DataFrame(rows)
+
+
+def _descriptor(results_dir: Path, method: str, dataset: str, variant: str) -> str:
+    """`descriptor_label` of one run's variant ("" when its metrics.json does not say)."""
+    path = results_dir / method / "metrics.json"
+    if not path.is_file():
+        return ""
+    return descriptor_label(read_json(path).get(dataset, {}).get(variant, {}))
 
 
 def _paired_row(

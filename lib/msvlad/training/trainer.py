@@ -37,6 +37,7 @@ from msvlad.mining.pool import ClassBalancedPool
 from msvlad.mining.registry import build_miner
 from msvlad.nn.loss import triplet_loss
 from msvlad.nn.model import RetrievalNet, load_model, save_model
+from msvlad.nn.pooling import optimizer_groups
 from msvlad.runtime import init_distributed, resolve_device, seed_everything
 from msvlad.storage import atomic_path, file_digest, torch_bytes
 from msvlad.training import logs
@@ -85,7 +86,8 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.frozen = params.train.frozen_stages
         trainable = self.model.freeze_stages(self.frozen)
-        self.optimizer = torch.optim.Adam(trainable, lr=params.train.lr_start, weight_decay=0.0)
+        groups = optimizer_groups(self.model, trainable)  # GeM's p at cirtorch's 10x lr
+        self.optimizer = torch.optim.Adam(groups, lr=params.train.lr_start, weight_decay=0.0)
         self.inputs = TrainingInputs(self.model, self.train_set, params, self.device)
         self.pool, self.miner = make_pool(self.train_set, params), make_miner(params)
         self.bank = make_bank(self.train_set, params, self.dist.world)
@@ -156,7 +158,7 @@ class Trainer:
         """One optimiser step on (T, 3) dataset-index triplets, accumulated over micro-batches."""
         cfg = self.params.train
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.progress.step, cfg)
+            group["lr"] = lr_at(self.progress.step, cfg) * group.get("lr_scale", 1.0)
         self.net.train()
         shard = triplets[self.dist.rank :: self.dist.world]
         ids, images = self.inputs.triplets(shard)
