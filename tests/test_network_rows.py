@@ -3,6 +3,8 @@ same blocks on every backbone, and the trained GeM learns its exponent at cirtor
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -49,6 +51,63 @@ def test_new_rows_build_with_their_dimensions(params, key, gen):
     with torch.no_grad():
         out = model(torch.rand(1, 3, 96, 128, generator=gen))
     assert out.shape == (1, dim) and model.raw_dim == dim
+
+
+@pytest.mark.parametrize("key", sorted(NEW_ROWS))
+def test_msvlad_info_states_each_new_rows_dimensions(repo_root, key, capsys):
+    """`msvlad info --method <row>` (the command a reader runs) prints the row's backbone, its
+    raw descriptor dimension and its whitening."""
+    from msvlad.cli import main
+
+    backbone, pooling, _, dim, whitened = NEW_ROWS[key]
+    assert main(["info", "--params", str(repo_root / "params.yaml"), "--method", key]) == 0
+    out = capsys.readouterr().out.splitlines()
+    lines = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out if line[:1] != " ")
+    channels = {"efficientnet_lite0": 320, "efficientnet_lite1": 320, "efficientnet_lite2": 352}
+    assert lines["backbone"].startswith(f"{backbone} ({channels[backbone]} channels")
+    assert lines["pooling"].startswith(f"{pooling}:")
+    assert lines["raw dim"] == f"{dim}"
+    if whitened is None:
+        assert lines["whitened dim"] == "none (whiten.dim null)"
+    else:
+        assert lines["whitened dim"].startswith(f"{whitened} (PCA-whitening")
+
+
+def test_mini_profile_rows_give_every_network_claim(params, caplog):
+    """params.yaml's rows give every claim of the paper's network, derived from their settings,
+    with no claim left out."""
+    from msvlad.report.results import paper_claims
+
+    with caplog.at_level("WARNING", logger="msvlad.report.results"):
+        claims = paper_claims(params, "msvlad", setups=("hard",))
+    assert caplog.text == ""
+    lite = [
+        (f"efficientnet_lite{v}: trained > {what}", f"lite{v}-msvlad", f"lite{v}-{ref}")
+        for v in (1, 2)
+        for what, ref in (("its k-means init", "msvlad-ots"), ("off-the-shelf GeM", "gem-ots"))
+    ]
+    assert [(c.claim, c.method, c.reference) for c in claims] == [
+        ("efficientnet_lite0: trained > its k-means init", "msvlad", "msvlad-ots"),
+        ("efficientnet_lite0: trained > off-the-shelf GeM", "msvlad", "gem-ots"),
+        ("multi-scale NetVLAD > single-scale NetVLAD (both trained)", "msvlad", "netvlad"),
+        ("multi-scale NetVLAD > GeM (both trained)", "msvlad", "gem"),
+        (
+            "split into 160-d chunks: same mAP (within CI) as no split",
+            "msvlad",
+            "msvlad-nosplit",
+        ),
+        ("windows 2×2+3×3 > 2×2", "msvlad", "msvlad-2x2"),
+        *lite,
+        *[
+            (f"difficulty miner > {m} miner", "msvlad", f"msvlad-{short}")
+            for m, short in (
+                ("hardest_negative", "hardest"),
+                ("random", "random"),
+                ("batch_hard", "batchhard"),
+            )
+        ],
+    ]
+    assert {c.kind for c in claims if "split" in c.claim} == {"no_worse"}
 
 
 @pytest.mark.parametrize(

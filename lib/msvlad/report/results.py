@@ -400,8 +400,9 @@ class Claim:
     """One claim as a paired comparison: `method` against `reference` on `setup`.
 
     kind "better": holds when the whole 95 % CI of the mAP difference lies above 0, does not hold
-    when it lies below 0, a tie otherwise; "no_worse" (equal mAP at a smaller descriptor): holds
-    unless the whole CI lies below 0.
+    when it lies below 0, a tie otherwise. "no_worse" (the same mAP at a smaller descriptor, the
+    split's claim): holds when the CI does not lie wholly below 0 (0 within it, or above) and the
+    method's raw descriptor is smaller than the reference's; does not hold otherwise.
     """
 
     claim: str
@@ -433,13 +434,15 @@ def row_difference(params: Params, a: str, b: str) -> dict[str, tuple[Any, Any]]
     }
 
 
-def verdict(kind: ClaimKind, ci_low: float, ci_high: float) -> str:
-    """ "holds", "tie" or "does not hold" for a claim's CI of the mAP difference (see `Claim`)."""
+def verdict(kind: ClaimKind, ci_low: float, ci_high: float, smaller: bool = False) -> str:
+    """ "holds", "tie" or "does not hold" for a claim's CI of the mAP difference (see `Claim`);
+    `smaller`: the method's raw descriptor is smaller than the reference's (what "no_worse" needs).
+    """
     if ci_high < 0:
         return "does not hold"
-    if kind == "no_worse" or ci_low > 0:
-        return "holds"
-    return "tie"
+    if kind == "no_worse":
+        return "holds" if smaller else "does not hold"
+    return "holds" if ci_low > 0 else "tie"
 
 
 def paper_claims(
@@ -457,15 +460,19 @@ def paper_claims(
         raise ValueError(f"methods: {method!r} is not a trained row of the results table")
     pairs: list[tuple[str, str, str, ClaimKind]] = []
     for backbone, trained in _backbone_rows(params, method).items():
-        name = f"{backbone}: "
-        for ref, what in (
-            (_init_row(params, trained), "its k-means init"),
-            (_offtheshelf_gem(params, trained), "off-the-shelf GeM"),
+        for ref, what, missing in (
+            (_init_row(params, trained), "its k-means init", "untrained row of its network"),
+            (
+                _offtheshelf_gem(params, trained),
+                "off-the-shelf GeM",
+                "untrained GeM row on its backbone",
+            ),
         ):
+            claim = f"{backbone}: trained > {what}"
             if ref is None:
-                log.warning("claims: %s has no %s row; that claim is left out", trained, what)
+                log.warning("claims: %s has no %s; '%s' is left out", trained, missing, claim)
             else:
-                pairs.append((f"{name}trained > {what}", trained, ref, "better"))
+                pairs.append((claim, trained, ref, "better"))
         if trained == method:
             pairs += _control_claims(params, method)
     ours = params.methods[method].miner
@@ -606,6 +613,8 @@ def claims_table(
     `reference_variants` on that setup (the strongest form of the baseline, e.g. GeM whitened or
     raw). Columns: Claim, Method, Reference, Dataset, Setup, Descriptor and Descriptor ref (what
     each ranked, from metrics.json), mAP, mAP ref, Δ mAP, CI low, CI high, p, Queries, Verdict.
+    A "no_worse" claim's text gains both rows' raw descriptor dimensions, which its verdict
+    compares (`verdict`).
     """
 
     dataset = dataset or params.data.test_sets[0]
@@ -636,13 +645,21 @@ def claims_table(
             "Descriptor": _descriptor(results_dir, c.method, dataset, "plain"),
             "Descriptor ref": _descriptor(results_dir, c.reference, dataset, variant),
         }
+        text, smaller = c.claim, False
+        if c.kind == "no_worse":
+            dims = [_raw_dim(results_dir, k, dataset) for k in (c.method, c.reference)]
+            if None in dims:
+                text += " (raw dimensions unknown)"
+            else:
+                text += f", at {dims[0]}-d against {dims[1]}-d raw"
+                smaller = dims[0] < dims[1]
         rows.append(
             {
-                "Claim": c.claim,
+                "Claim": text,
                 **{k: row.pop(k) for k in ("Method", "Reference", "Dataset", "Setup")},
                 **described,
                 **row,
-                "Verdict": verdict(c.kind, row["CI low"], row["CI high"]),
+                "Verdict": verdict(c.kind, row["CI low"], row["CI high"], smaller),
             }
         )
     return pd.DataFrame(rows)
@@ -650,10 +667,26 @@ def claims_table(
 
 def _descriptor(results_dir: Path, method: str, dataset: str, variant: str) -> str:
     """`descriptor_label` of one run's variant ("" when its metrics.json does not say)."""
+    return descriptor_label(_variant_metrics(results_dir, method, dataset).get(variant, {}))
+
+
+def _raw_dim(results_dir: Path, method: str, dataset: str) -> int | None:
+    """The dimension of a run's descriptor before whitening (its `raw` variant, or its plain one
+    when that is not whitened); None when its metrics.json does not say."""
+    variants = _variant_metrics(results_dir, method, dataset)
+    for name, whitened in (("raw", None), ("plain", False)):
+        entry = variants.get(name, {})
+        if "dim" in entry and (whitened is None or entry.get("whitened") is whitened):
+            return int(entry["dim"])
+    return None
+
+
+def _variant_metrics(results_dir: Path, method: str, dataset: str) -> dict[str, Any]:
+    """{variant: metrics} of one run on a dataset, from its metrics.json ({} when absent)."""
     path = results_dir / method / "metrics.json"
     if not path.is_file():
-        return ""
-    return descriptor_label(read_json(path).get(dataset, {}).get(variant, {}))
+        return {}
+    return read_json(path).get(dataset, {})
 
 
 def _paired_row(
