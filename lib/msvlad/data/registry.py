@@ -451,15 +451,17 @@ def _merge_tree(src: Path, dst: Path) -> int:
 
 
 def _extract_into(archive: Path, target: Path, done_file: Path) -> None:
-    """Extract `archive` into `target` once (listed in `done_file`, so a rerun resumes)."""
-    done = set(done_file.read_text().split()) if done_file.is_file() else set()
-    if archive.name in done:
+    """Extract `archive` into `target` once (listed in `done_file`, so a rerun resumes).
+
+    Nothing is written for an archive `extract_archive` refuses: not even `target`.
+    """
+    if archive.name in _done(done_file):
         return
-    target.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{archive.name}.extract"
     shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted run
     try:
         extract_archive(archive, tmp)
+        target.mkdir(parents=True, exist_ok=True)
         _merge_tree(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -479,7 +481,6 @@ def _prepare_revisitop1m(
     if not 1 <= num_archives <= R1M_NUM_ARCHIVES:
         raise InputError(f"num_archives must be in [1, {R1M_NUM_ARCHIVES}], got {num_archives}")
     out = data_root / "revisitop1m"
-    out.mkdir(parents=True, exist_ok=True)
     listing = fetcher.fetch(R1M_LIST)
     for i in tqdm(range(1, num_archives + 1), desc="revisitop1m archives", leave=False):
         url = R1M_ARCHIVE.format(i=i)
@@ -489,6 +490,7 @@ def _prepare_revisitop1m(
         _extract_into(archive, out / "jpg", out / ".extracted")
         if not keep_archives:
             archive.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(listing, out / "revisitop1m.txt")
     write_manifest(
         out, {"name": "revisitop1m", "archives": num_archives, "sources": [R1M_LIST, R1M_ARCHIVE]}
@@ -535,7 +537,6 @@ def _prepare_gldv2_clean(
     _no_options("gldv2_clean", options)
     csv_path = fetcher.fetch(GLDV2_CLEAN_CSV)
     raw = data_root / "raw" / "gldv2_train"
-    raw.mkdir(parents=True, exist_ok=True)
     for i in tqdm(_tar_indices(tars), desc="gldv2 tars", leave=False):
         tar_url = GLDV2_TAR.format(i=i)
         if PurePosixPath(tar_url).name in _done(raw / ".extracted"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -75,12 +76,20 @@ class RetrievalDataset:
 
 
 def _index_array(value: Any, n_db: int, where: str) -> np.ndarray:
+    """A list of database indices: integers in [0, n_db), each once (not a boolean mask)."""
     if value is None:
         return np.zeros(0, dtype=np.int64)
     try:
         arr = np.asarray(value).ravel()
     except (TypeError, ValueError):
         raise InputError(f"{where}: indices must be a flat list of integers") from None
+    items = value if isinstance(value, list | tuple) else arr if arr.dtype.kind == "O" else ()
+    if any(isinstance(v, bool | np.bool_) for v in items):
+        raise InputError(f"{where}: holds booleans; expected database indices, not a mask")
+    if arr.dtype.kind == "b":
+        raise InputError(
+            f"{where}: a boolean mask of {arr.size} values; expected a list of database indices"
+        )
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu":
@@ -91,10 +100,22 @@ def _index_array(value: Any, n_db: int, where: str) -> np.ndarray:
         if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
             raise InputError(f"{where}: indices must be integers")
         arr = as_float
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= n_db:
+        raise InputError(f"{where}: index {int(arr[arr >= n_db][0])} out of range [0, {n_db})")
+    if arr.dtype.kind == "f" and np.any(np.abs(arr) >= 2**62):
+        bad = arr[np.abs(arr) >= 2**62][0]
+        raise InputError(f"{where}: index {bad:.0f} out of range [0, {n_db})")
     arr = arr.astype(np.int64)
     bad = arr[(arr < 0) | (arr >= n_db)]
     if bad.size:
         raise InputError(f"{where}: index {int(bad[0])} out of range [0, {n_db})")
+    values, counts = np.unique(arr, return_counts=True)
+    if np.any(counts > 1):
+        k = int(np.argmax(counts > 1))
+        raise InputError(
+            f"{where}: index {int(values[k])} listed {int(counts[k])} times "
+            "(each image at most once: a repeat changes the AP)"
+        )
     return arr
 
 
@@ -179,6 +200,7 @@ def validate_gnd(
             if key not in entry and not (key == "junk" and proto == "classic"):
                 raise InputError(f"{where}: missing '{key}'")
             entry[key] = _index_array(entry.get(key), n_db, f"{where} '{key}'")
+        _check_disjoint(entry, index_keys, imlist, where)
         if entry.get("bbx") is not None:
             entry["bbx"] = _bbx(entry["bbx"], where)
         elif proto == "revisited":
@@ -194,8 +216,26 @@ def validate_gnd(
     return imlist, qimlist, gnd, proto
 
 
+def _check_disjoint(
+    entry: Mapping[str, np.ndarray], keys: Sequence[str], imlist: Sequence[str], where: str
+) -> None:
+    """Refuse an image in two of a query's lists (easy/hard/junk, ok/junk).
+
+    revisitop's compute_map has no rule for it: the image counts as a positive at its own rank
+    and as removed junk for every positive ranked after it, which can push AP above 1.
+    """
+    for a, b in itertools.combinations(keys, 2):
+        both = np.intersect1d(entry[a], entry[b])
+        if both.size:
+            k = int(both[0])
+            raise InputError(
+                f"{where}: index {k} ({imlist[k]}) is in both '{a}' and '{b}' "
+                "(an image has one label per query)"
+            )
+
+
 def _names(value: Any, where: str) -> list[str]:
-    """A non-empty list of image names (strings); a string or a number is refused, not split."""
+    """A non-empty list of distinct image names under jpg/; a string or number is not split."""
     if isinstance(value, np.ndarray) and value.ndim == 1:
         value = value.tolist()
     if not isinstance(value, list | tuple):
@@ -205,24 +245,63 @@ def _names(value: Any, where: str) -> list[str]:
     bad = next((i for i, v in enumerate(value) if not isinstance(v, str) or not v), None)
     if bad is not None:
         raise InputError(f"{where}[{bad}]: expected a non-empty string, got {value[bad]!r}")
-    return [str(v) for v in value]
+    names = [str(v) for v in value]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        check_relative_name(name, f"{where}[{i}]")
+        if name in seen:
+            raise InputError(f"{where}[{i}]: {name!r} is listed twice (also at [{seen[name]}])")
+        seen[name] = i
+    return names
+
+
+def check_relative_name(name: str, where: str, *, folders: bool = True) -> str:
+    """`name` if it is a relative path that stays inside its folder, else one InputError line.
+
+    Refused: empty, absolute (``/x``, ``\\x``, ``C:x``), a ``..``, ``.`` or empty component, a
+    backslash, a NUL or other control character; `folders=False` also refuses any ``/``.
+    """
+    shown = repr(name) if len(name) <= 80 else repr(name[:60] + "..." + name[-15:])
+    if not name or any(ord(c) < 32 for c in name) or "\\" in name:
+        raise InputError(f"{where}: {shown} is not a plain file name (refused)")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise InputError(f"{where}: {shown} is an absolute path (refused)")
+    parts = name.split("/")
+    if not folders and len(parts) > 1:
+        raise InputError(f"{where}: {shown} holds a '/' (refused: a plain file name is needed)")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InputError(f"{where}: {shown} leaves or re-enters its folder (refused)")
+    return name
 
 
 def read_rotations(path: str | os.PathLike) -> dict[str, int]:
-    """Read a rotation list (name -> clockwise degrees): JSON/YAML or 'name deg' lines."""
+    """Read a rotation list (name -> clockwise degrees): JSON/YAML or 'name deg' lines.
+
+    Every error is one line naming the file: unreadable text, invalid JSON/YAML, a name given
+    twice, a name that is not a plain image name, degrees that are not a multiple of 90.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: rotation list not found")
-    text = path.read_text()
-    data: Any
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"{path}: not UTF-8 text (byte {err.start}); expected a rotation list"
+        ) from None
+    pairs: list[tuple[Any, Any]]
     if path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text, object_pairs_hook=_Pairs)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, _Pairs):
+            raise InputError(f"{path}: expected a JSON object of image name -> degrees")
+        pairs = data
     elif path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
+        pairs = _yaml_pairs(path, text)
     else:
-        data = {}
+        pairs = []
         for n, line in enumerate(text.splitlines(), start=1):
             line = line.split("#", 1)[0].strip()
             if not line:
@@ -230,21 +309,52 @@ def read_rotations(path: str | os.PathLike) -> dict[str, int]:
             parts = re.split(r"[\s:,]+", line)
             if len(parts) != 2:
                 raise InputError(f"{path}:{n}: expected 'name degrees', got {line!r}")
-            data[parts[0]] = parts[1]
-    if not isinstance(data, Mapping):
-        raise InputError(f"{path}: expected a mapping of image name -> degrees")
+            pairs.append((parts[0], parts[1]))
     out: dict[str, int] = {}
-    for name, deg in data.items():
+    seen: set[str] = set()
+    for name, deg in pairs:
+        if not isinstance(name, str | int) or isinstance(name, bool):
+            raise InputError(f"{path}: {name!r} is not an image name")
+        stem = _stem(check_relative_name(str(name), str(path), folders=False))
+        if stem in seen:
+            raise InputError(f"{path}: {name}: image listed twice")
+        seen.add(stem)
         try:
             value = int(float(deg))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"{path}: {name}: rotation {deg!r} is not a number") from None
         if value % 90:
             raise InputError(f"{path}: {name}: rotation {value} is not a multiple of 90 degrees")
         value %= 360
         if value:
-            out[_stem(str(name))] = value
+            out[stem] = value
     return out
+
+
+class _Pairs(list):
+    """The (key, value) pairs of a JSON object, in order, duplicates kept (to be refused)."""
+
+
+def _yaml_pairs(path: Path, text: str) -> list[tuple[Any, Any]]:
+    """The top-level (key, value) pairs of a YAML mapping, duplicates kept (to be refused)."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if node is None:
+        return []
+    if not isinstance(node, yaml.MappingNode):
+        raise InputError(f"{path}: expected a mapping of image name -> degrees")
+    loader = yaml.SafeLoader("")
+    try:
+        return [
+            (loader.construct_object(k, deep=True), loader.construct_object(v, deep=True))
+            for k, v in node.value
+        ]
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
 
 
 def _stem(name: str) -> str:
@@ -344,7 +454,22 @@ def load_distractors(data_root: str | os.PathLike, name: str = "revisitop1m") ->
         raise FileNotFoundError(
             f"{listing}: distractor list not found; {_not_found_hint(Path(data_root), name)}"
         )
-    names = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip()]
+    try:
+        lines = listing.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"{listing}: not UTF-8 text (byte {err.start}); expected image names"
+        ) from None
+    seen: dict[str, int] = {}
+    for n, line in enumerate(lines, start=1):
+        name = line.strip()
+        if not name:
+            continue
+        check_relative_name(name, f"{listing}:{n}")
+        if name in seen:
+            raise InputError(f"{listing}:{n}: {name!r} is listed twice (also line {seen[name]})")
+        seen[name] = n
+    names = list(seen)
     paths = [root / "jpg" / (n if PurePosixPath(n).suffix else n + ".jpg") for n in names]
     present = [p for p in paths if p.is_file()]
     if not present:
