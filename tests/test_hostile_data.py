@@ -17,6 +17,7 @@ was written and what was there before is byte for byte unchanged.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -192,6 +193,7 @@ def test_extract_archive_refuses_files_over_files(tmp_path: Path) -> None:
     for members, says in (
         ([("a.jpg", data), ("a.jpg", data)], "'a.jpg' is listed twice"),
         ([("a", data), ("a/b.jpg", data)], "'a/b.jpg' lies under the file 'a'"),
+        ([("a/b.jpg", data), ("a", data)], "'a' is both a file and a folder"),
     ):
         archive = tmp_path / "twice.tar"
         archive.write_bytes(tar_of([(tar_member(n), d) for n, d in members], gz=False))
@@ -957,3 +959,66 @@ def test_archive_with_tar_bytes_replicas_still_extracts(tmp_path: Path) -> None:
     got = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert got == members
     assert (out / "c.jpg").stat().st_mtime == mtime
+    info = tar_member("d.jpg")
+    info.mtime = 10**20  # a time stamp no file system holds: the file is extracted all the same
+    archive.write_bytes(tar_of([(info, b"d")], gz=False))
+    assert (extract_archive(archive, tmp_path / "out2") / "d.jpg").read_bytes() == b"d"
+
+
+# ----------------------------------------------------------------------------- full disks
+
+
+def test_full_disk_during_download_names_the_file(tmp_path: Path) -> None:
+    """A write that fails (here /dev/full: ENOSPC) names the file, not a failed fetch."""
+    import errno
+
+    from msvlad.cli import _os_error
+    from msvlad.data.download import download_file, part_path
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    dest = tmp_path / "file.bin"
+    part_path(dest).symlink_to("/dev/full")
+    with FileServer({"/f.bin": b"x" * 5000}) as server, pytest.raises(OSError) as err:
+        download_file(server.url("/f.bin"), dest)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(part_path(dest))
+    assert _os_error(err.value) == f"{part_path(dest)}: No space left on device"
+    assert not dest.exists()
+
+
+def test_full_disk_during_extraction_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from msvlad.data import download
+
+    class Full(io.RawIOBase):
+        def __init__(self, fd: int, mode: str) -> None:
+            os.close(fd)
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:  # noqa: ANN001 - io signature
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download.os, "fdopen", Full)
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(tar_bytes({"jpg/a.jpg": random_jpeg(0)}, gz=False))
+    with pytest.raises(OSError) as err:
+        extract_archive(archive, tmp_path / "out")
+    assert err.value.errno == errno.ENOSPC
+    assert err.value.filename.endswith(os.path.join("jpg", "a.jpg"))
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["a.tar"]
+
+
+def test_holidays_archive_with_a_foreign_name_names_the_archives(tmp_path: Path) -> None:
+    from msvlad.data.registry import HOLIDAYS_IMAGES
+
+    files = {
+        "/" + url_key(HOLIDAYS_IMAGES[0]): tar_bytes({"jpg/100000.jpg": random_jpeg(0)}),
+        "/" + url_key(HOLIDAYS_IMAGES[1]): tar_bytes({"jpg/holiday.jpg": random_jpeg(1)}),
+    }
+    with FileServer(files) as server, pytest.raises(InputError) as err:
+        prepare_dataset("holidays", tmp_path / "data", mirror=server.base_url)
+    one_line(err, "jpg1.tar.gz + ", "jpg2.tar.gz: ", "'holiday' is not a 6-digit Holidays image")
+    assert not (tmp_path / "data" / "holidays").exists()

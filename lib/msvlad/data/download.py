@@ -56,6 +56,10 @@ class ChecksumError(InputError):
     """A file's size or checksum differs from the expected one (one line on the command line)."""
 
 
+class LocalWriteError(OSError):
+    """The local copy could not be written (a full disk...): named, not taken for a bad fetch."""
+
+
 # ----------------------------------------------------------------------------- checksums
 
 
@@ -209,8 +213,12 @@ def _fetch(url: str, part: Path, *, timeout: float, desc: str, expected_size: in
         remaining = int(length) if length is not None and length.isdigit() else None
         total = offset + remaining if remaining is not None else expected_size
         received = 0
+        try:
+            out = open(part, mode)
+        except OSError as err:
+            raise LocalWriteError(err.errno, err.strerror, str(part)) from None
         with (
-            open(part, mode) as out,
+            out,
             tqdm(
                 total=total, initial=offset, unit="B", unit_scale=True, desc=desc, leave=False
             ) as bar,
@@ -219,7 +227,10 @@ def _fetch(url: str, part: Path, *, timeout: float, desc: str, expected_size: in
                 block = response.read(CHUNK)
                 if not block:
                     break
-                out.write(block)
+                try:
+                    out.write(block)
+                except OSError as err:
+                    raise LocalWriteError(err.errno, err.strerror, str(part)) from None
                 received += len(block)
                 bar.update(len(block))
         if remaining is not None and received < remaining:
@@ -266,6 +277,8 @@ def download_file(
         try:
             _fetch(url, part, timeout=timeout, desc=label, expected_size=size)
             break
+        except LocalWriteError:
+            raise
         except urllib.error.HTTPError as err:
             raise _offline_error(url, dest, err) from None
         except (http.client.IncompleteRead, ConnectionError, TimeoutError) as err:
@@ -377,9 +390,9 @@ def scan_archive(archive: Path, tar: tarfile.TarFile) -> list[tuple[tarfile.TarI
                 f"{archive}: member {_shown(m.name)} lies under the file "
                 f"{_shown('/'.join(above))} (refused)"
             )
-        if m.isreg() and (parts in files or parts in folders):
+        if m.isreg() and parts in files:
             raise ArchiveError(f"{archive}: member {_shown(m.name)} is listed twice (refused)")
-        if m.isdir() and parts in files:
+        if (m.isreg() and parts in folders) or (m.isdir() and parts in files):
             raise ArchiveError(
                 f"{archive}: member {_shown(m.name)} is both a file and a folder (refused)"
             )
@@ -412,7 +425,10 @@ def _extract_file(archive: Path, tar: tarfile.TarFile, m: tarfile.TarInfo, targe
                 out.write(block)
             except OSError as err:  # a full disk: name the file being written
                 raise OSError(err.errno, err.strerror, str(target)) from None
-    os.utime(target, (m.mtime, m.mtime))
+    try:
+        os.utime(target, (m.mtime, m.mtime))
+    except (OverflowError, ValueError, OSError):
+        pass  # an out-of-range time stamp in the header: the file keeps its write time
 
 
 def extract_archive(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:

@@ -379,7 +379,10 @@ def _prepare_holidays(data_root: Path, fetcher: Fetcher, **options: Any) -> Path
                 "holidays: skipped %d corrupt image(s): %s", len(skipped), ", ".join(skipped[:5])
             )
         imlist = sorted(_stem(p.name) for p in jpg.iterdir())
-        cfg = holidays_ground_truth(imlist)
+        try:
+            cfg = holidays_ground_truth(imlist)
+        except InputError as err:  # the names come from the archives: say which
+            raise InputError(f"{' + '.join(map(str, archives))}: {err}") from None
         _write_gnd(tmp / "gnd_holidays.pkl", cfg)
         write_manifest(
             tmp,
@@ -499,7 +502,10 @@ def _prepare_revisitop1m(
 
 
 def _done(done_file: Path) -> set[str]:
-    return set(done_file.read_text().split()) if done_file.is_file() else set()
+    """Archive names listed in `done_file` (a damaged line only makes its archive extract again)."""
+    if not done_file.is_file():
+        return set()
+    return set(done_file.read_text(encoding="utf-8", errors="replace").split())
 
 
 def _parse_md5_file(path: Path, filename: str) -> str:

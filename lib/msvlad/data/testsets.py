@@ -162,7 +162,11 @@ def validate_gnd(
     """Check a revisitop-style gnd dict; return (imlist, qimlist, normalised gnd, protocol).
 
     Index lists become int64 arrays checked to lie in [0, len(imlist)), boxes become 4-tuples of
-    floats; every error names `source` and the query index.
+    floats. Refused, because each silently changes a query's AP in revisitop's compute_map: an
+    index listed twice in a list, an image in two of a query's lists (easy/hard/junk, ok/junk),
+    a boolean mask instead of indices, a name twice in imlist or qimlist, and a name that is not
+    a relative path inside jpg/ (`check_relative_name`). Every error is one line naming `source`,
+    the query (index and name) and the list.
     """
     if not isinstance(cfg, Mapping):
         raise InputError(
