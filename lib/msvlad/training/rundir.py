@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -104,13 +104,21 @@ def open_run(
     dist: Dist,
     init_digest: str | None = None,
     twins: Sequence[Path] = (),
+    restore: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any] | None:
-    """Make `out` ready for this run (main rank); every rank gets the checkpoint to resume."""
-    state = _prepare(out, params, restart, device, init_digest, twins) if dist.main else None
+    """Make `out` ready for this run (main rank); every rank gets the checkpoint to resume.
+
+    `restore` loads the checkpoint into the trainer; on the main rank it runs before anything in
+    the folder changes, so a checkpoint that does not fit is refused with the folder untouched.
+    """
+    args = (out, params, restart, device, init_digest, twins, restore)
+    state = _prepare(*args) if dist.main else None
     if dist.world > 1:
         torch.distributed.barrier()
         if not dist.main and (out / CHECKPOINT).is_file():
             state = load_checkpoint(out / CHECKPOINT, device)
+            if restore is not None:
+                restore(state)
     return state
 
 
@@ -132,6 +140,7 @@ def _prepare(
     device: torch.device,
     init_digest: str | None = None,
     twins: Sequence[Path] = (),
+    restore: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any] | None:
     remove_stale_temps(out)
     ckpt_path = out / CHECKPOINT
@@ -162,6 +171,8 @@ def _prepare(
             _copy_run(twin, out)
             log.info("%s: the same training as the finished run %s, copied from there", out, twin)
             state = load_checkpoint(ckpt_path, device)
+    if state is not None and restore is not None:
+        restore(state)
     current = params_to_dict(params)
     if record is None or record["params"] != current or record.get("init") != init_digest:
         write_json(out / RUN_FILE, {"params": current, "code": code_version(), "init": init_digest})

@@ -163,6 +163,8 @@ class Trainer:
         pool = describe_pool(self.bank, self.describe_pool, pool_idx, p.step, self.device)
         if pool.failed and len(pool.pool_idx) < 2:
             raise self._unreadable(len(pool_idx), pool.failed)
+        if not bool(torch.isfinite(pool.desc).all()):
+            raise self._diverged(p.step, f"the pool descriptors of round {p.round} are NaN or inf")
         t1 = time.time()
         labels = torch.from_numpy(self.train_set.labels[pool.pool_idx]).to(pool.desc.device)
         mined = self.miner.mine(pool.desc, labels)
@@ -204,11 +206,18 @@ class Trainer:
             loss_sum += loss.item() * len(chunk)
             self.bank.put_training(torch.stack(chunk_ids), d, self.progress.step)
         fault_point("step")
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as err:  # a rate beyond float32: Adam cannot even form its update
+            if "overflow" not in str(err):
+                raise
+            cause = f"Adam's update overflows float32: {' '.join(str(err).split())}"
+            raise self._diverged(self.progress.step + 1, cause) from None
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
         if not math.isfinite(loss_sum) or not self._weights_finite():
-            raise self._diverged("loss" if not math.isfinite(loss_sum) else "weights")
+            what = "loss" if not math.isfinite(loss_sum) else "weights"
+            raise self._diverged(self.progress.step, f"its {what} became NaN or inf")
         return loss_sum / max(1, len(images))
 
     def _weights_finite(self) -> bool:
@@ -216,17 +225,17 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
-    def _diverged(self, what: str) -> InputError:
-        """The error of a run whose `what` became NaN/inf at this step (nothing of it is saved)."""
+    def _diverged(self, step: int, cause: str) -> InputError:
+        """The error of a run that diverged at `step` (nothing of that step is saved)."""
         kept = (
             f"{CHECKPOINT} keeps step {self._saved_step}"
             if self._saved_step is not None
             else "no checkpoint was written yet"
         )
+        lr = lr_at(max(0, step - 1), self.params.train)
         return InputError(
-            f"{self.out_dir}: training diverged at step {self.progress.step} (the {what} became "
-            f"NaN or inf, lr {lr_at(self.progress.step - 1, self.params.train):.3g}); {kept} and "
-            "no model.pt is written; lower train.lr / train.lr_start and rerun with --restart"
+            f"{self.out_dir}: training diverged at step {step} ({cause}; lr {lr:.3g}); {kept} "
+            "and no model.pt is written; lower train.lr or train.lr_start and rerun with --restart"
         )
 
     def _unreadable(self, drawn: int, failed: int) -> InputError:
@@ -242,7 +251,13 @@ class Trainer:
         """Validation mAP (Medium for revisited sets) at one scale, raw descriptors."""
         if self.val_set is None:
             return float("nan")
-        return validation_map(self.model, self.val_set, self.params, self.device)
+        try:
+            return validation_map(self.model, self.val_set, self.params, self.device)
+        except ValueError as err:  # the search refuses non-finite descriptors
+            if "NaN or inf" not in str(err):
+                raise
+            cause = "the validation descriptors are NaN or inf"
+            raise self._diverged(self.progress.step, cause) from None
 
     def log_epoch(self, val_map: float) -> None:
         """Append the epoch's row to log.csv and reset the epoch accumulators."""
@@ -267,9 +282,8 @@ class Trainer:
                 self.dist,
                 init_digest=self.init_digest,
                 twins=self.twins,
+                restore=self.load_state_dict,
             )
-            if state is not None:
-                self.load_state_dict(state)
             start = self.progress.step
             budget = self.total_steps if max_steps is None else start + max_steps
             stop_at = min(self.total_steps, budget)
@@ -284,12 +298,11 @@ class Trainer:
             if state is None:
                 self.log_epoch(self.validate())  # epoch 0: the k-means-initialised model
                 fault_point("epoch0")
-            bar = tqdm(
+            with tqdm(  # closed on an error too: its one line starts a clean line
                 total=stop_at, initial=start, desc="train", leave=False, disable=not self.dist.main
-            )
-            while self.progress.step < stop_at and not stopper.requested:
-                self._advance(bar)
-            bar.close()
+            ) as bar:
+                while self.progress.step < stop_at and not stopper.requested:
+                    self._advance(bar)
             if state is None or self.progress.step > start:
                 self.save_checkpoint()
             fault_point("finish")
