@@ -434,16 +434,27 @@ def test_method_row_of_another_network_is_refused_by_whiten_and_evaluate(
 # ----------------------------------------------------------------------------- one-line errors
 
 
-@pytest.mark.parametrize(
-    ("lr", "cause"),
-    [("1e12", "the pool descriptors of round 1 are NaN or inf"), ("1e38", "overflows float32")],
-)
-def test_divergence_from_the_start(world, tmp_path, capsys, lr, cause):
+DIVERGENCES = {
+    # name: (--set overrides, the step named, the cause named)
+    "huge rate, pool": (["train.lr=1e12", "train.lr_start=1e12"], 1, "pool descriptors of round 1"),
+    "rate beyond float32": (["train.lr=1e38", "train.lr_start=1e38"], 1, "overflows float32"),
+    # step 1 at 1e-6, step 2 at 1e12: the epoch's validation is the first to see it
+    "huge rate, validation": (
+        ["train.lr=2e12", "train.lr_start=1e-6", "train.warmup_steps=2"],
+        2,
+        "the validation descriptors are NaN or inf",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_divergence_before_a_checkpoint(world, tmp_path, capsys, name):
+    sets, step, cause = DIVERGENCES[name]
     run = tmp_path / "run"
-    rates = ["--set", f"train.lr={lr}", "--set", f"train.lr_start={lr}"]
+    rates = [a for s in sets for a in ("--set", s)]
     argv = ["train", *world.args("--init", str(world.model), "--out", str(run), *rates)]
     code, lines = run_cli(argv, capsys)
-    assert_error(code, lines, "train", str(run), "training diverged at step 1", cause)
+    assert_error(code, lines, "train", str(run), f"training diverged at step {step} (", cause)
     assert "no checkpoint was written yet" in lines[0] and "train.lr" in lines[0]
     assert not (run / "model.pt").exists() and not (run / "checkpoint.pt").exists()
 
