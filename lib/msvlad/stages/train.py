@@ -49,4 +49,3 @@ def run(
     rows = out.parent.parent if method and out.parent.name == method else None
     twins = [rows / m / out.name for m in params.methods if m != method] if rows else []
     return train(params, init, out, max_steps=max_steps, restart=restart, twins=twins)
-
