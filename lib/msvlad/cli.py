@@ -55,12 +55,17 @@ def _params(args: argparse.Namespace) -> Params:
 def _checkpoint_fits(args: argparse.Namespace, params: Params, config: ModelConfig) -> None:
     """A model key given explicitly (--set model.*, the --method row) must equal the checkpoint's.
 
-    The checkpoint fixes the architecture; the test-time input policy is `extract.*`.
+    The checkpoint fixes the architecture; the test-time input policy is `extract.*`. With a
+    --method row every architecture key of the row's params must be the checkpoint's.
     """
+    from msvlad.nn.model import ARCHITECTURE_KEYS
+
     keys = {k.partition(".")[2] for k in parse_sets(args.set) if k.startswith("model.")}
     if getattr(args, "method", None):
         row = params.methods[args.method]
-        keys |= {"pooling"} | {k.partition(".")[2] for k in row.set if k.startswith("model.")}
+        keys |= set(ARCHITECTURE_KEYS) | {
+            k.partition(".")[2] for k in row.set if k.startswith("model.")
+        }
     for key in sorted(keys):
         asked, saved = getattr(params.model, key), getattr(config, key)
         if asked != saved:

@@ -14,11 +14,20 @@ def resolve_device(name: str = "auto") -> torch.device:  # noqa: F821 - torch im
     """'auto' picks CUDA when present, else CPU; 'cuda' without a GPU is a clear error."""
     import torch
 
+    from msvlad.errors import InputError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("base.device=cuda but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"base.device: {name!r} is not a device (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"base.device: {name} asked, but no CUDA device is available on this machine "
+            "(use auto or cpu)"
+        )
+    return device
 
 
 def code_version() -> dict[str, str | None]:

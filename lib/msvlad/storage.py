@@ -121,10 +121,13 @@ def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     return write_bytes(path, torch_bytes(obj))
 
 
-def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+def load_torch(
+    path: str | os.PathLike, map_location: Any = "cpu", *, require_digest: bool = False
+) -> Any:
     """torch.load restricted to tensors and plain containers (weights_only=True), digest checked.
 
-    A file without a digest (written before digests existed) loads as it is.
+    A file without a digest loads as it is, unless `require_digest` (model and checkpoint files:
+    one without its digest cannot be verified, so it is refused).
     """
     import torch
 
@@ -138,6 +141,11 @@ def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(
             f"{path}: cannot load checkpoint ({type(err).__name__}: {msg})"
         ) from None
+    if require_digest and not (isinstance(obj, dict) and DIGEST_KEY in obj):
+        raise CheckpointError(
+            f"{path}: not a msvlad model or checkpoint file: no {DIGEST_KEY} checksum to verify "
+            "it by (written or edited outside msvlad); re-create it"
+        )
     if isinstance(obj, dict) and DIGEST_KEY in obj:
         if payload_digest(obj) != obj[DIGEST_KEY]:
             raise CheckpointError(

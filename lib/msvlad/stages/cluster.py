@@ -14,6 +14,7 @@ import torch
 from msvlad.config import Params, ResizeFilter
 from msvlad.data.images import ImageItem, load_batch
 from msvlad.data.trainsets import load_training_set
+from msvlad.errors import InputError
 from msvlad.nn.kmeans import init_netvlad, kmeans_centroids, sample_local_features
 from msvlad.nn.model import build_model, save_model
 from msvlad.runtime import resolve_device, seed_everything
@@ -23,14 +24,29 @@ log = logging.getLogger(__name__)
 
 
 def image_batches(
-    paths: Sequence[Path], size: int, batch_size: int, resize_filter: ResizeFilter = "bilinear"
+    paths: Sequence[Path],
+    size: int,
+    batch_size: int,
+    resize_filter: ResizeFilter = "bilinear",
+    root: Path | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Square-resized batches of training images; unreadable ones are left out (and logged)."""
+    """Square-resized batches of training images; unreadable ones are left out (and logged).
+
+    None of them readable is an `InputError` naming the training set folder `root`.
+    """
+    loaded = 0
     for start in range(0, len(paths), batch_size):
         items = [ImageItem(p) for p in paths[start : start + batch_size]]
         batch, _ = load_batch(items, size, "square", on_error="skip", resize_filter=resize_filter)
         if batch is not None:
+            loaded += len(batch)
             yield batch
+    if paths and not loaded:
+        where = root if root is not None else Path(paths[0]).parent
+        raise InputError(
+            f"{where}: none of the {len(paths)} training images sampled for k-means could be "
+            f"read (e.g. {paths[0]})"
+        )
 
 
 def run(params: Params, out: Path) -> Path:
@@ -52,6 +68,7 @@ def run(params: Params, out: Path) -> Path:
             params.model.image_size,
             params.cluster.batch_size,
             params.model.resize_filter,
+            train_set.root,
         )
         local = sample_local_features(
             model,
