@@ -74,7 +74,9 @@ def _check_files(folder: Path, manifest: Mapping[str, Any], params: Params, hint
         if rel not in listed:
             raise InputError(f"{folder / rel}: not among the results ({MANIFEST}); {hint}")
     for rel, kind in tree_entries(folder):
-        if kind == "link" or (kind != "dir" and rel not in listed | {MANIFEST}):
+        if kind == "link":
+            raise InputError(f"{folder / rel}: a symbolic link, not a file evaluate wrote; {hint}")
+        if kind != "dir" and rel not in listed | {MANIFEST}:
             raise InputError(f"{folder / rel}: not written by msvlad evaluate (not in {MANIFEST})")
     for rel in sorted(listed):
         path = folder / rel
@@ -181,7 +183,7 @@ def _per_query_rows(path: Path) -> pd.DataFrame:
         query = frame.loc[left_out != "", "query"].iloc[0]
         n = frame.loc[left_out != "", "query"].nunique()
         raise InputError(
-            f"{path}: {n} queries left out of the evaluation (e.g. {query}, "
+            f"{path}: {n} quer{'y' if n == 1 else 'ies'} left out of the evaluation (e.g. {query}, "
             "evaluate.skip_failed_queries), so the tables and claims would cover a subset of the "
             "queries; make them readable and evaluate again"
         )
