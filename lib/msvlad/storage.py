@@ -387,18 +387,21 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
                 log.info("%s: not a temp folder of msvlad (no %s), left as it is", p, TEMP_MARK)
     for _, box, mark in sorted(boxes, key=lambda b: (b[0], str(b[1]))):
         target = folder / mark["for"]
-        if mark["state"] == "complete" and (box / "new").is_dir():
-            if os.path.lexists(target):
-                keep = _new_box(target, ".old", "previous")
-                os.replace(target, keep / "old")
-            os.replace(box / "new", target)
-            log.warning("%s: put in place, finished by an interrupted run (%s)", target, box)
-        elif mark["state"] == "previous" and (box / "old").is_dir():
-            if os.path.lexists(target):
-                continue  # kept below
-            os.replace(box / "old", target)
-            log.warning("%s: restored, set aside by an interrupted run (%s)", target, box)
-        _discard(box)
+        try:
+            if mark["state"] == "complete" and (box / "new").is_dir():
+                if os.path.lexists(target):  # the folder in place is kept beside, not deleted
+                    keep = _new_box(target, ".old", "previous")
+                    os.replace(target, keep / "old")
+                os.replace(box / "new", target)
+                log.warning("%s: put in place, finished by an interrupted run (%s)", target, box)
+            elif mark["state"] == "previous" and (box / "old").is_dir():
+                if os.path.lexists(target):
+                    continue  # kept (a warning below)
+                os.replace(box / "old", target)
+                log.warning("%s: restored, set aside by an interrupted run (%s)", target, box)
+            _discard(box)
+        except OSError as err:
+            raise write_error(target, err) from None
         removed.append(box)
     for p in map(Path, glob.glob(os.path.join(glob.escape(str(folder)), f".{stem}.*.old"))):
         mark = _read_mark(p) if p.is_dir() else None
