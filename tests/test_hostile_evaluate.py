@@ -263,6 +263,21 @@ def test_a_kill_in_the_swap_then_a_failing_rerun_loses_nothing(
     assert _boxes(case.root, ".tmp") == []
 
 
+def test_previous_results_set_aside_alone_are_restored(case: World, capsys) -> None:
+    previous = snapshot(case.out)
+    assert _killed(case, "aside", "--variants", "plain").returncode == -signal.SIGKILL
+    for box in _boxes(case.root, ".tmp"):  # only the set-aside previous results are left
+        shutil.rmtree(box)
+    assert not case.out.exists()
+    code, lines = run_cli(_argv(case, case.out, "--set", "evaluate.kappas=[0]"), capsys)
+    assert_error(code, lines, "evaluate", "evaluate.kappas")  # refused before any clean-up
+    assert not case.out.exists() and len(_boxes(case.root, ".old")) == 1
+    (case.jpg / "q1.jpg").write_bytes(b"not a jpeg")
+    code, lines = run_cli(_argv(case, case.out), capsys)
+    assert_error(code, lines, "evaluate", "q1.jpg")  # fails after the clean-up, which restored
+    assert snapshot(case.out) == previous and _temps(case.root) == []
+
+
 def test_temp_folders_without_our_marker_are_never_deleted(tmp_path: Path) -> None:
     mine = {
         ".out.notes.tmp": "a user's folder named like a temp",
