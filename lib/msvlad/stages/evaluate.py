@@ -10,14 +10,18 @@ gathers every dataset and variant (mAP and mP@k in percent, the input policy, fa
 Everything is checked before the first image is read (datasets, variants, the output folder), and
 the results are written into a fresh folder that replaces `out` only when all is done: a failed run
 leaves the previous results as they were, and a new one never leaves an older model's files behind.
+`out` is replaced as a whole, so it may hold only what an earlier evaluate wrote there (the files
+its manifest.json lists; no link): anything else is refused, never deleted. One evaluate at a time
+writes into an `out` (a lock file beside it), and a kill during the swap loses neither the
+previous results nor the new ones (`msvlad.storage.atomic_dir`; the next run finishes the swap).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,31 +47,24 @@ from msvlad.evaluation.protocol import RetrievalMetrics, metrics_summary, metric
 from msvlad.nn.model import RetrievalNet
 from msvlad.runtime import code_version, init_distributed, resolve_device, seed_everything
 from msvlad.storage import (
+    MANIFEST,
     atomic_dir,
     check_writable,
     file_digest,
     load_npz,
+    lock_beside,
     payload_digest,
+    read_manifest,
     remove_stale_temps,
     save_npy,
     save_npz,
+    stat_digest,
+    tree_entries,
     write_json,
     write_text,
 )
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-# what this command writes (anything else in an existing --out is someone else's and is kept)
-OWNED = (
-    "metrics*.json",
-    "summary.json",
-    "per_query*.csv",
-    "features.npz",
-    "ranks.npy",
-    "*_features.npz",
-    MANIFEST,
-)
 
 
 @dataclass(frozen=True)
@@ -97,19 +94,20 @@ def run(params: Params, model: RetrievalNet, request: EvaluateRequest) -> dict[s
         raise InputError("data.test_sets: no dataset to evaluate (or pass --dataset)")
     if request.flat and len(datasets) > 1:
         raise InputError("--flat: writes one dataset's files into --out; give one --dataset")
-    if dist_info.main:
-        _check_out(request.out)
     model = model.to(device).eval()
-    writing = atomic_dir(request.out) if dist_info.main else nullcontext(request.out)
-    with writing as tmp:
-        summary, tables = _evaluate_all(params, model, request, datasets, variants, policy, tmp)
-        if not dist_info.main:
-            return {}
-        result = summary if not request.flat else next(iter(summary.values()))["plain"]
-        write_json(tmp / "metrics.json", result)
-        write_json(tmp / "summary.json", metrics_summary(summary))  # what `dvc metrics show` reads
-        manifest = _manifest(params, model, request, variants, policy, tmp)
-        write_json(tmp / MANIFEST, manifest)
+    if not dist_info.main:  # the main rank alone checks, locks and writes the output folder
+        _evaluate_all(params, model, request, datasets, variants, policy, request.out)
+        return {}
+    _check_parent(request.out)
+    with lock_beside(request.out, "evaluate"):
+        _check_out(request.out)
+        with atomic_dir(request.out) as tmp:
+            summary, tables = _evaluate_all(params, model, request, datasets, variants, policy, tmp)
+            result = summary if not request.flat else next(iter(summary.values()))["plain"]
+            write_json(tmp / "metrics.json", result)
+            write_json(tmp / "summary.json", metrics_summary(summary))  # for `dvc metrics show`
+            manifest = _manifest(params, model, request, variants, policy, tmp)
+            write_json(tmp / MANIFEST, manifest)
     print(metrics_table(tables).to_string(float_format="{:.2f}".format, na_rep="-"))
     log.info("evaluate: %s, variants %s -> %s", ", ".join(summary), ",".join(variants), request.out)
     return result
@@ -126,20 +124,68 @@ def _variants(names: Sequence[str], model: RetrievalNet) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_out(out: Path) -> None:
-    """The output's parent is writable and `out` holds nothing this command did not write."""
+def _check_parent(out: Path) -> None:
+    """`out` is not a link and its parent is a writable folder (created if needed)."""
+    if out.is_symlink():
+        raise InputError(
+            f"{out}: a symbolic link; evaluate replaces --out as a whole and never follows "
+            "links: give the folder itself"
+        )
     check_writable(out.parent)
+
+
+def _check_out(out: Path) -> None:
+    """`out` holds nothing this command did not write (under the lock beside it).
+
+    First the temps a killed run left are cleared or put back (the swap it was in is finished),
+    then every entry of `out` must be a file its manifest.json lists (or a folder on the way to
+    one); a link, anything unlisted or a folder without a manifest is refused.
+    """
     remove_stale_temps(out.parent, out.name)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if out.is_dir():
-        for path in sorted(out.rglob("*")):
-            owned = path.is_dir() or any(path.match(p) for p in OWNED)
-            if not owned:
-                raise InputError(
-                    f"{path}: not written by msvlad evaluate; move it or choose another --out "
-                    "(the results folder is replaced as a whole)"
-                )
+    if not out.is_dir():
+        return
+    entries = tree_entries(out)
+    if not entries:
+        return
+    listed = _listed_files(out, entries)
+    allowed_dirs = {parent.as_posix() for f in listed for parent in Path(f).parents}
+    foreign = []
+    for rel, kind in entries:
+        if kind == "link":
+            raise InputError(
+                f"{out / rel}: a symbolic link inside --out; evaluate replaces the folder as a "
+                "whole and neither follows nor deletes links: move it or choose another --out"
+            )
+        if not ((kind == "file" and rel in listed) or (kind == "dir" and rel in allowed_dirs)):
+            foreign.append(rel)  # unlisted, or not a plain file or folder (a pipe, a socket)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise InputError(
+            f"{out / foreign[0]}{more}: not written by msvlad evaluate (not listed in "
+            f"{out / MANIFEST}); move it or choose another --out (the results folder is "
+            "replaced as a whole)"
+        )
+
+
+def _listed_files(out: Path, entries: list[tuple[str, str]]) -> set[str]:
+    """The files the manifest.json of an earlier evaluate in `out` lists (itself included)."""
+    if (MANIFEST, "file") not in entries:
+        first = next(rel for rel, _ in entries)
+        more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+        raise InputError(
+            f"{out / first}{more}: not written by msvlad evaluate ({out} has no {MANIFEST}); "
+            "move it or choose another --out (the results folder is replaced as a whole)"
+        )
+    try:
+        files = read_manifest(out, "evaluate")["files"]
+    except InputError as err:
+        raise InputError(
+            f"{err}; {out} is replaced as a whole only when its {MANIFEST} lists what is there: "
+            "move the folder or choose another --out"
+        ) from None
+    return {*files, MANIFEST}
 
 
 def _evaluate_all(
@@ -256,20 +302,28 @@ def _distractors(
 ) -> dict[str, np.ndarray]:
     """Descriptors of a distractor set (e.g. revisitop1m), cached in OUT/<name>_features.npz.
 
-    The cache is reused only for the same model and input policy (both recorded in it); the raw
+    The cache is reused only for the same model, input policy and distractor images (their names,
+    sizes and change times: `msvlad.storage.stat_digest`), all recorded in its key; the raw
     descriptors are kept only for the raw variant (at 32768-d they are large).
     """
     name = request.distractors
-    key = np.array(f"{_model_digest(model)} {policy.to_json()}")
+    paths = load_distractors(request.data_root, name)
+    images = stat_digest(paths, Path(request.data_root) / name)
+    key = np.array(f"{_model_digest(model)} {policy.to_json()} images {images}")
     old = request.out / f"{name}_features.npz"
     wanted = ("db", "db_raw") if keep_raw else ("db",)
-    if old.is_file():
-        cached = load_npz(old)
-        if "key" in cached and str(cached["key"]) == str(key) and set(wanted) <= set(cached):
-            save_npz(tmp / old.name, **cached)
+    main = init_distributed().main
+    if old.is_file() and not old.is_symlink():
+        cached = _load_cache(old)
+        if (
+            str(cached.get("key", "")) == str(key)
+            and set(wanted) <= set(cached)
+            and all(cached[k].shape[0] == len(paths) for k in wanted)
+        ):
+            if main:
+                save_npz(tmp / old.name, **cached)
             return {k: cached[k].astype(np.float32) for k in wanted}
-        log.info("%s: made by another model or input policy, described again", old)
-    paths = load_distractors(request.data_root, name)
+        log.info("%s: made by another model, input policy or distractor set: described again", old)
     raw, failed = describe_multiscale(
         model,
         [ImageItem(p) for p in paths],
@@ -291,8 +345,18 @@ def _distractors(
     if failed:
         log.warning("%s: %d of %d distractors unreadable", name, len(failed), len(paths))
     dtype = np.float16 if params.extract.float16 else np.float32
-    save_npz(tmp / old.name, key=key, **{k: v.astype(dtype) for k, v in out.items()})
+    if main:
+        save_npz(tmp / old.name, key=key, **{k: v.astype(dtype) for k, v in out.items()})
     return {k: v.astype(dtype).astype(np.float32) for k, v in out.items()}
+
+
+def _load_cache(path: Path) -> dict[str, np.ndarray]:
+    """A distractor cache, or {} when it cannot be read (then it is described again)."""
+    try:
+        return load_npz(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        log.warning("%s: unreadable distractor cache (%s), described again", path, err)
+        return {}
 
 
 def _manifest(
@@ -305,6 +369,7 @@ def _manifest(
 ) -> dict[str, Any]:
     """What made the results in `folder`: model file and checksum, params, variants, code."""
     ckpt = request.checkpoint
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     return {
         "command": "evaluate",
         "checkpoint": None if ckpt is None else {"path": str(ckpt), "sha256": file_digest(ckpt)},
@@ -317,5 +382,6 @@ def _manifest(
         "data_root": str(request.data_root),
         "params": params_to_dict(params),
         "code": code_version(),
-        "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
+        "files": sorted(files),
+        "sha256": {f: file_digest(folder / f) for f in sorted(files)},  # checked by the report
     }

@@ -9,6 +9,8 @@ writes them; the reports, `dvc plots` and the tests read them through these colu
 from __future__ import annotations
 
 import csv
+import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from msvlad.errors import InputError
 from msvlad.storage import atomic_path
 
 if TYPE_CHECKING:
@@ -70,6 +73,19 @@ RUN_LOGS: dict[str, tuple[list[str], str]] = {
     "triplets.csv": (TRIPLET_FIELDS, "round"),
     "neighbors.csv": (NEIGHBOR_FIELDS, "round"),
 }
+# the columns of the logs that hold names; every other column holds a number (blank or nan: none)
+TEXT_FIELDS = frozenset(
+    {
+        "anchor",
+        "positive",
+        "negative",
+        "anchor_label",
+        "negative_label",
+        "kind",
+        "neighbor",
+        "label",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,65 @@ def last_logged_step(path: Path) -> int | None:
     except (OSError, csv.Error, UnicodeDecodeError):
         return None
     return int(steps[-1]) if steps and steps[-1] != float("inf") else None
+
+
+def read_log(path: Path) -> pd.DataFrame:
+    """A run log (a name of RUN_LOGS) read after checking it against its columns.
+
+    Every column of the schema must be in the header (older logs may hold more), every row as
+    many fields as the header, every number a finite number or nan (blank: a column added after
+    the row was written). A binary tail, a cut or garbage row is an `InputError` naming the file
+    and the line; a missing file is a FileNotFoundError.
+    """
+    path = Path(path)
+    fields = RUN_LOGS[path.name][0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: training log not found")
+    data = path.read_bytes()
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: binary data (a NUL byte), not a CSV log")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: binary data (not UTF-8), not a CSV log") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    missing = [f for f in fields if f not in (header or [])]
+    if missing:
+        raise InputError(f"{path}: line 1: header lacks column(s) {missing} (expected {fields})")
+    numeric = [
+        (i, name) for i, name in enumerate(header) if name in fields and name not in TEXT_FIELDS
+    ]
+    try:
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise InputError(
+                    f"{path}: line {reader.line_num}: {len(row)} fields, the header has "
+                    f"{len(header)} (a cut or garbage row)"
+                )
+            for i, name in numeric:
+                if not _is_number(row[i]):
+                    raise InputError(
+                        f"{path}: line {reader.line_num}: {name}={row[i][:40]!r} is not a number"
+                    )
+    except csv.Error as err:
+        raise InputError(f"{path}: line {reader.line_num}: not CSV ({err})") from None
+    text_cols = {name: str for name in header if name in TEXT_FIELDS}
+    return pd.read_csv(io.StringIO(text), dtype=text_cols)
+
+
+def _is_number(value: str) -> bool:
+    """A log's number: blank, nan, or a finite float."""
+    if value.strip() in ("", "nan", "NaN"):
+        return True
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def _number(value: str | None) -> float:
