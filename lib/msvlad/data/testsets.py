@@ -218,9 +218,9 @@ def read_rotations(path: str | os.PathLike) -> dict[str, int]:
     if path.suffix.lower() == ".json":
         data = json.loads(text)
     elif path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+        from msvlad.config import load_yaml  # no aliases, no duplicate names
 
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text, str(path)) or {}
     else:
         data = {}
         for n, line in enumerate(text.splitlines(), start=1):
