@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -392,6 +393,36 @@ def test_config_and_component_take_the_ends(key: str, value: Any) -> None:
     section, _, name = key.partition(".")
     with_overrides(Params(), **{section: {name: [value] if name == "pool_sizes" else value}})
     COMPONENTS[key](value)
+
+
+def _numeric_keys() -> dict[str, type]:
+    """Every "section.key" of params.yaml whose value is a number (or a list of numbers)."""
+    out = {}
+    for section, cls in typing.get_type_hints(Params).items():
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for name, tp in typing.get_type_hints(cls).items():
+            args = set(typing.get_args(tp)) - {type(None)} or {tp}
+            if typing.get_origin(tp) is list:
+                args = set(typing.get_args(tp))
+            numeric = args & {int, float}
+            if numeric:
+                out[f"{section}.{name}"] = numeric.pop()
+    return out
+
+
+def test_every_numeric_key_has_a_range_and_every_integer_a_ceiling() -> None:
+    keys = _numeric_keys()
+    assert {"base.seed", "model.num_clusters", "evaluate.qe_k", "extract.scales"} <= set(keys)
+    assert set(keys) == set(RANGES)
+    unbounded = [k for k, tp in keys.items() if tp is int and not math.isfinite(RANGES[k].high)]
+    assert not unbounded
+    assert RANGES["base.seed"].high == 2**32 - 1  # numpy.random.seed's limit
+    for key in keys:  # the defaults lie inside every range
+        section, _, name = key.partition(".")
+        value = getattr(getattr(Params(), section), name)
+        for v in value if isinstance(value, list) else [value]:
+            assert v is None or v in RANGES[key], key
 
 
 def test_every_checked_component_key_has_a_range() -> None:
