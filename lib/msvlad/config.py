@@ -619,10 +619,14 @@ def _check_range(key: str, value: Any) -> None:
 
 
 @functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The type hints of a config dataclass (evaluated once: every row of methods: is built)."""
+    return typing.get_type_hints(cls)
+
+
 def _section_types() -> dict[str, dict[str, Any]]:
     """Section -> key -> type hint of every params.yaml section."""
-    hints = typing.get_type_hints(Params)
-    return {s: typing.get_type_hints(tp) for s, tp in hints.items() if dataclasses.is_dataclass(tp)}
+    return {s: _hints(tp) for s, tp in _hints(Params).items() if dataclasses.is_dataclass(tp)}
 
 
 def model_config_from_dict(raw: Any, source: str = "model") -> ModelConfig:
@@ -650,7 +654,7 @@ def _build(cls: type, raw: Any, source: str, prefix: str, require_all: bool) -> 
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {where}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
