@@ -196,6 +196,13 @@ def test_hostile_params_file(world: World, tmp_path: Path, capsys, name: str) ->
         assert part in line, (part, line)
 
 
+def test_the_laughs_are_valid_yaml_a_plain_reader_takes(world: World) -> None:
+    """yaml.safe_load takes the bomb (9 shared references per level, 9**10 strings to walk)."""
+    row = yaml.safe_load(_laughs(world))["methods"]["bomb"]["set"]
+    assert len(row["l9"]) == 9 and row["l9"][0] is row["l9"][8] is row["l8"]
+    assert len(_laughs(world).encode()) < len(world.params.read_bytes()) + 4096
+
+
 def test_duplicate_key_names_its_line(world: World, tmp_path: Path, capsys) -> None:
     text = FILES["a duplicate key"][0](world)
     second = text.splitlines().index("  image_size: 999") + 1

@@ -2,6 +2,8 @@
 
 `params.yaml` is the offline mini profile and `params.paper.yaml` the paper profile; both have
 exactly the keys declared here. A wrong key or value is a one-line error naming `file: section.key`.
+Files users write are read by `load_yaml` (no aliases, no duplicate keys); every numeric key has
+its range in `RANGES`, which the components taking the value check too (`check_value`).
 """
 
 from __future__ import annotations
