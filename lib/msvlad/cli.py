@@ -19,9 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from msvlad.config import ConfigError, ModelConfig, Params, load_params, method_params
+from msvlad.config import (
+    ConfigError,
+    ModelConfig,
+    Params,
+    load_params,
+    load_yaml,
+    method_params,
+)
 from msvlad.errors import InputError, Interrupted
 from msvlad.runtime import setup_logging
 
@@ -38,10 +43,7 @@ def parse_sets(values: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        try:
-            out[key] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: {raw!r} is not a YAML value") from None
+        out[key] = load_yaml(raw, f"--set {key}")
     return out
 
 

@@ -44,6 +44,7 @@ from msvlad.evaluation.pipeline import (
     score,
 )
 from msvlad.evaluation.protocol import RetrievalMetrics, metrics_summary, metrics_table
+from msvlad.evaluation.search import check_expansions
 from msvlad.nn.model import RetrievalNet
 from msvlad.runtime import code_version, init_distributed, resolve_device, seed_everything
 from msvlad.storage import (
@@ -94,6 +95,8 @@ def run(params: Params, model: RetrievalNet, request: EvaluateRequest) -> dict[s
         raise InputError("data.test_sets: no dataset to evaluate (or pass --dataset)")
     if request.flat and len(datasets) > 1:
         raise InputError("--flat: writes one dataset's files into --out; give one --dataset")
+    for dataset in datasets:  # alpha-QE/DBA neighbours fit each database: checked before extracting
+        check_expansions(params.evaluate, variants, len(dataset.imlist), str(dataset.root))
     model = model.to(device).eval()
     if not dist_info.main:  # the main rank alone checks, locks and writes the output folder
         _evaluate_all(params, model, request, datasets, variants, policy, request.out)

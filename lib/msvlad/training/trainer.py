@@ -38,7 +38,7 @@ from msvlad.errors import CheckpointError, InputError
 from msvlad.evaluation.pipeline import validation_map
 from msvlad.mining.base import TripletMiner
 from msvlad.mining.pool import ClassBalancedPool
-from msvlad.mining.registry import build_miner
+from msvlad.mining.registry import miner_from_config
 from msvlad.nn.loss import triplet_loss
 from msvlad.nn.model import RetrievalNet, load_model, save_model
 from msvlad.runtime import init_distributed, resolve_device, seed_everything
@@ -394,17 +394,7 @@ def make_bank(train_set: TrainingSet, params: Params, world: int = 1) -> Descrip
 
 def make_miner(params: Params) -> TripletMiner:
     """The configured miner, seeded so round r draws from seed + r."""
-    m = params.miner
-    return build_miner(
-        m.name,
-        margin=m.margin,
-        delta=m.delta,
-        threshold=m.threshold,
-        semi_hard_prob=m.semi_hard_prob,
-        triplets_per_round=m.triplets_per_round,
-        seed=params.base.seed * 1_000_003,
-        backend=m.backend,
-    )
+    return miner_from_config(params.miner, seed=params.base.seed * 1_000_003)
 
 
 def train(
