@@ -340,25 +340,15 @@ class _Pairs(list):
 
 
 def _yaml_pairs(path: Path, text: str) -> list[tuple[Any, Any]]:
-    """The top-level (key, value) pairs of a YAML mapping, duplicates kept (to be refused)."""
-    import yaml
+    """The (name, degrees) pairs of a YAML mapping, read strictly (no aliases, no duplicate keys)."""
+    from msvlad.config import load_yaml  # the one strict YAML reader
 
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    if node is None:
+    data = load_yaml(text, str(path))
+    if data is None:
         return []
-    if not isinstance(node, yaml.MappingNode):
+    if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of image name -> degrees")
-    loader = yaml.SafeLoader("")
-    try:
-        return [
-            (loader.construct_object(k, deep=True), loader.construct_object(v, deep=True))
-            for k, v in node.value
-        ]
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    return list(data.items())
 
 
 def _stem(name: str) -> str:
