@@ -852,7 +852,7 @@ def test_bad_rotations_json_in_a_dataset(tmp_path: Path, name: str) -> None:
         (".json", b"{nope", "not valid JSON"),
         (".json", b"\xff\xfe{}", "not UTF-8 text"),
         (".yaml", b"100001.jpg: [90\n", "not valid YAML"),
-        (".yaml", b"100001.jpg: 90\n100001.jpg: 180\n", "image listed twice"),
+        (".yaml", b"100001.jpg: 90\n100001.jpg: 180\n", "100001.jpg: duplicate key"),
         (".txt", b"100001.jpg 90\n\xff 180\n", "not UTF-8 text"),
     ],
 )

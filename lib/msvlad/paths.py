@@ -19,6 +19,7 @@ checks that they agree with the names here.
         <dataset>/per_query[_<variant>].csv  `per_query_file`
         <distractors>_features.npz           `distractor_features`
     reports/{notebooks,figures,tables}/      REPORT_NOTEBOOKS, REPORT_FIGURES, REPORT_TABLES
+    results/bench/                           BENCH: the benchmarks' JSON and figures
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ DATA = ROOT / "data"
 RUNS = ROOT / "runs"
 RESULTS = ROOT / "results"
 EVALUATE = RESULTS / "evaluate"
+BENCH = RESULTS / "bench"  # the benchmarks' JSON and figures
 REPORTS = ROOT / "reports"
 NOTEBOOKS = ROOT / "notebooks"
 PARAMS = ROOT / "params.yaml"

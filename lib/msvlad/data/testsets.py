@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from msvlad.config import load_yaml
 from msvlad.data.catalog import (
     DATASETS,
     IMAGE_EXTS,
@@ -336,25 +337,13 @@ class _Pairs(list):
 
 
 def _yaml_pairs(path: Path, text: str) -> list[tuple[Any, Any]]:
-    """The top-level (key, value) pairs of a YAML mapping, duplicates kept (to be refused)."""
-    import yaml
-
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    if node is None:
+    """The (key, value) pairs of a YAML mapping read strictly (`msvlad.config.load_yaml`)."""
+    data = load_yaml(text, str(path))  # no anchors or aliases, no duplicate names
+    if data is None:
         return []
-    if not isinstance(node, yaml.MappingNode):
+    if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of image name -> degrees")
-    loader = yaml.SafeLoader("")
-    try:
-        return [
-            (loader.construct_object(k, deep=True), loader.construct_object(v, deep=True))
-            for k, v in node.value
-        ]
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    return list(data.items())
 
 
 def _stem(name: str) -> str:
