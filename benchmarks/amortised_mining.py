@@ -42,7 +42,7 @@ from benchmarks import common
 from msvlad.cli import parse_sets
 from msvlad.config import load_params, with_overrides
 from msvlad.mining.pool import POOL_DRAWS
-from msvlad.paths import ROOT
+from msvlad.paths import LOG, ROOT, ROUNDS, init_file
 from msvlad.storage import read_json, write_json
 from msvlad.training.trainer import Trainer, make_miner
 
@@ -131,7 +131,7 @@ def run_one(args: argparse.Namespace, seed: int, fraction: float, folder: Path) 
     if trainer.inputs.trunk is not None:
         _TRUNKS.setdefault(key, trainer.inputs.trunk)
     wall = time.time() - t0
-    epochs, rounds = _csv(folder / "log.csv"), _csv(folder / "rounds.csv")
+    epochs, rounds = _csv(folder / LOG), _csv(folder / ROUNDS)
     shares, describe, mine, steps = [], [], [], []
     for row in rounds:
         r = int(row["round"])
@@ -203,7 +203,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    parser.add_argument("--init", type=Path, default=ROOT / "runs" / "msvlad" / "init.pt")
+    parser.add_argument("--init", type=Path, default=init_file("msvlad"))
     parser.add_argument("--fractions", type=float_list, default=[1.0, 0.5, 0.25, 0.1, 0.0])
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=None, help="keep the run folders here")

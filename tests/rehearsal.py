@@ -201,7 +201,7 @@ R1M_OUT = "results/evaluate-r1m/msvlad"  # the +1M rows of the paper's row
 def plus_r1m(workspace: Path, mirror_url: str) -> subprocess.CompletedProcess:
     """The +1M rows, which no dvc stage makes: download revisitop1m, evaluate ROxf/RPar with it."""
     fetch = (
-        "from msvlad.data.registry import prepare_dataset; "
+        "from msvlad.data.official import prepare_dataset; "
         f"prepare_dataset('revisitop1m', 'data/paper', mirror={mirror_url!r})"
     )
     evaluate = [

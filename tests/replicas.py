@@ -1,7 +1,7 @@
 """Tiny replicas of the paper profile's official downloads, in their official formats and layouts.
 
 `paper_mirror()` returns every file the paper profile fetches, keyed by its mirror path
-``/<host>/<path>`` (`msvlad.data.registry.url_key`), so that `httpserver.FileServer` serves it as
+``/<host>/<path>`` (`msvlad.data.download.url_key`), so that `httpserver.FileServer` serves it as
 the mirror of `data.mirror` (or, written to a folder, a ``file://`` mirror):
 
 - revisited Oxford/Paris: ``gnd_r*.pkl`` with easy/hard/junk/bbx per query (one query has no hard
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from msvlad.data.registry import (
+from msvlad.data.catalog import (
     CIRTORCH_GND,
     GLDV2_CLEAN_CSV,
     GLDV2_MD5,
@@ -45,8 +45,8 @@ from msvlad.data.registry import (
     R1M_LIST,
     R1M_NUM_ARCHIVES,
     REVISITOP_GND,
-    url_key,
 )
+from msvlad.data.download import url_key
 from msvlad.nn.backbones import BACKBONES
 
 # ----------------------------------------------------------------------------- file builders

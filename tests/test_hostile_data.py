@@ -34,8 +34,9 @@ import pytest
 from badinputs import World, make_world, snapshot
 from httpserver import FileServer
 from msvlad.cli import main
-from msvlad.data.download import ArchiveError, extract_archive
-from msvlad.data.registry import OXFORD_IMAGES, R1M_ARCHIVE, R1M_LIST, prepare_dataset, url_key
+from msvlad.data.catalog import OXFORD_IMAGES, R1M_ARCHIVE, R1M_LIST
+from msvlad.data.download import ArchiveError, extract_archive, url_key
+from msvlad.data.official import prepare_dataset
 from msvlad.data.safe_pickle import (
     UnsafePickleError,
     check_tree_size,
@@ -934,7 +935,7 @@ def test_bad_sfm120k_db(tmp_path: Path) -> None:
 
 def test_bad_md5_and_checksum_files(tmp_path: Path) -> None:
     from msvlad.data.download import ChecksumRegistry
-    from msvlad.data.registry import _parse_md5_file
+    from msvlad.data.official import _parse_md5_file
 
     md5 = tmp_path / "md5.images_000.txt"
     md5.write_bytes(b"\xff\xfe  images_000.tar\n")
@@ -1012,7 +1013,7 @@ def test_full_disk_during_extraction_names_the_file(tmp_path: Path, monkeypatch)
 
 
 def test_holidays_archive_with_a_foreign_name_names_the_archives(tmp_path: Path) -> None:
-    from msvlad.data.registry import HOLIDAYS_IMAGES
+    from msvlad.data.catalog import HOLIDAYS_IMAGES
 
     files = {
         "/" + url_key(HOLIDAYS_IMAGES[0]): tar_bytes({"jpg/100000.jpg": random_jpeg(0)}),

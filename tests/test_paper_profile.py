@@ -62,7 +62,7 @@ def test_unknown_test_set_stops_before_any_download(tmp_path, repo_root) -> None
 
 def test_the_replicas_are_what_prepare_reads(tmp_path, repo_root) -> None:
     """Every replica of the rehearsal's mirror goes through the registry's own preparation."""
-    from msvlad.data.registry import prepare_dataset
+    from msvlad.data.official import prepare_dataset
     from msvlad.data.testsets import load_dataset, load_distractors
     from msvlad.data.trainsets import load_training_set
     from replicas import GLDV2_CLASSES, HOLIDAYS_TURNED, paper_mirror

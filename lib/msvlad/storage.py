@@ -32,14 +32,15 @@ from typing import Any
 import numpy as np
 
 from msvlad.errors import CheckpointError, InputError
+from msvlad.paths import MANIFEST
 
 log = logging.getLogger(__name__)
 
 DIGEST_KEY = "sha256"  # the key of a torch file's payload checksum
 TEMP_MARK = ".msvlad-temp.json"  # inside every temp folder of `atomic_dir`: proof that it is ours
-# what made a results folder: the command, its inputs, and every file of the folder ("files") with
-# its sha256 ("sha256"); evaluate refuses to replace a folder holding anything it does not list
-MANIFEST = "manifest.json"
+# MANIFEST, what made a results folder: the command, its inputs, and every file of the folder
+# ("files") with its sha256 ("sha256"); evaluate refuses to replace a folder holding anything it
+# does not list
 
 
 @contextmanager

@@ -6,6 +6,10 @@
 - Offline, it fails with one line saying which URL could not be fetched and which file to place
   where; a file already at `dest` is used as is (after verification), so copying the files by hand
   is always a way through.
+- Mirrors: ``mirror=`` or ``$MSVLAD_MIRROR`` (``http://...`` or ``file:///...``) replaces the
+  official hosts: ``<mirror>/<host>/<path>`` (`mirror_url`). `Fetcher` keeps each file of a data
+  root in ``ROOT/downloads/<host>/<path>``, the layout `wget -x` writes and a mirror must have;
+  the network weights (`msvlad.nn.backbones`) use the same mirrors.
 - Trust on first use: the official hosts publish no checksums for the Oxford/Paris/Holidays/
   SfM-120k/R1M files (only GLDv2 ships md5 files), and we could not fetch them to pre-compute
   hashes. `ChecksumRegistry` therefore records the sha256 of each file the first time it is
@@ -14,8 +18,8 @@
 - `extract_archive` checks every member before writing any: links (symbolic or hard), devices,
   fifos, absolute names and ``..`` components are refused with one line naming the archive and
   the member (datasets never need them). It then writes the files one by one, never through a
-  link, into a temporary folder renamed into place only when complete. The registry extracts
-  only tar archives (no zip).
+  link, into a temporary folder renamed into place only when complete. The official datasets
+  come only as tar archives (no zip).
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ import threading
 import urllib.error
 import urllib.request
 import zlib
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 USER_AGENT = "msvlad/0.1 (python urllib)"
+MIRROR_ENV = "MSVLAD_MIRROR"
 
 
 class DownloadError(InputError, RuntimeError):
@@ -312,6 +319,56 @@ def download_file(
     os.replace(part, dest)
     log.info("downloaded %s -> %s", url, dest)
     return dest
+
+
+# ----------------------------------------------------------------------------- mirrors
+
+
+def resolve_mirror(mirror: str | None = None) -> str | None:
+    """The mirror to use: the argument, else $MSVLAD_MIRROR, else None (official hosts)."""
+    return mirror or os.environ.get(MIRROR_ENV) or None
+
+
+def url_key(url: str) -> str:
+    """``host/path`` of an official URL: its place in a mirror, downloads/ and checksums.json."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}{parts.path}"
+
+
+def mirror_url(url: str, mirror: str | None) -> str:
+    """The official `url`, or ``<mirror>/<host>/<path>`` when a mirror is given."""
+    return url if not mirror else f"{mirror.rstrip('/')}/{url_key(url)}"
+
+
+@dataclass(frozen=True)
+class Fetcher:
+    """Downloads official files (or mirror copies) to ROOT/downloads/<host>/<path>, verified."""
+
+    data_root: Path
+    mirror: str | None = None
+    timeout: float = 30.0
+
+    @property
+    def registry(self) -> ChecksumRegistry:
+        """Trust-on-first-use sha256 record, ROOT/checksums.json."""
+        return ChecksumRegistry(self.data_root / "checksums.json")
+
+    def local_path(self, url: str) -> Path:
+        """Where the file of `url` is kept (and where to place it by hand offline)."""
+        return self.data_root / "downloads" / url_key(url)
+
+    def fetch(self, url: str, *, md5: str | None = None, sha256: str | None = None) -> Path:
+        """Download `url` (or reuse the verified local copy) and return its path."""
+        return download_file(
+            mirror_url(url, self.mirror),
+            self.local_path(url),
+            md5=md5,
+            sha256=sha256,
+            desc=PurePosixPath(url).name,
+            timeout=self.timeout,
+            registry=self.registry,
+            key=url_key(url),
+        )
 
 
 # ----------------------------------------------------------------------------- archives

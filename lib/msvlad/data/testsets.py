@@ -10,27 +10,24 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from msvlad.config import load_yaml
+from msvlad.data.catalog import (
+    DATASETS,
+    IMAGE_EXTS,
+    JPG,
+    ROTATIONS,
+    Protocol,
+    gnd_name,
+    not_found_hint,
+)
 from msvlad.data.safe_pickle import load_pickle
 from msvlad.errors import InputError
 
 log = logging.getLogger(__name__)
-
-
-Protocol = Literal["revisited", "classic", "holidays"]
-DatasetKind = Literal["test", "train", "distractors"]
-
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-
-
-ROTATIONS = "rotations.json"
-
-
-GND_PICKLE_PROTOCOL = 4
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ class RetrievalDataset:
 
     def _path(self, name: str) -> Path:
         suffix = PurePosixPath(name).suffix.lower()
-        return self.root / "jpg" / (name if suffix in IMAGE_EXTS else name + self.ext)
+        return self.root / JPG / (name if suffix in IMAGE_EXTS else name + self.ext)
 
     def image_path(self, i: int) -> Path:
         """File of database image `i`."""
@@ -340,10 +337,8 @@ class _Pairs(list):
 
 
 def _yaml_pairs(path: Path, text: str) -> list[tuple[Any, Any]]:
-    """The (name, degrees) pairs of a YAML mapping, read strictly (no aliases, no duplicate keys)."""
-    from msvlad.config import load_yaml  # the one strict YAML reader
-
-    data = load_yaml(text, str(path))
+    """The (key, value) pairs of a YAML mapping read strictly (`msvlad.config.load_yaml`)."""
+    data = load_yaml(text, str(path))  # no anchors or aliases, no duplicate names
     if data is None:
         return []
     if not isinstance(data, dict):
@@ -356,42 +351,19 @@ def _stem(name: str) -> str:
     return p.name[: -len(p.suffix)] if p.suffix.lower() in IMAGE_EXTS else p.name
 
 
-def _not_found_hint(data_root: Path, name: str, kind: DatasetKind = "test") -> str:
-    from msvlad.data.registry import DATASETS  # lazy: the registry imports this module
-
-    if name in DATASETS:
-        return (
-            f"run `python -m msvlad prepare` with {name} listed in params.yaml (data.test_sets/"
-            f"train_set), or call msvlad.data.registry.prepare_dataset({name!r}, "
-            f"{str(data_root)!r})"
-        )
-    folder = data_root / name
-    if kind == "train":
-        where = f"place images in class folders {folder}/<class>/<image>.jpg"
-    else:
-        where = (
-            f"place images in {folder / 'jpg'} and the ground truth in {folder / f'gnd_{name}.pkl'}"
-        )
-    if name.startswith("mini-"):
-        where += " (or run `python -m msvlad prepare`: the mini profile builds mini-* offline)"
-    return where
-
-
 def load_dataset(data_root: str | os.PathLike, name: str) -> RetrievalDataset:
     """Load ROOT/NAME (jpg/ + gnd_NAME.pkl, via the restricted unpickler) as a RetrievalDataset."""
     data_root = Path(data_root)
     root = data_root / name
-    gnd_file = root / f"gnd_{name}.pkl"
+    gnd_file = root / gnd_name(name)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"{root}: dataset folder not found; {_not_found_hint(data_root, name)}"
+            f"{root}: dataset folder not found; {not_found_hint(data_root, name)}"
         )
     if not gnd_file.is_file():
         raise FileNotFoundError(
-            f"{gnd_file}: ground truth not found; {_not_found_hint(data_root, name)}"
+            f"{gnd_file}: ground truth not found; {not_found_hint(data_root, name)}"
         )
-    from msvlad.data.registry import DATASETS
-
     spec = DATASETS.get(name)
     imlist, qimlist, gnd, protocol = validate_gnd(
         load_pickle(gnd_file), str(gnd_file), spec.protocol if spec is not None else None
@@ -416,14 +388,14 @@ def _check_images(ds: RetrievalDataset, data_root: Path) -> None:
     for what, listed in (("database images", ds.imlist), ("queries", ds.qimlist)):
         if missing and len(missing) < len(names) and not any(ds._path(n).is_file() for n in listed):
             raise InputError(
-                f"{ds.root / 'jpg'}: none of the {len(listed)} {what} of {ds.name} found "
+                f"{ds.root / JPG}: none of the {len(listed)} {what} of {ds.name} found "
                 f"(e.g. {listed[0]})"
             )
     if missing and len(missing) == len(names):
         raise FileNotFoundError(
-            f"{ds.root / 'jpg'}: none of the {len(names)} images of {ds.name} found "
+            f"{ds.root / JPG}: none of the {len(names)} images of {ds.name} found "
             f"(e.g. {missing[0]}); "
-            f"{_not_found_hint(data_root, ds.name)}"
+            f"{not_found_hint(data_root, ds.name)}"
         )
     if missing:
         log.warning(
@@ -431,7 +403,7 @@ def _check_images(ds: RetrievalDataset, data_root: Path) -> None:
             ds.name,
             len(missing),
             len(names),
-            ds.root / "jpg",
+            ds.root / JPG,
             missing[0],
         )
 
@@ -446,7 +418,7 @@ def load_distractors(data_root: str | os.PathLike, name: str = "revisitop1m") ->
     listing = root / f"{name}.txt"
     if not listing.is_file():
         raise FileNotFoundError(
-            f"{listing}: distractor list not found; {_not_found_hint(Path(data_root), name)}"
+            f"{listing}: distractor list not found; {not_found_hint(Path(data_root), name)}"
         )
     try:
         lines = listing.read_text(encoding="utf-8").splitlines()
@@ -464,12 +436,10 @@ def load_distractors(data_root: str | os.PathLike, name: str = "revisitop1m") ->
             raise InputError(f"{listing}:{n}: {name!r} is listed twice (also line {seen[name]})")
         seen[name] = n
     names = list(seen)
-    paths = [root / "jpg" / (n if PurePosixPath(n).suffix else n + ".jpg") for n in names]
+    paths = [root / JPG / (n if PurePosixPath(n).suffix else n + ".jpg") for n in names]
     present = [p for p in paths if p.is_file()]
     if not present:
-        raise FileNotFoundError(
-            f"{root / 'jpg'}: none of the {len(names)} listed distractors found"
-        )
+        raise FileNotFoundError(f"{root / JPG}: none of the {len(names)} listed distractors found")
     if len(present) < len(paths):
         log.warning(
             "%s: %d of %d listed distractors present (partial download)",

@@ -15,14 +15,11 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
+from msvlad.data.catalog import IMAGE_EXTS, not_found_hint
 from msvlad.data.safe_pickle import load_pickle
-from msvlad.data.testsets import (
-    IMAGE_EXTS,
-    _natural_key,
-    _not_found_hint,
-    check_relative_name,
-)
+from msvlad.data.testsets import _natural_key, check_relative_name
 from msvlad.errors import InputError
+from msvlad.paths import MANIFEST
 from msvlad.storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -58,7 +55,7 @@ def load_training_set(path: str | os.PathLike) -> TrainingSet:
     if not path.is_dir():
         raise FileNotFoundError(
             f"{path}: training set folder not found; "
-            f"{_not_found_hint(path.parent, path.name, 'train')}"
+            f"{not_found_hint(path.parent, path.name, 'train')}"
         )
     class_dirs = sorted(
         (d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")),
@@ -121,6 +118,48 @@ def build_gldv2_clean(
         raise InputError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
     if num_classes is not None and num_classes < 1:
         raise InputError(f"num_classes must be >= 1 or None, got {num_classes}")
+    present, n_listed, n_missing = _read_gldv2_csv(train_clean_csv, images_dir)
+    chosen = _choose_landmarks(present, min_images_per_class, num_classes, seed)
+    if chosen is None:
+        raise InputError(
+            f"{images_dir}: no landmark of {train_clean_csv.name} has "
+            f"{min_images_per_class}+ images on disk"
+        )
+    if n_missing:
+        log.warning(
+            "gldv2: %d of %d listed images are not under %s (tars not downloaded?)",
+            n_missing,
+            n_listed,
+            images_dir,
+        )
+    with atomic_dir(out_dir) as tmp:
+        n_images = 0
+        for landmark in tqdm(chosen, desc="gldv2 classes", leave=False):
+            (tmp / landmark).mkdir()
+            for image_id, src in present[landmark]:
+                _link(src, tmp / landmark / f"{image_id}.jpg")
+                n_images += 1
+        write_manifest(
+            tmp,
+            {
+                "source": "gldv2_clean",
+                "classes": len(chosen),
+                "images": n_images,
+                "listed_images": n_listed,
+                "missing_images": n_missing,
+                "num_classes": num_classes,
+                "min_images_per_class": min_images_per_class,
+                "seed": seed,
+            },
+        )
+    log.info("gldv2-clean: %d classes, %d images -> %s", len(chosen), n_images, out_dir)
+    return out_dir
+
+
+def _read_gldv2_csv(
+    train_clean_csv: Path, images_dir: Path
+) -> tuple[dict[str, list[tuple[str, Path]]], int, int]:
+    """Images of each landmark present under `images_dir`, and the listed and missing counts."""
     present: dict[str, list[tuple[str, Path]]] = {}
     n_listed = n_missing = 0
     first_row: dict[str, int] = {}
@@ -159,14 +198,21 @@ def build_gldv2_clean(
         raise InputError(f"{train_clean_csv}: not UTF-8 text (byte {err.start})") from None
     except csv.Error as err:
         raise InputError(f"{train_clean_csv}: not a readable CSV file ({err})") from None
+    return present, n_listed, n_missing
+
+
+def _choose_landmarks(
+    present: dict[str, list[tuple[str, Path]]],
+    min_images_per_class: int,
+    num_classes: int | None,
+    seed: int,
+) -> list[str] | None:
+    """Landmarks with enough images, a seeded draw of `num_classes` of them; None if none has."""
     eligible = sorted(
         (k for k, v in present.items() if len(v) >= min_images_per_class), key=_natural_key
     )
     if not eligible:
-        raise InputError(
-            f"{images_dir}: no landmark of {train_clean_csv.name} has "
-            f"{min_images_per_class}+ images on disk"
-        )
+        return None
     chosen = eligible
     if num_classes is not None:
         if num_classes > len(eligible):
@@ -179,35 +225,7 @@ def build_gldv2_clean(
         else:
             pick = np.random.default_rng(seed).choice(len(eligible), num_classes, replace=False)
             chosen = [eligible[i] for i in sorted(pick.tolist())]
-    if n_missing:
-        log.warning(
-            "gldv2: %d of %d listed images are not under %s (tars not downloaded?)",
-            n_missing,
-            n_listed,
-            images_dir,
-        )
-    with atomic_dir(out_dir) as tmp:
-        n_images = 0
-        for landmark in tqdm(chosen, desc="gldv2 classes", leave=False):
-            (tmp / landmark).mkdir()
-            for image_id, src in present[landmark]:
-                _link(src, tmp / landmark / f"{image_id}.jpg")
-                n_images += 1
-        write_manifest(
-            tmp,
-            {
-                "source": "gldv2_clean",
-                "classes": len(chosen),
-                "images": n_images,
-                "listed_images": n_listed,
-                "missing_images": n_missing,
-                "num_classes": num_classes,
-                "min_images_per_class": min_images_per_class,
-                "seed": seed,
-            },
-        )
-    log.info("gldv2-clean: %d classes, %d images -> %s", len(chosen), n_images, out_dir)
-    return out_dir
+    return chosen
 
 
 def sfm120k_image_path(ims_dir: Path, cid: str) -> Path:
@@ -290,9 +308,6 @@ def build_sfm120k(
         )
     log.info("sfm120k %s: %d clusters, %d images -> %s", split, len(chosen), n_images, out_dir)
     return out_dir
-
-
-MANIFEST = "manifest.json"
 
 
 def write_manifest(folder: Path, info: Mapping[str, Any]) -> None:

@@ -50,11 +50,11 @@ from typing import Literal
 from PIL import Image
 
 from msvlad.errors import InputError
+from msvlad.paths import MANIFEST
 from msvlad.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 DOWNLOADS = "downloads"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 PHOTOS_CSV = Path(__file__).with_name("photos.csv")
@@ -278,7 +278,7 @@ class Manifest:
 
 def read_manifest(assets_dir: Path) -> Manifest:
     """Load `<assets>/manifest.json`."""
-    path = Path(assets_dir) / MANIFEST_NAME
+    path = Path(assets_dir) / MANIFEST
     try:
         return Manifest.from_dict(read_json(path))
     except (KeyError, TypeError) as err:
@@ -329,7 +329,7 @@ def scan_photos(
 
 def write_manifest(assets_dir: Path, manifest: Manifest) -> Path:
     """Write `<assets>/manifest.json` atomically, only if its content changed."""
-    path = Path(assets_dir) / MANIFEST_NAME
+    path = Path(assets_dir) / MANIFEST
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
     if path.is_file() and path.read_text() == text:
         return path
@@ -575,7 +575,7 @@ def read_rcc(buf: bytes) -> dict[str, bytes]:
 
 
 def _read_sources(assets_dir: Path) -> dict[str, dict]:
-    path = assets_dir / MANIFEST_NAME
+    path = assets_dir / MANIFEST
     if not path.is_file():
         return {}
     try:

@@ -33,14 +33,15 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from msvlad.mini.assets import PhotoRow, photo_table, read_manifest
+from msvlad.data.catalog import GND_PICKLE_PROTOCOL, JPG, gnd_name
+from msvlad.mini.assets import Manifest, PhotoRow, photo_table, read_manifest
 from msvlad.mini.synthetic import VIEW_SPECS, Box, View, spec_record, synthesize_view
+from msvlad.paths import MANIFEST
 from msvlad.storage import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("mini-test", "mini-val", "mini-train")
-PICKLE_PROTOCOL = 4
 JPEG_QUALITY = 90
 SYNTHETIC_LEVELS = ("easy", "hard", "junk")  # the order of `views_per_scene`
 TRAIN_LEVELS = ("easy", "hard")
@@ -212,26 +213,14 @@ def build_mini_benchmark(
     Returns:
         The summary written to `<out_root>/manifest.json` (counts, params, sources, fingerprint).
     """
-    if image_max_side < 32:
-        raise ValueError(f"image_max_side: must be >= 32, got {image_max_side}")
-    if queries_per_scene < 1 or train_views_per_class < 1:
-        raise ValueError("queries_per_scene, train_views_per_class: must be >= 1")
-    if len(views_per_scene) != 3 or min(views_per_scene) < 0 or distractor_views < 0:
-        raise ValueError("views_per_scene: three counts >= 0; distractor_views: >= 0")
+    _check_counts(
+        image_max_side, queries_per_scene, train_views_per_class, views_per_scene, distractor_views
+    )
     assets_dir, out_root = Path(assets_dir), Path(out_root)
     manifest = read_manifest(assets_dir)
     photos = {p.photo_id: assets_dir / p.path for p in manifest.photos}
     cat = catalogue if catalogue is not None else curated_catalogue()
-    missing = sorted(set(cat.photos()) - set(photos))
-    if missing:
-        raise ValueError(
-            f"{assets_dir}: {len(missing)} catalogue photos are not in the assets manifest "
-            f"(first: {missing[:3]}); fetch them with msvlad.mini.assets.fetch_assets"
-        )
-    if not cat.test or not cat.train:
-        raise ValueError("catalogue: needs test scenes and train classes")
-    if any(len(g.photos) < 2 for g in (*cat.test, *cat.val)):
-        raise ValueError("catalogue: every test and val scene needs two or more real photos")
+    _check_catalogue(cat, photos, assets_dir)
     rot = rotations if rotations is not None else curated_rotations()
     loader = _Loader(photos, source_max_side, rot)
     cfg = dict(seed=seed, max_side=image_max_side, loader=loader)
@@ -246,52 +235,80 @@ def build_mini_benchmark(
         if not scenes:
             continue
         with atomic_dir(out_root / ds) as tmp:
-            items, gnd = _build_retrieval(
-                tmp,
-                ds,
-                scenes,
-                distractors,
-                queries_per_scene,
-                views_per_scene,
-                distractor_views,
-                **cfg,
-            )
-            blob = pickle.dumps(gnd, protocol=PICKLE_PROTOCOL)
-            (tmp / f"gnd_{ds}.pkl").write_bytes(blob)
+            views = (queries_per_scene, views_per_scene, distractor_views)
+            items, gnd = _build_retrieval(tmp, ds, scenes, distractors, *views, **cfg)
+            blob = pickle.dumps(gnd, protocol=GND_PICKLE_PROTOCOL)
+            (tmp / gnd_name(ds)).write_bytes(blob)
             digests += _digests(tmp, ds)
-        records[ds] = [_record(it, f"jpg/{it.name}.jpg") for it in items]
+        records[ds] = [_record(it, f"{JPG}/{it.name}.jpg") for it in items]
         counts[ds] = _retrieval_counts(items, gnd, scenes, distractors)
     with atomic_dir(out_root / "mini-train") as tmp:
         items = _build_train(tmp, cat.train, train_views_per_class, **cfg)
         digests += _digests(tmp, "mini-train")
     records["mini-train"] = [_record(it, f"{it.group}/{it.name}.jpg") for it in items]
-    counts["mini-train"] = {
-        "classes": len(cat.train),
-        "images": len(items),
-        "real_images": sum(it.level == "real" for it in items),
+    counts["mini-train"] = _train_counts(items, cat.train)
+    params = {
+        "seed": seed,
+        "image_max_side": image_max_side,
+        "queries_per_scene": queries_per_scene,
+        "views_per_scene": list(views_per_scene),
+        "distractor_views": distractor_views,
+        "train_views_per_class": train_views_per_class,
+        "source_max_side": source_max_side,
     }
-    used = {pid.split("/", 1)[0] for pid in loader.used}
+    summary = _summary(digests, counts, params, manifest, loader.used)
+    write_json(out_root / MANIFEST, {**summary, "images": records})
+    log.info("mini benchmark in %s: %s", out_root, _brief(counts))
+    return summary
+
+
+def _check_counts(
+    image_max_side: int,
+    queries_per_scene: int,
+    train_views_per_class: int,
+    views_per_scene: tuple[int, int, int],
+    distractor_views: int,
+) -> None:
+    """The image side and the view counts a build takes (ValueError naming the argument)."""
+    if image_max_side < 32:
+        raise ValueError(f"image_max_side: must be >= 32, got {image_max_side}")
+    if queries_per_scene < 1 or train_views_per_class < 1:
+        raise ValueError("queries_per_scene, train_views_per_class: must be >= 1")
+    if len(views_per_scene) != 3 or min(views_per_scene) < 0 or distractor_views < 0:
+        raise ValueError("views_per_scene: three counts >= 0; distractor_views: >= 0")
+
+
+def _check_catalogue(cat: Catalogue, photos: dict[str, Path], assets_dir: Path) -> None:
+    """Every photo of the catalogue in the assets; test scenes and train classes; 2+ per scene."""
+    missing = sorted(set(cat.photos()) - set(photos))
+    if missing:
+        raise ValueError(
+            f"{assets_dir}: {len(missing)} catalogue photos are not in the assets manifest "
+            f"(first: {missing[:3]}); fetch them with msvlad.mini.assets.fetch_assets"
+        )
+    if not cat.test or not cat.train:
+        raise ValueError("catalogue: needs test scenes and train classes")
+    if any(len(g.photos) < 2 for g in (*cat.test, *cat.val)):
+        raise ValueError("catalogue: every test and val scene needs two or more real photos")
+
+
+def _summary(
+    digests: list[str], counts: dict, params: dict, manifest: Manifest, used: set[str]
+) -> dict:
+    """What a build made: the fingerprint of its files, counts, params, sources, photo digests."""
+    sources = {pid.split("/", 1)[0] for pid in used}
     by_id = manifest.by_id()
-    summary = {
+    return {
         "fingerprint": hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest(),
         "counts": counts,
         "params": {
-            "seed": seed,
-            "image_max_side": image_max_side,
-            "queries_per_scene": queries_per_scene,
-            "views_per_scene": list(views_per_scene),
-            "distractor_views": distractor_views,
-            "train_views_per_class": train_views_per_class,
-            "source_max_side": source_max_side,
+            **params,
             "jpeg_quality": JPEG_QUALITY,
             "view_specs": {k: spec_record(v) for k, v in sorted(VIEW_SPECS.items())},
         },
-        "sources": {k: v for k, v in sorted(manifest.sources.items()) if k in used},
-        "photos": {pid: by_id[pid].sha256 for pid in sorted(loader.used)},
+        "sources": {k: v for k, v in sorted(manifest.sources.items()) if k in sources},
+        "photos": {pid: by_id[pid].sha256 for pid in sorted(used)},
     }
-    write_json(out_root / "manifest.json", {**summary, "images": records})
-    log.info("mini benchmark in %s: %s", out_root, _brief(counts))
-    return summary
 
 
 # -------------------------------------------------------------------------------- builders
@@ -311,7 +328,7 @@ def _build_retrieval(
     loader: _Loader,
 ) -> tuple[list[_Item], dict]:
     """Write queries and db of one revisitop-style dataset; return the items and the gnd dict."""
-    jpg = root / "jpg"
+    jpg = root / JPG
     jpg.mkdir()
     items: list[_Item] = []
     db: list[_Db] = []
@@ -322,45 +339,12 @@ def _build_retrieval(
             _scene_roi(g, i, s.size, _seed(seed, ds, g.name, "roi", i)) for i, s in enumerate(srcs)
         ]
         for k in range(max(len(srcs), queries_per_scene)):
-            i, name = k % len(srcs), f"{g.name}_q{k}"
-            if k < len(srcs):
-                img, _ = _resize(srcs[i], max_side)
-                sx, sy = img.width / srcs[i].width, img.height / srcs[i].height
-                x1, y1, x2, y2 = rois[i]
-                bbx = [x1 * sx, y1 * sy, min(x2 * sx, img.width), min(y2 * sy, img.height)]
-                it = _Item(name, g.name, "query", "real", g.photos[i], None, None)
-            else:
-                s = _seed(seed, ds, name)
-                view = synthesize_view(srcs[i], VIEW_SPECS["query"], s, max_side=max_side)
-                img, bbx = view.image, _map_box(view, rois[i])
-                it = _Item(name, g.name, "query", "query", g.photos[i], s, view.params)
-            _save(img, jpg / f"{name}.jpg")
+            it, bbx = _scene_query(g, srcs, rois, k, ds, seed, max_side, jpg)
             items.append(it)
-            queries.append((name, g, i, [round(float(v), 2) for v in bbx]))
-        for i, src in enumerate(srcs):
-            img, _ = _resize(src, max_side)
-            db.append(
-                _Db(g.name, i, "real", img, _Item("", g.name, "db", "real", g.photos[i], *_NO))
-            )
-        for level, n in zip(SYNTHETIC_LEVELS, views_per_scene, strict=True):
-            for j in range(n):
-                i = j % len(srcs)
-                view = _view(srcs[i], level, _seed(seed, ds, g.name, level, j), max_side, rois[i])
-                db.append(
-                    _Db(g.name, i, level, view.image, _view_item(g.name, level, g.photos[i], view))
-                )
+            queries.append((it.name, g, k % len(srcs), [round(float(v), 2) for v in bbx]))
+        db += _scene_db(g, srcs, rois, views_per_scene, ds, seed, max_side)
     for g in tqdm(distractors, desc=f"{ds} distractors", leave=False):
-        for i, pid in enumerate(g.photos):
-            img, _ = _resize(loader(pid), max_side)
-            db.append(
-                _Db(g.name, i, "distractor", img, _Item("", g.name, "db", "distractor", pid, *_NO))
-            )
-        for j in range(distractor_views):
-            i, level = j % len(g.photos), SYNTHETIC_LEVELS[j % len(SYNTHETIC_LEVELS)]
-            s = _seed(seed, ds, g.name, "distractor", j)
-            view = _view(loader(g.photos[i]), level, s, max_side, None)
-            item = _view_item(g.name, f"distractor-{level}", g.photos[i], view)
-            db.append(_Db(g.name, i, "distractor", view.image, item))
+        db += _distractor_db(g, distractor_views, ds, seed, max_side, loader)
 
     # Shuffle the db with a seeded permutation so that index order carries no label.
     order = np.random.default_rng(_seed(seed, ds, "order")).permutation(len(db))
@@ -374,18 +358,91 @@ def _build_retrieval(
         _save(d.image, jpg / f"{name}.jpg")
         imlist.append(name)
         items.append(_renamed(d.item, name))
-    gnd = []
-    for _, g, i, bbx in queries:
-        ix: dict[str, list[int]] = {lv: [] for lv in SYNTHETIC_LEVELS}
-        for k, d in enumerate(shuffled):
-            if d.group != g.name:
-                continue
-            if d.level == "real":
-                ix["junk" if d.photo_index == i else g.pair_level(i, d.photo_index)].append(k)
-            else:
-                ix[d.level].append(k)
-        gnd.append({"easy": ix["easy"], "hard": ix["hard"], "junk": ix["junk"], "bbx": bbx})
+    gnd = [_query_gnd(shuffled, g, i, bbx) for _, g, i, bbx in queries]
     return items, {"imlist": imlist, "qimlist": [q[0] for q in queries], "gnd": gnd}
+
+
+def _scene_query(
+    g: Group,
+    srcs: list[Image.Image],
+    rois: list[Box],
+    k: int,
+    ds: str,
+    seed: int,
+    max_side: int,
+    jpg: Path,
+) -> tuple[_Item, list[float]]:
+    """Write query k of a scene (a real photo, then mild synthetic views); its item and bbx."""
+    i, name = k % len(srcs), f"{g.name}_q{k}"
+    if k < len(srcs):
+        img, _ = _resize(srcs[i], max_side)
+        sx, sy = img.width / srcs[i].width, img.height / srcs[i].height
+        x1, y1, x2, y2 = rois[i]
+        bbx = [x1 * sx, y1 * sy, min(x2 * sx, img.width), min(y2 * sy, img.height)]
+        it = _Item(name, g.name, "query", "real", g.photos[i], None, None)
+    else:
+        s = _seed(seed, ds, name)
+        view = synthesize_view(srcs[i], VIEW_SPECS["query"], s, max_side=max_side)
+        img, bbx = view.image, _map_box(view, rois[i])
+        it = _Item(name, g.name, "query", "query", g.photos[i], s, view.params)
+    _save(img, jpg / f"{name}.jpg")
+    return it, bbx
+
+
+def _scene_db(
+    g: Group,
+    srcs: list[Image.Image],
+    rois: list[Box],
+    views_per_scene: tuple[int, int, int],
+    ds: str,
+    seed: int,
+    max_side: int,
+) -> list[_Db]:
+    """A scene's db images: its real photos, then its easy / hard / junk synthetic views."""
+    db: list[_Db] = []
+    for i, src in enumerate(srcs):
+        img, _ = _resize(src, max_side)
+        db.append(_Db(g.name, i, "real", img, _Item("", g.name, "db", "real", g.photos[i], *_NO)))
+    for level, n in zip(SYNTHETIC_LEVELS, views_per_scene, strict=True):
+        for j in range(n):
+            i = j % len(srcs)
+            view = _view(srcs[i], level, _seed(seed, ds, g.name, level, j), max_side, rois[i])
+            db.append(
+                _Db(g.name, i, level, view.image, _view_item(g.name, level, g.photos[i], view))
+            )
+    return db
+
+
+def _distractor_db(
+    g: Group, distractor_views: int, ds: str, seed: int, max_side: int, loader: _Loader
+) -> list[_Db]:
+    """A distractor group's db images: its photos, then synthetic views cycling the levels."""
+    db: list[_Db] = []
+    for i, pid in enumerate(g.photos):
+        img, _ = _resize(loader(pid), max_side)
+        db.append(
+            _Db(g.name, i, "distractor", img, _Item("", g.name, "db", "distractor", pid, *_NO))
+        )
+    for j in range(distractor_views):
+        i, level = j % len(g.photos), SYNTHETIC_LEVELS[j % len(SYNTHETIC_LEVELS)]
+        s = _seed(seed, ds, g.name, "distractor", j)
+        view = _view(loader(g.photos[i]), level, s, max_side, None)
+        item = _view_item(g.name, f"distractor-{level}", g.photos[i], view)
+        db.append(_Db(g.name, i, "distractor", view.image, item))
+    return db
+
+
+def _query_gnd(shuffled: list[_Db], g: Group, i: int, bbx: list[float]) -> dict:
+    """Ground truth of a query from photo i of scene g: easy / hard / junk db indices and bbx."""
+    ix: dict[str, list[int]] = {lv: [] for lv in SYNTHETIC_LEVELS}
+    for k, d in enumerate(shuffled):
+        if d.group != g.name:
+            continue
+        if d.level == "real":
+            ix["junk" if d.photo_index == i else g.pair_level(i, d.photo_index)].append(k)
+        else:
+            ix[d.level].append(k)
+    return {"easy": ix["easy"], "hard": ix["hard"], "junk": ix["junk"], "bbx": bbx}
 
 
 def _build_train(
@@ -533,6 +590,14 @@ def _retrieval_counts(
             lv: round(float(np.mean([len(g[lv]) for g in gnd["gnd"]])), 2)
             for lv in SYNTHETIC_LEVELS
         },
+    }
+
+
+def _train_counts(items: Sequence[_Item], classes: Sequence[Group]) -> dict:
+    return {
+        "classes": len(classes),
+        "images": len(items),
+        "real_images": sum(it.level == "real" for it in items),
     }
 
 

@@ -249,8 +249,14 @@ def fetch_weights(url: str, *, sha256: str | None = None, mirror: str | None = N
     official one is then accepted, with a warning). `mirror`: ``<mirror>/<host>/<path>`` replaces
     the official URL (else $MSVLAD_MIRROR, as for datasets). A file that fails its check is deleted.
     """
-    from msvlad.data.download import ChecksumError, DownloadError, download_file, file_digest
-    from msvlad.data.registry import mirror_url, resolve_mirror
+    from msvlad.data.download import (
+        ChecksumError,
+        DownloadError,
+        download_file,
+        file_digest,
+        mirror_url,
+        resolve_mirror,
+    )
 
     filename = url.rsplit("/", 1)[-1]
     dest = weights_cache_dir() / filename

@@ -281,7 +281,7 @@ class RunResults:
             for m in self.params.methods
             if (self.results_dir / m).is_dir()
             for d in (self.results_dir / m).iterdir()
-            if (d / "ranks.npy").is_file()
+            if (d / paths.RANKS).is_file()
         }
         listed = [d for d in self.params.data.test_sets if d in found]
         return listed + sorted(found - set(listed))
@@ -291,7 +291,7 @@ class RunResults:
         return [
             m
             for m in self.params.methods
-            if (self.results_dir / m / dataset / "ranks.npy").is_file()
+            if (self.results_dir / m / dataset / paths.RANKS).is_file()
         ]
 
     def label(self, method: str) -> str:
@@ -327,7 +327,7 @@ class RunResults:
         def load() -> dict[str, np.ndarray] | None:
             from msvlad.storage import load_npz
 
-            path = self.results_dir / method / dataset / "features.npz"
+            path = self.results_dir / method / dataset / paths.FEATURES
             try:
                 feats = load_npz(path)
             except (OSError, ValueError) as err:
@@ -932,7 +932,8 @@ class TripletExplorer:
         self.methods = [
             m
             for m, cfg in params.methods.items()
-            if cfg.miner is not None and (self.runs_dir / m / "train" / "triplets.csv").is_file()
+            if cfg.miner is not None
+            and (paths.run_dir(m, self.runs_dir) / paths.TRIPLETS).is_file()
         ]
         if not self.methods:
             raise FileNotFoundError(
@@ -965,7 +966,7 @@ class TripletExplorer:
         """The method's logs: triplets, per-round stats and neighbours (None if not recorded)."""
         method = method or self.method
         if method not in self._runs:
-            run_dir = self.runs_dir / method / "train"
+            run_dir = paths.run_dir(method, self.runs_dir)
             self._runs[method] = {
                 "triplets": runs.load_triplets(run_dir),
                 "stats": runs.miner_stats(run_dir),

@@ -35,7 +35,7 @@ def run_notebook(
     src = paths.NOTEBOOKS / f"{name}.ipynb"
     if not src.is_file():
         raise FileNotFoundError(f"{src}: notebook not found; choose from {list(NOTEBOOKS)}")
-    dest = out_dir / "notebooks" / f"{name}.ipynb"
+    dest = out_dir / paths.REPORT_NOTEBOOKS / f"{name}.ipynb"
     dest.parent.mkdir(parents=True, exist_ok=True)
     declared = papermill.inspect_notebook(str(src))
     parameters = {k: v for k, v in (parameters or {}).items() if k in declared}

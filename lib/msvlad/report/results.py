@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from msvlad import paths
 from msvlad.config import VLAD_POOLINGS, Params, method_params, params_to_dict
 from msvlad.errors import InputError
+from msvlad.paths import MANIFEST
 from msvlad.report.tables import SETUP_ORDER, SETUP_SHORT, VARIANT_SUFFIX
-from msvlad.storage import MANIFEST, file_digest, read_json, read_manifest, tree_entries
+from msvlad.storage import file_digest, read_json, read_manifest, tree_entries
 
 if TYPE_CHECKING:
     from msvlad.data.testsets import RetrievalDataset
@@ -56,7 +58,7 @@ def check_results(
             raise InputError(f"{folder}: no results for row {key}; {hint}")
         manifest = read_manifest(folder, "evaluate")
         _check_files(folder, manifest, params, hint)
-        _check_origin(folder, manifest, runs_dir / key / "model.pt", params, key, hint)
+        _check_origin(folder, manifest, paths.model_file(key, runs_dir), params, key, hint)
     check_query_sets(results_dir, params, keys)
 
 
@@ -65,10 +67,10 @@ def _check_files(folder: Path, manifest: Mapping[str, Any], params: Params, hint
     listed, digests = set(manifest["files"]), manifest.get("sha256")
     if not isinstance(digests, Mapping):
         raise InputError(f"{folder / MANIFEST}: records no sha256 of its files (older); {hint}")
-    needed = ["metrics.json"] + [
+    needed = [paths.METRICS] + [
         f"{ds}/{name}"
         for ds in params.data.test_sets
-        for name in ("per_query.csv", "ranks.npy", "features.npz")
+        for name in (paths.per_query_file(), paths.RANKS, paths.FEATURES)
     ]
     for rel in needed:
         if rel not in listed:
@@ -158,8 +160,8 @@ def check_query_sets(
     for ds in params.data.test_sets:
         reference: tuple[Path, pd.DataFrame] | None = None
         for key in keys:
-            for tag in ("", "_raw"):
-                path = results_dir / key / ds / f"per_query{tag}.csv"
+            for variant in ("plain", "raw"):
+                path = results_dir / key / ds / paths.per_query_file(variant)
                 if not path.is_file():
                     continue
                 frame = _per_query_rows(path)
@@ -228,7 +230,7 @@ def load_results(
         raise ValueError(f"methods: {unknown} not in params methods {sorted(params.methods)}")
     rows: list[dict[str, Any]] = []
     for key in keys:
-        path = results_dir / key / "metrics.json"
+        path = results_dir / key / paths.METRICS
         if not path.is_file():
             log.warning("%s: no metrics.json, method %s left out", path, key)
             continue
@@ -339,8 +341,7 @@ def load_per_query(
     results_dir: str | os.PathLike, method: str, dataset: str, variant: str = "plain"
 ) -> pd.DataFrame:
     """Per-query metrics of one run (query_index, query, setup, AP, P@k) in percent."""
-    tag = "" if variant == "plain" else f"_{variant}"
-    path = Path(results_dir) / method / dataset / f"per_query{tag}.csv"
+    path = Path(results_dir) / method / dataset / paths.per_query_file(variant)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: per-query results not found")
     frame = pd.read_csv(path, keep_default_na=True, dtype={"query": str})
@@ -511,7 +512,7 @@ def query_precision(
 
 def load_ranks(results_dir: str | os.PathLike, method: str, dataset: str) -> np.ndarray:
     """The (n_db, n_q) ranking a method produced on a dataset (ranks.npy, no pickles)."""
-    path = Path(results_dir) / method / dataset / "ranks.npy"
+    path = Path(results_dir) / method / dataset / paths.RANKS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ranking not found")
     ranks = np.load(path, allow_pickle=False)

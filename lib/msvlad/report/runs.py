@@ -11,6 +11,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from msvlad import paths
 from msvlad.config import Params
 from msvlad.errors import InputError
 from msvlad.training.logs import RUN_LOGS, TRIPLET_FIELDS, read_log
@@ -31,20 +32,20 @@ def check_run_logs(
         if params.methods[key].miner is None:
             continue
         for name in RUN_LOGS:
-            path = Path(runs_dir) / key / "train" / name
+            path = paths.run_dir(key, runs_dir) / name
             if not path.is_file():
                 raise InputError(
                     f"{path}: not found; row {key} is trained and the report reads its {name} "
                     f"(run `msvlad train --method {key}`, dvc repro train@{key})"
                 )
             frame = read_log(path)
-            if name == "log.csv" and frame.empty:
+            if name == paths.LOG and frame.empty:
                 raise InputError(f"{path}: no epoch row (the run of row {key} has not started)")
 
 
 def training_curves(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Per-epoch training log (log.csv), checked against its schema (`read_log`)."""
-    return read_log(Path(run_dir) / "log.csv")
+    return read_log(Path(run_dir) / paths.LOG)
 
 
 def load_training_logs(
@@ -59,7 +60,7 @@ def load_training_logs(
     for key in params.methods if methods is None else methods:
         if params.methods[key].miner is None:
             continue
-        path = Path(runs_dir) / key / "train"
+        path = paths.run_dir(key, runs_dir)
         try:
             frame = training_curves(path)
         except FileNotFoundError as err:
@@ -77,7 +78,7 @@ def load_training_logs(
 
 def load_triplets(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Every mined triplet of a run (triplets.csv); empty when the run mined nothing."""
-    path = Path(run_dir) / "triplets.csv"
+    path = Path(run_dir) / paths.TRIPLETS
     if not path.is_file():
         log.warning("%s: no mined triplets", path)
         return pd.DataFrame(columns=TRIPLET_FIELDS)
@@ -86,7 +87,7 @@ def load_triplets(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 def load_neighbors(run_dir: str | os.PathLike) -> pd.DataFrame | None:
     """Each mined anchor's top pool neighbours per round (neighbors.csv); None if not recorded."""
-    path = Path(run_dir) / "neighbors.csv"
+    path = Path(run_dir) / paths.NEIGHBORS
     if not path.is_file():
         return None
     return read_log(path)
@@ -177,7 +178,7 @@ def miner_stats(run_dir: str | os.PathLike) -> pd.DataFrame:
                 "mean_neg_sim": g["neg_sim"].mean(),
             }
         ).reset_index()
-    rounds_path = run_dir / "rounds.csv"
+    rounds_path = run_dir / paths.ROUNDS
     if rounds_path.is_file():
         stats = read_log(rounds_path).merge(
             agg.drop(columns=["n_triplets", "n_semi_hard", "n_hard"], errors="ignore"),

@@ -46,9 +46,18 @@ from msvlad.evaluation.pipeline import (
 from msvlad.evaluation.protocol import RetrievalMetrics, metrics_summary, metrics_table
 from msvlad.evaluation.search import check_expansions
 from msvlad.nn.model import RetrievalNet
+from msvlad.paths import (
+    FEATURES,
+    MANIFEST,
+    METRICS,
+    RANKS,
+    SUMMARY,
+    distractor_features,
+    metrics_file,
+    per_query_file,
+)
 from msvlad.runtime import code_version, init_distributed, resolve_device, seed_everything
 from msvlad.storage import (
-    MANIFEST,
     atomic_dir,
     check_writable,
     file_digest,
@@ -107,8 +116,8 @@ def run(params: Params, model: RetrievalNet, request: EvaluateRequest) -> dict[s
         with atomic_dir(request.out) as tmp:
             summary, tables = _evaluate_all(params, model, request, datasets, variants, policy, tmp)
             result = summary if not request.flat else next(iter(summary.values()))["plain"]
-            write_json(tmp / "metrics.json", result)
-            write_json(tmp / "summary.json", metrics_summary(summary))  # for `dvc metrics show`
+            write_json(tmp / METRICS, result)
+            write_json(tmp / SUMMARY, metrics_summary(summary))  # for `dvc metrics show`
             manifest = _manifest(params, model, request, variants, policy, tmp)
             write_json(tmp / MANIFEST, manifest)
     print(metrics_table(tables).to_string(float_format="{:.2f}".format, na_rep="-"))
@@ -227,7 +236,7 @@ def _evaluate_all(
         name = dataset.name if distractors is None else f"{dataset.name}+{request.distractors}"
         ddir = tmp if request.flat else tmp / name
         save_npz(
-            ddir / "features.npz",
+            ddir / FEATURES,
             q=desc.q,
             db=desc.db,
             qimlist=np.array(dataset.qimlist),
@@ -276,12 +285,11 @@ def _score_variants(
                 "failed_db": _named(desc.failed_db, dataset.imlist),
             }
         )
-        tag = "" if variant == "plain" else f"_{variant}"
-        write_json(ddir / f"metrics{tag}.json", js)
+        write_json(ddir / metrics_file(variant), js)
         frame = per_query_frame(metrics, dataset, desc.failed_queries)
-        write_text(ddir / f"per_query{tag}.csv", frame.to_csv(index=False))
+        write_text(ddir / per_query_file(variant), frame.to_csv(index=False))
         if variant == "plain":
-            save_npy(ddir / "ranks.npy", ranks.astype(np.int32))
+            save_npy(ddir / RANKS, ranks.astype(np.int32))
         per_dataset[variant] = js
         tables[name if variant == "plain" else f"{name}+{variant.upper()}"] = metrics
     return per_dataset
@@ -313,7 +321,7 @@ def _distractors(
     paths = load_distractors(request.data_root, name)
     images = stat_digest(paths, Path(request.data_root) / name)
     key = np.array(f"{_model_digest(model)} {policy.to_json()} images {images}")
-    old = request.out / f"{name}_features.npz"
+    old = request.out / distractor_features(name)
     wanted = ("db", "db_raw") if keep_raw else ("db",)
     main = init_distributed().main
     if old.is_file() and not old.is_symlink():

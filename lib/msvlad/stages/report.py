@@ -36,7 +36,7 @@ def run(
     unknown = [n for n in names if n not in NOTEBOOKS]
     if unknown:
         raise InputError(f"--notebook: {unknown} not among {list(NOTEBOOKS)}")
-    results_dir = Path(results).resolve() if results else paths.RESULTS / "evaluate"
+    results_dir = Path(results).resolve() if results else paths.EVALUATE
     runs_dir = Path(runs).resolve() if runs else paths.RUNS
     params = load_params(params_file)
     reads = {r for n in names for r in READS[n]}

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from msvlad.errors import InputError
+from msvlad.paths import LOG, NEIGHBORS, ROUNDS, TRIPLETS
 from msvlad.storage import atomic_path
 
 if TYPE_CHECKING:
@@ -68,10 +69,10 @@ NEIGHBOR_K = 10  # neighbours kept per anchor: bounds neighbors.csv to 10 rows p
 
 # every log of a run folder: its columns and the column that says which checkpoint covers a row
 RUN_LOGS: dict[str, tuple[list[str], str]] = {
-    "log.csv": (LOG_FIELDS, "step"),
-    "rounds.csv": (ROUND_FIELDS, "round"),
-    "triplets.csv": (TRIPLET_FIELDS, "round"),
-    "neighbors.csv": (NEIGHBOR_FIELDS, "round"),
+    LOG: (LOG_FIELDS, "step"),
+    ROUNDS: (ROUND_FIELDS, "round"),
+    TRIPLETS: (TRIPLET_FIELDS, "round"),
+    NEIGHBORS: (NEIGHBOR_FIELDS, "round"),
 }
 # the columns of the logs that hold names; every other column holds a number (blank or nan: none)
 TEXT_FIELDS = frozenset(
@@ -386,8 +387,8 @@ def write_round(
     row = round_row(
         round_index, step, n, candidates, frame, *seconds, pool.failed, pool.refreshed, pool.ages
     )
-    append_csv(folder / "rounds.csv", ROUND_FIELDS, [row])
+    append_csv(folder / ROUNDS, ROUND_FIELDS, [row])
     rows = triplet_rows(round_index, step, frame, pool_idx, names, labels, classes, pool.ages)
-    append_csv(folder / "triplets.csv", TRIPLET_FIELDS, rows)
+    append_csv(folder / TRIPLETS, TRIPLET_FIELDS, rows)
     rows = neighbor_rows(round_index, frame, pool.desc, pool_idx, names, labels, classes)
-    append_csv(folder / "neighbors.csv", NEIGHBOR_FIELDS, rows)
+    append_csv(folder / NEIGHBORS, NEIGHBOR_FIELDS, rows)

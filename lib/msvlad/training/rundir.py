@@ -42,6 +42,7 @@ import torch
 
 from msvlad.config import Params, params_to_dict
 from msvlad.errors import CheckpointError, InputError, RunConflictError
+from msvlad.paths import CHECKPOINT, LOG, MODEL, RUN_FILE
 from msvlad.runtime import Dist, code_version
 from msvlad.storage import (
     atomic_path,
@@ -65,8 +66,6 @@ from msvlad.training.logs import (
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
 Restart = Literal["always", "if-changed"]
 
@@ -218,13 +217,13 @@ def off_the_shelf(
         if record is None:  # a copy an older msvlad left keeps its files as they are
             record = {"params": params_to_dict(params), "code": code_version(), "init": digest}
             write_json(out / RUN_FILE, {**record, "trained": False})
-        model = out / "model.pt"
+        model = out / MODEL
         if not model.is_file() or file_digest(model) != digest:
             if model.is_file():
                 log.warning("%s: not the copy of %s it should be: copied again", model, init)
             write_bytes(model, data)
-        if not (out / "log.csv").is_file():
-            write_header(out / "log.csv", LOG_FIELDS)
+        if not (out / LOG).is_file():
+            write_header(out / LOG, LOG_FIELDS)
     return model
 
 
@@ -237,7 +236,7 @@ def _conflict(path: Path, out: Path, diff: list[str]) -> RunConflictError:
 
 
 def _holds_run_files(out: Path) -> bool:
-    return any(p.name in RUN_LOGS or p.name == "model.pt" for p in out.iterdir())
+    return any(p.name in RUN_LOGS or p.name == MODEL for p in out.iterdir())
 
 
 def _move_aside_if_always(out: Path, restart: Restart | None) -> None:
@@ -254,9 +253,9 @@ def _recorded_run(out: Path, init_digest: str | None) -> dict[str, Any] | None:
     names = {p.name for p in out.iterdir() if p.name != LOCK and not p.name.startswith(".")}
     if (
         init_digest is not None
-        and names == {"model.pt", "log.csv"}
-        and last_logged_step(out / "log.csv") is None
-        and file_digest(out / "model.pt") == init_digest
+        and names == {MODEL, LOG}
+        and last_logged_step(out / LOG) is None
+        and file_digest(out / MODEL) == init_digest
     ):
         return {"params": {}, "init": init_digest, "trained": False}
     return None
@@ -278,7 +277,7 @@ def finished_twin(
     a checkpoint and a model.pt that verify by their checksums and hold the same weights."""
     signature = run_signature(params_to_dict(params))
     total = params.train.epochs * params.train.steps_per_epoch
-    needed = (RUN_FILE, CHECKPOINT, "model.pt", "log.csv")
+    needed = (RUN_FILE, CHECKPOINT, MODEL, LOG)
     for twin in twins:
         if twin.resolve() == out.resolve() or not all((twin / n).is_file() for n in needed):
             continue
@@ -293,7 +292,7 @@ def finished_twin(
             and run_signature(record["params"]) == signature
             and rec_train.get("epochs", 0) * rec_train.get("steps_per_epoch", 0) == total
         )
-        if same and last_logged_step(twin / "log.csv") == total:
+        if same and last_logged_step(twin / LOG) == total:
             problem = _unfinished(twin, total)
             if problem is None:
                 return twin
@@ -305,7 +304,7 @@ def _unfinished(run: Path, total: int) -> str | None:
     """Why a finished-looking run folder cannot be trusted (None: its files verify)."""
     try:
         state = load_checkpoint(run / CHECKPOINT)
-        model = load_torch(run / "model.pt", require_digest=True)
+        model = load_torch(run / MODEL, require_digest=True)
     except (InputError, OSError) as err:
         return " ".join(str(err).split())
     if int(state["step"]) != total:

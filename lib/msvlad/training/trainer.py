@@ -41,6 +41,7 @@ from msvlad.mining.pool import ClassBalancedPool
 from msvlad.mining.registry import miner_from_config
 from msvlad.nn.loss import triplet_loss
 from msvlad.nn.model import RetrievalNet, load_model, save_model
+from msvlad.paths import CHECKPOINT, LOG, MODEL
 from msvlad.runtime import init_distributed, resolve_device, seed_everything
 from msvlad.storage import atomic_path, file_digest, load_torch, torch_bytes
 from msvlad.training import logs
@@ -53,7 +54,7 @@ from msvlad.training.checkpoint import (
     set_rng_state,
 )
 from msvlad.training.inputs import TrainingInputs
-from msvlad.training.rundir import CHECKPOINT, Restart, locked, open_run, stale_model
+from msvlad.training.rundir import Restart, locked, open_run, stale_model
 from msvlad.training.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ class Trainer:
         tail = (p.epoch_triplets, [n for _, n in p.epoch_rounds], val_map, time.time() - self._t0)
         row = logs.epoch_row(*head, *tail)
         if self.dist.main:
-            logs.append_csv(self.out_dir / "log.csv", logs.LOG_FIELDS, [row])
+            logs.append_csv(self.out_dir / LOG, logs.LOG_FIELDS, [row])
         log.debug("epoch %(epoch)d step %(step)d: loss %(loss).4f, val mAP %(val_map).2f", row)
         p.end_epoch()
 
@@ -312,7 +313,7 @@ class Trainer:
 
     def _finish(self, start: int) -> Path:
         """Write model.pt once the budget is reached; one summary line."""
-        final, p = self.out_dir / "model.pt", self.progress
+        final, p = self.out_dir / MODEL, self.progress
         done = p.step >= self.total_steps
         if done and self.dist.main and (p.step > start or self._stale(final)):
             save_model(self.model, final, step=p.step)
