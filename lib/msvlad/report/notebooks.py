@@ -12,7 +12,7 @@ from msvlad.storage import write_text
 
 log = logging.getLogger(__name__)
 
-NOTEBOOKS = ("results", "rankings", "triplets", "training")
+NOTEBOOKS = ("results", "rankings", "triplets", "training", "ablations")
 
 
 def run_notebook(
