@@ -22,6 +22,7 @@ from msvlad.cli import main
 from msvlad.config import load_params
 from msvlad.report import ablations
 from msvlad.report.ablations import GridError
+from msvlad.stages import ablate
 
 SETUPS = ("easy", "medium", "hard")
 
@@ -38,19 +39,19 @@ SETUPS = ("easy", "medium", "hard")
     ],
 )
 def test_values_are_yaml_items(text, values):
-    assert ablations.parse_values("axis", text) == values
+    assert ablate.parse_values("axis", text) == values
 
 
 @pytest.mark.parametrize("text", ["", "[2", "a: b: c"])
 def test_bad_values_name_the_option(text):
     with pytest.raises(GridError, match="--values"):
-        ablations.parse_values("miner.delta", text)
+        ablate.parse_values("miner.delta", text)
 
 
 def test_queue_commands_target_one_row_and_skip_its_own_value(repo_root):
     params = repo_root / "params.yaml"
     own = load_params(params).miner.delta
-    cmds = ablations.queue_commands(params, "miner.delta", [0.02, own, 0.06])
+    cmds = ablate.queue_commands(params, "miner.delta", [0.02, own, 0.06])
     assert cmds == [
         [
             *("dvc", "exp", "run", "--queue", "-n", f"msvlad-miner-delta-{v}"),
@@ -58,10 +59,10 @@ def test_queue_commands_target_one_row_and_skip_its_own_value(repo_root):
         ]
         for v in (0.02, 0.06)
     ]
-    windows = ablations.queue_commands(params, "model.pool_sizes", [[2], [3], [2, 3]])
+    windows = ablate.queue_commands(params, "model.pool_sizes", [[2], [3], [2, 3]])
     assert [c[5] for c in windows] == ["msvlad-model-pool_sizes-2", "msvlad-model-pool_sizes-3"]
     assert [c[9] for c in windows] == ["model.pool_sizes=[2]", "model.pool_sizes=[3]"]
-    split = ablations.queue_commands(params, "model.split", [None, 80])
+    split = ablate.queue_commands(params, "model.split", [None, 80])
     assert [c[9] for c in split] == ["model.split=null", "model.split=80"]
     assert split[0][5] == "msvlad-model-split-none"
 
@@ -81,7 +82,7 @@ def test_a_point_that_cannot_run_is_refused_before_queueing(
     repo_root, axis, value, method, message
 ):
     with pytest.raises(GridError, match=message):
-        ablations.queue_commands(repo_root / "params.yaml", axis, [value], method)
+        ablate.queue_commands(repo_root / "params.yaml", axis, [value], method)
 
 
 @pytest.mark.parametrize(
@@ -103,7 +104,7 @@ def test_override_text_reaches_params_yaml_as_the_value(tmp_path, repo_root, axi
 
     params = tmp_path / "params.yaml"
     shutil.copy(repo_root / "params.yaml", params)
-    apply_overrides(params, [f"{axis}={ablations.override_text(value)}"])
+    apply_overrides(params, [f"{axis}={ablate.override_text(value)}"])
     section, _, key = axis.partition(".")
     assert getattr(getattr(load_params(params), section), key) == value
     assert yaml.safe_load(params.read_text())[section][key] == value
@@ -197,7 +198,7 @@ def grid(repo_root):
 def test_collect_makes_one_row_per_point_with_the_baseline_as_default(grid, caplog):
     show, files = grid
     with caplog.at_level("WARNING"):
-        table = ablations.collect(show, lambda rev, path: files.get((rev, path)))
+        table = ablate.collect(show, lambda rev, path: files.get((rev, path)))
     assert list(table.columns) == ablations.COLUMNS
     got = table[["axis", "value", "default", "experiment", "rev"]].values.tolist()
     assert got == [
@@ -226,19 +227,19 @@ def test_collect_makes_one_row_per_point_with_the_baseline_as_default(grid, capl
 
 def test_collect_for_given_axes_and_without_a_baseline(grid):
     show, files = grid
-    table = ablations.collect(show, lambda r, p: files.get((r, p)), axes=["miner.threshold"])
+    table = ablate.collect(show, lambda r, p: files.get((r, p)), axes=["miner.threshold"])
     assert set(zip(table["axis"], table["default"], strict=True)) == {
         ("miner.delta", False),
         ("model.pool_sizes", False),
         ("miner.threshold", True),
     }
     with pytest.raises(GridError, match="no baseline commit"):
-        ablations.collect(show[:1], lambda r, p: None)
+        ablate.collect(show[:1], lambda r, p: None)
 
 
 def test_table_round_trip_and_missing_file(grid, tmp_path):
     show, files = grid
-    table = ablations.collect(show, lambda rev, path: files.get((rev, path)))
+    table = ablate.collect(show, lambda rev, path: files.get((rev, path)))
     path = ablations.write_table(table, tmp_path / "abl" / "mini.csv")
     back = ablations.load_table(path)
     pd.testing.assert_frame_equal(back, table, check_dtype=False)
@@ -252,7 +253,7 @@ def test_table_round_trip_and_missing_file(grid, tmp_path):
 
 def test_views_mark_the_default_and_draw_one_panel_per_axis(grid):
     show, files = grid
-    table = ablations.collect(show, lambda rev, path: files.get((rev, path)))
+    table = ablate.collect(show, lambda rev, path: files.get((rev, path)))
     view = ablations.points_table(table)
     assert view["value"].tolist() == ["0.02", "0.04 *", "[2]", "[2, 3] *"]
     assert {"E", "M", "H", "mP@10 M"} <= set(view.columns) and "all" not in view.columns
@@ -382,7 +383,11 @@ def test_a_queued_point_reruns_only_its_row_and_is_collected(tmp_path, repo_root
     assert [base["E"], base["M"], base["H"]] == [plain["mAP"][s] for s in SETUPS]
     point = table[~table["default"]].iloc[0]
     assert json.loads(point["params"])["miner"]["delta"] == 0.3
-    assert point["code"] == base["rev"] != point["rev"]  # the baseline commit's code ran it
+    # the code: the last commit that changed lib/, at the baseline and at the point alike
+    lib = subprocess.run(
+        ["git", "log", "-1", "--format=%H", "--", "lib"], cwd=ws, capture_output=True, text=True
+    ).stdout.strip()
+    assert point["code"] == base["code"] == lib and point["rev"] != base["rev"]
     assert not math.isnan(point["val_mAP"])
 
 
@@ -402,7 +407,7 @@ def test_shipped_grid_points_are_reproduced(tmp_path, repo_root, axis, value):
         pytest.skip(f"{data}: the mini benchmark is not prepared (dvc repro prepare)")
     (tmp_path / "data").symlink_to(repo_root / "data")
     shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
-    apply_overrides(tmp_path / "params.yaml", [f"{axis}={ablations.override_text(value)}"])
+    apply_overrides(tmp_path / "params.yaml", [f"{axis}={ablate.override_text(value)}"])
     env = {**os.environ, "PYTHONPATH": str(repo_root / "lib"), "OMP_NUM_THREADS": "1"}
     for cmd in _stage_commands(repo_root, "msvlad"):
         subprocess.run(shlex.split(cmd), cwd=tmp_path, env=env, check=True, capture_output=True)
@@ -411,7 +416,7 @@ def test_shipped_grid_points_are_reproduced(tmp_path, repo_root, axis, value):
     def read(rev: str, path: str) -> str:  # the files this run wrote
         return (tmp_path / path).read_text()
 
-    again = ablations.point_rows("msvlad", axis, value, False, "again", "", raw, read)
+    again = ablate.point_rows("msvlad", axis, value, False, "again", "", raw, read)
     expected = shipped.iloc[0]
     assert json.loads(again[0]["params"]) == json.loads(expected["params"])  # the same run
     for col in ("E", "M", "H", "mP@10 E", "mP@10 M", "mP@10 H", "val_mAP"):

@@ -179,3 +179,46 @@ def test_rehearsal_runs_the_paper_profile_end_to_end(tmp_path):
     for key in ("HOME", "TMPDIR", "TORCH_HOME", "DVC_SITE_CACHE_DIR", "MSVLAD_CACHE"):
         assert Path(env[key]).is_relative_to(tmp_path), key
     assert _traces() == before
+
+
+def test_rehearsal_overrides_keep_each_rows_own_settings(tmp_path):
+    """The -S arguments, applied as `dvc exp run` applies them, add the sizes and pins to each
+    row's `set` and keep the row's own keys (the ResNet-50/VGG16 rows stay on their backbone)."""
+    from dvc.utils.hydra import apply_overrides
+
+    from msvlad.config import load_params, method_params
+    from rehearsal import inputs, merge_sets, set_params
+
+    paper = REPO / "params.paper.yaml"
+    backbones = row_backbones(paper)
+    assert backbones == {
+        f"{prefix}-{row}": name
+        for prefix, name in (("r50", "resnet50"), ("vgg16", "vgg16"))
+        for row in ("msvlad", "msvlad-ots", "gem-ots")
+    }
+    shrunk = network_rows(paper)
+    assert "msvlad" not in shrunk and "msvlad-hardest" not in shrunk and "msvlad-ots" not in shrunk
+    assert {"netvlad", "gem", "msvlad-nosplit", "msvlad-2x2", *backbones} <= set(shrunk)
+    pins = {row: f"{i:064x}" for i, row in enumerate(backbones, start=1)}
+    overrides = merge_sets(
+        inputs("http://127.0.0.1:1", tmp_path / "rot.yaml", "f" * 64, pins),
+        SIZES,
+        {f"methods.{row}.set": ROW_SIZES for row in shrunk},
+    )
+    params = tmp_path / "params.yaml"
+    params.write_text(paper.read_text())
+    apply_overrides(params, [a for a in set_params(overrides) if a != "-S"])
+    used, original = load_params(params), load_params(paper)
+    for row in used.methods:
+        run, own = method_params(used, row), method_params(original, row)
+        assert run.model.backbone == own.model.backbone == backbones.get(row, "resnet101"), row
+        assert run.model.weights_sha256 == pins.get(row, "f" * 64), row
+        assert run.train.epochs == (1 if row in shrunk else 2), row
+        assert run.extract.scales == ([1.0] if row in shrunk else own.extract.scales), row
+        assert (run.model.pooling, run.model.split) == (own.model.pooling, own.model.split), row
+    assert method_params(used, "msvlad-nosplit").model.split is None
+    assert method_params(used, "msvlad-nosplit").model.image_size == 96
+    assert method_params(used, "msvlad-2x2").model.pool_sizes == [2]
+    assert method_params(used, "netvlad").whiten.num_images == 16384
+    maxside = method_params(used, "msvlad-maxside").extract
+    assert (maxside.image_size, maxside.resize) == (128, "max_side")

@@ -172,29 +172,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     """Queue one axis of the ablation grid on one row, or collect the finished grid into a table."""
-    from msvlad.report import ablations
+    from msvlad.stages import ablate
 
-    repo = Path(args.params).resolve().parent
-    if args.action == "queue":
-        if not args.axis or not args.values:
-            raise ConfigError("ablate queue: --axis and --values are both needed")
-        values = ablations.parse_values(args.axis, args.values)
-        done = [] if args.dry_run else [e["name"] for e in _experiments(ablations.exp_show(repo))]
-        cmds = ablations.queue(
-            args.params, args.axis, values, args.method, dry_run=args.dry_run, existing=done
-        )
-        print("\n".join(" ".join(c) for c in cmds) or "every point is queued or done already")
-        print("then: dvc queue start -j 1" if cmds else "")
+    if args.action == "collect":
+        table = ablate.run_collect(args.params, args.out, args.method)
+        print(f"{len(table)} rows ({table['axis'].nunique()} axes) -> {args.out}")
         return 0
-    show, read = ablations.exp_show(repo), ablations.dvc_reader(repo)
-    table = ablations.collect(show, read, args.method, Path(args.params).name)
-    ablations.write_table(table, Path(args.out))
-    print(f"{len(table)} rows ({table['axis'].nunique()} axes) -> {args.out}")
+    if not args.axis or not args.values:
+        raise ConfigError("ablate queue: --axis and --values are both needed")
+    cmds = ablate.run_queue(args.params, args.axis, args.values, args.method, args.dry_run)
+    print("\n".join(" ".join(c) for c in cmds) or "every point is queued or done already")
+    print("then: dvc queue start -j 1" if cmds else "")
     return 0
-
-
-def _experiments(show: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for b in show for e in (b.get("experiments") or [])]
 
 
 def _with_backbone(params: Params, backbone: str) -> Params:
