@@ -262,7 +262,12 @@ def test_views_mark_the_default_and_draw_one_panel_per_axis(grid):
     for ax, values in zip(fig.axes, (["0.02", "0.04"], ["[2]", "[2, 3]"]), strict=True):
         assert [t.get_text() for t in ax.get_xticklabels()] == values
         lines = {ln.get_label(): list(np.asarray(ln.get_ydata())) for ln in ax.get_lines()}
-        assert {"mini-test E", "mini-test M", "mini-test H", "validation mAP"} <= set(lines)
+        assert {
+            "mini-test E",
+            "mini-test M",
+            "mini-test H",
+            "validation mAP (end of training)",
+        } <= set(lines)
         default = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
         assert len(default) == 1 and default[0].get_xdata()[0] == 1  # the baseline's value
     assert list(fig.axes[0].get_lines()[1].get_ydata()) == [56.25, 55.0]  # M per delta

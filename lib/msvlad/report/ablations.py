@@ -142,7 +142,9 @@ def plot_axes(table: pd.DataFrame, dataset: str | None = None) -> Figure:
             if rows[letter].notna().any():
                 ax.plot(x, rows[letter], f"{marker}-", label=f"{dataset} {letter}")
         if rows["val_mAP"].notna().any():
-            ax.plot(x, rows["val_mAP"], "d--", color="grey", label="validation mAP")
+            ax.plot(
+                x, rows["val_mAP"], "d--", color="grey", label="validation mAP (end of training)"
+            )
         for i in np.flatnonzero(rows["default"].to_numpy()):
             ax.axvline(i, color="black", linestyle=":", linewidth=1)
             ax.annotate(
@@ -157,5 +159,6 @@ def plot_axes(table: pd.DataFrame, dataset: str | None = None) -> Figure:
         ax.set_xlabel(AXES.get(axis, axis))
         ax.set_ylabel("mAP (%)")
         ax.grid(alpha=0.3)
-    fig.axes[0].legend(fontsize=8)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
     return fig
