@@ -227,7 +227,7 @@ def environment(workspace: Path) -> dict[str, str]:
     return env
 
 
-def rehearse(scratch: Path, timeout: float = 7200) -> Rehearsal:
+def rehearse(scratch: Path, timeout: float = 14400) -> Rehearsal:
     """Build the workspace under `scratch`, serve the replicas and run `dvc exp run` there."""
     workspace = make_workspace(scratch / "repo")
     params_file = workspace / "params.yaml"
