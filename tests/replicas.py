@@ -14,7 +14,8 @@ the mirror of `data.mirror` (or, written to a folder, a ``file://`` mirror):
 - revisitop1m: the listing and all 100 archives (images in the first two);
 - GLDv2: ``train_clean.csv``, all 500 train tars (``a/b/c/<id>.jpg``) and their md5 files;
 - the ResNet-101 ImageNet weights under cirtorch's official name, randomly initialised (so their
-  sha256 is not the one the name states: `Mirror.weights_sha256` is what a run must pin).
+  sha256 is not the one the name states: `Mirror.weights_sha256` is what a run must pin), and on
+  request those of the other cirtorch backbones (ResNet-50, VGG16; `Mirror.trunks` pins each).
 
 Images of one landmark are views of one seeded pattern, so rankings are not pure chance.
 """
@@ -120,14 +121,19 @@ class Landmarks:
         return jpeg_bytes(out)
 
 
-def resnet101_weights(seed: int = 0) -> bytes:
-    """A randomly initialised ResNet-101 trunk state dict in cirtorch's `features` key layout."""
+def trunk_weights(backbone: str, seed: int = 0) -> bytes:
+    """A randomly initialised trunk state dict of `backbone` in cirtorch's `features` key layout."""
     import torch
 
     torch.manual_seed(seed)
     buf = io.BytesIO()
-    torch.save(BACKBONES["resnet101"].build().state_dict(), buf)
+    torch.save(BACKBONES[backbone].build().state_dict(), buf)
     return buf.getvalue()
+
+
+def resnet101_weights(seed: int = 0) -> bytes:
+    """A randomly initialised ResNet-101 trunk state dict in cirtorch's `features` key layout."""
+    return trunk_weights("resnet101", seed)
 
 
 # ----------------------------------------------------------------------------- the paper mirror
@@ -156,6 +162,7 @@ class Mirror:
     rotations: str = ""  # the Holidays rotation list (YAML: image name -> clockwise degrees)
     weights_url: str = BACKBONES["resnet101"].urls["cirtorch"]
     weights_sha256: str = ""
+    trunks: dict[str, str] = field(default_factory=dict)  # backbone -> sha256 of its served replica
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # dataset -> (db, queries)
     train_images: int = 0
     distractors: int = 0
@@ -234,8 +241,13 @@ def _landmark_photos(
     return photos, db, queries, labels
 
 
-def paper_mirror(seed: int = 0, weights: bool = True) -> Mirror:
-    """Every official file of the paper profile, as tiny replicas (see the module docstring)."""
+def paper_mirror(
+    seed: int = 0, weights: bool = True, backbones: tuple[str, ...] = ("resnet101",)
+) -> Mirror:
+    """Every official file of the paper profile, as tiny replicas (see the module docstring).
+
+    With `weights`, the cirtorch weights of each of `backbones` (random, under its official name).
+    """
     lm = Landmarks(seed)
     m = Mirror()
 
@@ -307,9 +319,11 @@ def paper_mirror(seed: int = 0, weights: bool = True) -> Mirror:
     m.train_images = sum(n for n in GLDV2_CLASSES.values() if n >= 2)
 
     if weights:
-        data = resnet101_weights(seed)
-        m.put(m.weights_url, data)
-        m.weights_sha256 = hashlib.sha256(data).hexdigest()
+        for backbone in backbones:
+            data = trunk_weights(backbone, seed)
+            m.put(BACKBONES[backbone].urls["cirtorch"], data)
+            m.trunks[backbone] = hashlib.sha256(data).hexdigest()
+        m.weights_sha256 = m.trunks.get("resnet101", "")
     return m
 
 

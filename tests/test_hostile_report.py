@@ -137,7 +137,7 @@ def test_a_consistent_tree_passes_the_checks(tree: Tree, capsys, notebooks) -> N
     code, lines = run_cli(tree.report(), capsys)
     assert code == 0 and lines == []
     ((names, parameters),) = notebooks
-    assert names == ["results", "rankings", "triplets", "training"]
+    assert names == ["results", "rankings", "triplets", "training", "ablations"]
     assert parameters["results_dir"] == str(tree.results.resolve())
     assert parameters["runs_dir"] == str(tree.runs.resolve())
 

@@ -12,7 +12,7 @@ import pytest
 from fixtures_runs import make_run_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("results", "rankings", "triplets", "training")
+NOTEBOOKS = ("results", "rankings", "triplets", "training", "ablations")
 PATH_PARAMETERS = {"params_file", "results_dir", "runs_dir", "reports_dir"}
 FORBIDDEN = (
     ast.FunctionDef,
@@ -51,6 +51,7 @@ EXPECTED = {
     ],
     "triplets": ["figures/triplets/miner_stats.png", "figures/triplets/gallery.png"],
     "training": ["figures/training/curves.png"],
+    "ablations": ["figures/ablations/axes.png", "tables/ablations.csv", "tables/ablations.md"],
 }
 
 

@@ -177,6 +177,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Queue one axis of the ablation grid on one row, or collect the finished grid into a table."""
+    from msvlad.stages import ablate
+
+    if args.action == "collect":
+        table = ablate.run_collect(args.params, args.out, args.method)
+        print(f"{len(table)} rows ({table['axis'].nunique()} axes) -> {args.out}")
+        return 0
+    if not args.axis or not args.values:
+        raise ConfigError("ablate queue: --axis and --values are both needed")
+    cmds = ablate.run_queue(args.params, args.axis, args.values, args.method, args.dry_run)
+    print("\n".join(" ".join(c) for c in cmds) or "every point is queued or done already")
+    print("then: dvc queue start -j 1" if cmds else "")
+    return 0
+
+
 def _with_backbone(params: Params, backbone: str) -> Params:
     from msvlad.config import with_overrides
 
@@ -279,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="Evaluation results folder (default results/evaluate).")
     p.add_argument("--runs", help="Training runs folder (default runs).")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ablate", help="Ablation grid: queue DVC experiments, collect results.")
+    p.add_argument("--params", default="params.yaml", help="Params file of the DVC repository.")
+    p.add_argument("action", choices=["queue", "collect"], help="queue one axis, or collect")
+    p.add_argument("--method", default="msvlad", help="The row the grid varies (one chain).")
+    p.add_argument("--axis", help="queue: the section.key to vary (e.g. miner.delta).")
+    p.add_argument("--values", help="queue: comma list of YAML values (0.02,0.04 or [2],[2,3]).")
+    p.add_argument("--dry-run", action="store_true", help="queue: print the commands only.")
+    p.add_argument(
+        "--out", default="results/ablations/mini.csv", help="collect: the table (CSV) to write."
+    )
+    p.set_defaults(func=cmd_ablate)
     return parser
 
 

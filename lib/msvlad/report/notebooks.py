@@ -14,13 +14,14 @@ from msvlad.storage import write_text
 
 log = logging.getLogger(__name__)
 
-NOTEBOOKS = ("results", "rankings", "triplets", "training")
+NOTEBOOKS = ("results", "rankings", "triplets", "training", "ablations")
 # what each notebook reads: the evaluation results (results_dir) and/or the training runs (runs_dir)
 READS: dict[str, tuple[str, ...]] = {
     "results": ("results", "runs"),
     "rankings": ("results",),
     "triplets": ("runs",),
     "training": ("runs",),
+    "ablations": (),  # the collected grid (results/ablations), checked by its own reader
 }
 
 
