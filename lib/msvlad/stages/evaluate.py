@@ -170,6 +170,7 @@ def _evaluate_all(
             policy=policy,
             device=device,
             num_workers=params.base.num_workers,
+            trunk_depth=params.train.frozen_stages,
         )
         seconds = time.time() - t0
         queries = check_failures(desc, dataset, params.evaluate)
@@ -281,6 +282,7 @@ def _distractors(
         num_workers=params.base.num_workers,
         progress=name,
         resize_filter=model.config.resize_filter,
+        trunk_depth=params.train.frozen_stages,
     )
     white = whiten_descriptors(model, raw)
     out = {"db": (raw if white is None else white).numpy()}
