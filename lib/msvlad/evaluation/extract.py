@@ -225,6 +225,7 @@ def _embed_local(
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=_collate,
+        generator=torch.Generator(),  # its seed draw leaves the global RNG as a cache hit does
     )
     errors: dict[int, str] = {}
     for images, idx, errs in tqdm(loader, desc=progress, leave=False):

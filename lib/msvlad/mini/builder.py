@@ -44,6 +44,7 @@ PICKLE_PROTOCOL = 4
 JPEG_QUALITY = 90
 SYNTHETIC_LEVELS = ("easy", "hard", "junk")  # the order of `views_per_scene`
 TRAIN_LEVELS = ("easy", "hard")
+SOURCE_RECORD = ("requirement", "licence")  # of each source, in <out_root>/manifest.json
 _TRANSPOSE = {
     90: Image.Transpose.ROTATE_270,  # PIL's ROTATE_n turn counter-clockwise
     180: Image.Transpose.ROTATE_180,
@@ -286,7 +287,7 @@ def build_mini_benchmark(
             "jpeg_quality": JPEG_QUALITY,
             "view_specs": {k: spec_record(v) for k, v in sorted(VIEW_SPECS.items())},
         },
-        "sources": {k: v for k, v in sorted(manifest.sources.items()) if k in used},
+        "sources": {k: _pinned(v) for k, v in sorted(manifest.sources.items()) if k in used},
         "photos": {pid: by_id[pid].sha256 for pid in sorted(loader.used)},
     }
     write_json(out_root / "manifest.json", {**summary, "images": records})
@@ -506,6 +507,18 @@ def _seed(*parts: object) -> int:
     """Stable 63-bit seed from a tuple of names (independent of PYTHONHASHSEED)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _pinned(source: dict | str) -> dict | str:
+    """What the benchmark records of a source: its pin and licence, not how it was fetched.
+
+    The archive file and its sha256 depend on how the assets folder was filled (downloaded now,
+    placed by hand, or kept from an earlier fetch that did not record them); they stay in the
+    assets manifest, so the benchmark's files are the same on every machine.
+    """
+    if not isinstance(source, dict):
+        return source  # a free-form label (generated test assets)
+    return {k: source[k] for k in SOURCE_RECORD if k in source}
 
 
 def _record(it: _Item, file: str) -> dict:

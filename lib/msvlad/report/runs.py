@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def training_curves(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Per-epoch training log (epoch, step, lr, loss, triplets, rounds, yield, val_map, seconds)."""
+    """Per-epoch training log (epoch, step, lr, loss, triplets, rounds, yield, val_map)."""
     path = Path(run_dir) / "log.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: training log not found")

@@ -5,7 +5,8 @@ one row per image, plus the image lists), `ranks.npy` (revisitop orientation: co
 query j), `metrics[_raw|_qe|_dba].json` and `per_query[_raw|_qe|_dba].csv`; `out/metrics.json`
 gathers every dataset and variant (mAP and mP@k in percent, the input policy, failed images),
 `out/summary.json` only the mAPs (E/M/H, plain and +QE) for `dvc metrics show`, and
-`out/manifest.json` says what made them (checkpoint checksum, params, variants, code version).
+`out/manifest.json` says what made them (checkpoint checksum, params, variants, code version);
+the wall-clock extraction seconds go to `out/timing.json`, which DVC does not hash.
 
 Everything is checked before the first image is read (datasets, variants, the output folder), and
 the results are written into a fresh folder that replaces `out` only when all is done: a failed run
@@ -58,6 +59,7 @@ from msvlad.storage import (
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+TIMING = "timing.json"  # wall-clock seconds per dataset: never hashed (.dvcignore)
 # what this command writes (anything else in an existing --out is someone else's and is kept)
 OWNED = (
     "metrics*.json",
@@ -66,6 +68,7 @@ OWNED = (
     "features.npz",
     "ranks.npy",
     "*_features.npz",
+    TIMING,
     MANIFEST,
 )
 
@@ -102,9 +105,13 @@ def run(params: Params, model: RetrievalNet, request: EvaluateRequest) -> dict[s
     model = model.to(device).eval()
     writing = atomic_dir(request.out) if dist_info.main else nullcontext(request.out)
     with writing as tmp:
-        summary, tables = _evaluate_all(params, model, request, datasets, variants, policy, tmp)
+        timing: dict[str, dict[str, float]] = {}
+        summary, tables = _evaluate_all(
+            params, model, request, datasets, variants, policy, tmp, timing
+        )
         if not dist_info.main:
             return {}
+        write_json(tmp / TIMING, timing)
         result = summary if not request.flat else next(iter(summary.values()))["plain"]
         write_json(tmp / "metrics.json", result)
         write_json(tmp / "summary.json", metrics_summary(summary))  # what `dvc metrics show` reads
@@ -150,8 +157,10 @@ def _evaluate_all(
     variants: list[str],
     policy: InputPolicy,
     tmp: Path,
+    timing: dict[str, dict[str, float]],
 ) -> tuple[dict[str, Any], dict[str, RetrievalMetrics]]:
-    """Extract and score every dataset; writes its files under `tmp` on the main rank."""
+    """Extract and score every dataset; writes its files under `tmp` on the main rank and the
+    extraction seconds of each dataset into `timing`."""
     device = next(model.parameters()).device
     keep_raw = "raw" in variants
     distractors = (
@@ -189,7 +198,8 @@ def _evaluate_all(
             desc.db = np.concatenate([desc.db, distractors["db"]])
             if keep_raw and desc.db_raw is not None:
                 desc.db_raw = np.concatenate([desc.db_raw, distractors["db_raw"]])
-        context = {"name": name, "seconds": seconds, "policy": policy, "queries": queries}
+        timing[name] = {"extract_seconds": round(seconds, 2)}
+        context = {"name": name, "policy": policy, "queries": queries}
         summary[name] = _score_variants(params, variants, dataset, desc, context, ddir, tables)
     return summary, tables
 
@@ -222,7 +232,6 @@ def _score_variants(
                 "dim": int(db.shape[1]),
                 "whitened": variant != "raw" and desc.q_raw is not None,
                 "input": context["policy"].to_json(),
-                "extract_seconds": round(context["seconds"], 2),
                 "failed_images": len(desc.failed_queries) + len(desc.failed_db),
                 "failed_queries": _named(desc.failed_queries, dataset.qimlist),
                 "failed_db": _named(desc.failed_db, dataset.imlist),
