@@ -1,9 +1,17 @@
-"""Run the report notebooks with papermill and export each as HTML (the `report` stage)."""
+"""Run the report notebooks with papermill and export each as HTML (the `report` stage).
+
+The executed notebooks, their HTML and the figures are byte-identical from run to run (DVC hashes
+`reports/`): the wall-clock times papermill and the kernel record per cell are left out, the
+injected parameters cell gets a fixed id, paths under the repository are recorded relative to it,
+and PDF figures carry a fixed date (SOURCE_DATE_EPOCH, which matplotlib honours).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +39,67 @@ def run_notebook(
     if "interactive" in papermill.inspect_notebook(str(src)):  # explorers: their static view
         parameters = {"interactive": False, **(parameters or {})}
     log.info("running %s", src.name)
-    papermill.execute_notebook(
-        str(src),
-        str(dest),
-        parameters=parameters or {},
-        kernel_name="python3",
-        cwd=str(paths.ROOT),
-        execution_timeout=timeout,
-        progress_bar=False,
-        log_output=False,
-    )
+    with _fixed_dates():
+        papermill.execute_notebook(
+            str(src),
+            str(dest),
+            parameters=parameters or {},
+            kernel_name="python3",
+            cwd=str(paths.ROOT),
+            execution_timeout=timeout,
+            progress_bar=False,
+            log_output=False,
+        )
+    executed = deterministic(nbformat.read(dest, as_version=4))
+    write_text(dest, nbformat.writes(executed) + "\n")
     exporter = HTMLExporter(exclude_input=True)
-    html, _ = exporter.from_notebook_node(nbformat.read(dest, as_version=4))
+    html, _ = exporter.from_notebook_node(executed)
     write_text(dest.with_suffix(".html"), html)
     return dest
+
+
+# what papermill and the kernel record that changes from run to run without changing a result
+_TIMES = ("start_time", "end_time", "duration")
+INJECTED = "injected-parameters"  # papermill's tag (and here the id) of the parameters cell
+
+
+def deterministic(nb: Any) -> Any:
+    """The executed notebook without wall-clock times, with a fixed id for papermill's injected
+    cell and repository paths made relative (changed in place, returned)."""
+    meta = nb.metadata.get("papermill", {})
+    for key in _TIMES:
+        meta.pop(key, None)
+    for key in ("input_path", "output_path"):
+        if meta.get(key):
+            meta[key] = relative(meta[key])
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)  # the kernel's iopub/shell timestamps
+        for key in _TIMES:
+            cell.metadata.get("papermill", {}).pop(key, None)
+        if INJECTED in cell.metadata.get("tags", []):
+            cell["id"] = INJECTED
+    return nb
+
+
+def relative(path: str | Path) -> str:
+    """A path under the repository root as relative to it (else unchanged)."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(paths.ROOT).as_posix() if p.is_absolute() else str(p)
+    except ValueError:
+        return str(path)
+
+
+@contextmanager
+def _fixed_dates() -> Iterator[None]:
+    """SOURCE_DATE_EPOCH for the kernels started inside (figures' PDF creation date)."""
+    old = os.environ.get("SOURCE_DATE_EPOCH")
+    os.environ["SOURCE_DATE_EPOCH"] = old or "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SOURCE_DATE_EPOCH", None)
 
 
 def run_reports(

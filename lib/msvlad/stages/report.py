@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from msvlad.report.notebooks import NOTEBOOKS, run_reports
+from msvlad.report.notebooks import NOTEBOOKS, relative, run_reports
 from msvlad.storage import check_writable
 
 log = logging.getLogger(__name__)
@@ -21,11 +21,14 @@ def run(
 ) -> list[Path]:
     """Run `notebooks` (default all) into `out`; figures and tables land under it too."""
     check_writable(out)
-    extra = {"params_file": str(Path(params_file).resolve())}
+    # paths under the repository go in relative (the notebooks anchor them at its root), so the
+    # executed notebooks do not depend on where the repository is
+    extra = {"params_file": relative(Path(params_file).resolve())}
+    extra["reports_dir"] = relative(Path(out).resolve())
     if results:
-        extra["results_dir"] = str(Path(results).resolve())
+        extra["results_dir"] = relative(Path(results).resolve())
     if runs:
-        extra["runs_dir"] = str(Path(runs).resolve())
+        extra["runs_dir"] = relative(Path(runs).resolve())
     paths = run_reports(list(notebooks or NOTEBOOKS), Path(out), **extra)
     log.info("report: %d notebooks -> %s (+ .html, figures/, tables/)", len(paths), out)
     return paths
