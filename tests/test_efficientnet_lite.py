@@ -28,6 +28,8 @@ def test_same_modules_weights_and_random_init_as_timm(variant):
     assert list(a) == list(b)  # the package weights are mapped onto this order
     assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same draws: random models too
+    assert a._metadata == b._metadata  # the same module tree: saved files are byte-identical
+    assert _saved(a) == _saved(b)
     assert ours.out_channels == ref.feature_info.channels()[-1]
     kinds = [type(m).__name__ for m in ref.modules() if isinstance(m, torch.nn.Conv2d)]
     mine = [type(m).__name__ for m in ours.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -50,7 +52,9 @@ def test_every_stage_gives_bit_identical_outputs_and_gradients(variant, shape):
     outs = []
     for net in (ref, ours):
         spec = next(iter(_spec()))
-        bb = Backbone(f"efficientnet_lite{variant}", net.to(memory_format=torch.channels_last), spec)
+        bb = Backbone(
+            f"efficientnet_lite{variant}", net.to(memory_format=torch.channels_last), spec
+        )
         bb.eval()
         stages = backbone_stages(net)
         assert len(stages) == bb.num_stages == 8
@@ -64,6 +68,14 @@ def test_every_stage_gives_bit_identical_outputs_and_gradients(variant, shape):
     assert all(torch.equal(u, v) for u, v in zip(fa, fb, strict=True))
     assert torch.equal(la, lb)
     assert all(torch.equal(u, v) for u, v in zip(ga, gb, strict=True))
+
+
+def _saved(state) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
 def _spec():

