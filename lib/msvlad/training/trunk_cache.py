@@ -61,7 +61,13 @@ DEFAULT_MAX_GB = 4.0
 _DTYPES = {"float32": "<f4", "float16": "<f2"}  # torch dtype name -> stored numpy dtype
 _TORCH = {v: k for k, v in _DTYPES.items()}
 # the modules whose code decides the tensors of an entry (decoding, resizing, batching, stages)
-_CODE = ("data/images.py", "nn/backbones.py", "evaluation/extract.py", "training/trunk_cache.py")
+_CODE = (
+    "data/images.py",
+    "nn/backbones.py",
+    "nn/efficientnet_lite.py",
+    "evaluation/extract.py",
+    "training/trunk_cache.py",
+)
 
 
 def trunk_store_dir() -> Path:
