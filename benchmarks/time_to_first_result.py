@@ -13,7 +13,8 @@ on PYTHONPATH), and times every stage from DVC's own output, each line stamped a
 Then it checks that the clone's `git status` and `dvc status` are clean (every hashed output is
 byte-identical to the committed dvc.lock) and times a second `dvc repro`, which must run nothing.
 The machine's load average is sampled every few seconds during the run: compare numbers taken on
-a quiet machine only (the load says how quiet it was).
+a quiet machine only (the load says how quiet it was); the CPU time of every process the repro
+ran (user + system) is recorded too, a figure a busy machine inflates much less than wall time.
 
     python -m benchmarks.time_to_first_result                        # HEAD of this repository
     python -m benchmarks.time_to_first_result --commit main --json results/bench/ttfr.json
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -70,6 +72,7 @@ class Repro:
     between: float = 0.0
     wall: float = 0.0
     returncode: int = 0
+    cpu: float = 0.0  # user + system seconds of dvc and every process it ran
 
 
 def parse_stamped(lines: Iterable[tuple[float, str]], start: float, end: float) -> Repro:
@@ -177,6 +180,7 @@ class LoadSampler:
 def run_stamped(cmd: Sequence[str], cwd: Path, env: dict[str, str], log: Path) -> Repro:
     """Run `cmd`, stamping every output line as it arrives (echoed to `log`); its stage times."""
     stamped: list[tuple[float, str]] = []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     with log.open("a") as fh:
         proc = subprocess.Popen(
@@ -197,6 +201,8 @@ def run_stamped(cmd: Sequence[str], cwd: Path, env: dict[str, str], log: Path) -
         code = proc.wait()
     repro = parse_stamped(stamped, start, time.monotonic())
     repro.returncode = code
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    repro.cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return repro
 
 
@@ -269,6 +275,7 @@ def report(record: dict[str, Any]) -> str:
     lines = [
         table(first["by_kind"], first["wall"]),
         "",
+        f"CPU time (user + system, every process): {_minutes(first['cpu'])}",
         f"commit {record['commit'][:12]}, {record['cpu_count']} CPUs; load (1 min) "
         f"{record['load_before'][0]:.2f} before, mean {record['load_during']['mean']:.2f} "
         f"(max {record['load_during']['max']:.2f}) during, {record['load_after'][0]:.2f} after",
