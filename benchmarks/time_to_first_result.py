@@ -182,7 +182,7 @@ def run_stamped(cmd: Sequence[str], cwd: Path, env: dict[str, str], log: Path) -
     stamped: list[tuple[float, str]] = []
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
-    with log.open("a") as fh:
+    with log.open("a", buffering=1) as fh:  # line-buffered: the log can be followed live
         proc = subprocess.Popen(
             cmd,
             cwd=cwd,
