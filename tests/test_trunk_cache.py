@@ -464,3 +464,33 @@ def test_store_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("MSVLAD_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert trunk_store_dir() == tmp_path / "x" / "msvlad" / "trunk"
+
+
+def test_training_cache_misses_a_training_image_replaced_in_place(store_env, model, tmp_path):
+    """The same size and mtime, other pixels: the old entry is not used (it was, by path+mtime)."""
+    make_train_set(tmp_path / "train", num_classes=2, per_class=3, size=48)
+    paths = sorted((tmp_path / "train").rglob("*.jpg"))
+    store = TrunkStore.default()
+
+    def cache():
+        return FrozenTrunkCache(
+            model, 3, paths, image_size=32, batch_size=4, device=CPU, store=store
+        )
+
+    before = cache()
+    st = paths[0].stat()
+    from PIL import Image
+
+    with Image.open(paths[-1]) as im:  # another picture, re-encoded to exactly the old length
+        for quality in range(95, 5, -5):
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=quality)
+            if buf.tell() <= st.st_size:
+                break
+    paths[0].write_bytes(buf.getvalue() + b"\0" * (st.st_size - buf.tell()))
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = cache()
+    direct = FrozenTrunkCache(model, 3, paths, image_size=32, batch_size=4, device=CPU)
+    assert torch.equal(after.features, direct.features)
+    assert not torch.equal(after.features[0], before.features[0])
+    assert len(_files(store_env)) == 2
