@@ -9,7 +9,7 @@ same step budget) in a scratch folder, measuring:
   overlap is |T_bank ∩ T_fresh| / |T_bank ∪ T_fresh| over (anchor, positive, negative) index
   triplets, so it isolates what stale descriptors change (run 1.0 is 1 by construction);
 - the mining share of a round: (describe + mine seconds) / (describe + mine + the seconds of the
-  round's training steps), from rounds.csv and the steps timed in the same process;
+  round's training steps), from the run's timing.csv and the steps timed in the same process;
 - the bank's descriptor ages (rounds.csv `age_mean`, `age_max`).
 
 The extra full description is done after the round and outside every timed section, draws no
@@ -44,6 +44,7 @@ from msvlad.config import load_params, with_overrides
 from msvlad.mining.pool import POOL_DRAWS
 from msvlad.paths import LOG, ROOT, ROUNDS, init_file
 from msvlad.storage import read_json, write_json
+from msvlad.training.logs import TIMING_FILE
 from msvlad.training.trainer import Trainer, make_miner
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,15 @@ def run_one(args: argparse.Namespace, seed: int, fraction: float, folder: Path) 
         _TRUNKS.setdefault(key, trainer.inputs.trunk)
     wall = time.time() - t0
     epochs, rounds = _csv(folder / LOG), _csv(folder / ROUNDS)
+    timing = {(e["event"], e["round"]): float(e["seconds"]) for e in _csv(folder / TIMING_FILE)}
     shares, describe, mine, steps = [], [], [], []
     for row in rounds:
         r = int(row["round"])
         if r not in trainer.step_seconds:  # the last round may have no step within the budget
             continue
         d, m, s = (
-            float(row["describe_seconds"]),
-            float(row["mine_seconds"]),
+            timing[("describe", row["round"])],
+            timing[("mine", row["round"])],
             trainer.step_seconds[r],
         )
         describe.append(d), mine.append(m), steps.append(s)

@@ -129,13 +129,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_whiten(args: argparse.Namespace) -> int:
     """Learn PCA-whitening on single-scale training-set descriptors and save the whitened model."""
-    from msvlad.nn.model import load_model
     from msvlad.stages import whiten
 
     params = _params(args)
-    model = load_model(args.checkpoint)
-    _checkpoint_fits(args, params, model.config)
-    whiten.run(params, model, Path(args.out))
+    fits = lambda config: _checkpoint_fits(args, params, config)  # noqa: E731
+    whiten.run_checkpoint(params, Path(args.checkpoint), Path(args.out), fits)
     return 0
 
 

@@ -50,6 +50,7 @@ LOG = "log.csv"
 ROUNDS = "rounds.csv"
 TRIPLETS = "triplets.csv"
 NEIGHBORS = "neighbors.csv"
+RUN_TIMING = "timing.csv"  # wall-clock seconds of a run: never hashed (.dvcignore)
 
 # an evaluate folder, results/evaluate/<row>/, and its <dataset>/ folders
 METRICS = "metrics.json"
@@ -57,6 +58,7 @@ SUMMARY = "summary.json"
 MANIFEST = "manifest.json"
 FEATURES = "features.npz"
 RANKS = "ranks.npy"
+EVAL_TIMING = "timing.json"  # wall-clock seconds per dataset: never hashed (.dvcignore)
 
 # the report folder, reports/
 REPORT_NOTEBOOKS = "notebooks"

@@ -24,6 +24,7 @@ import shutil
 import stat
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -498,9 +499,18 @@ def stat_digest(paths: Sequence[Path], root: Path) -> str:
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
-    """np.savez atomically (no pickled objects inside)."""
+    """np.savez atomically (no pickled objects inside), byte-identical for the same arrays.
+
+    np.savez stamps every member with the current time; here each gets a fixed date, so an
+    output DVC hashes does not change when it is written again.
+    """
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o600 << 16
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(array), allow_pickle=False)
     return write_bytes(path, buf.getvalue())
 
 

@@ -131,11 +131,10 @@ def _vgg16() -> nn.Module:
 
 def _efficientnet_lite(variant: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        import timm
+        # timm's tf_efficientnet_lite<v> features, built without importing timm (and torchvision)
+        from msvlad.nn.efficientnet_lite import efficientnet_lite
 
-        return timm.create_model(
-            f"tf_efficientnet_lite{variant}", pretrained=False, features_only=True, out_indices=(4,)
-        )
+        return efficientnet_lite(variant)
 
     return build
 

@@ -5,7 +5,8 @@ one row per image, plus the image lists), `ranks.npy` (revisitop orientation: co
 query j), `metrics[_raw|_qe|_dba].json` and `per_query[_raw|_qe|_dba].csv`; `out/metrics.json`
 gathers every dataset and variant (mAP and mP@k in percent, the input policy, failed images),
 `out/summary.json` only the mAPs (E/M/H, plain and +QE) for `dvc metrics show`, and
-`out/manifest.json` says what made them (checkpoint checksum, params, variants, code version).
+`out/manifest.json` says what made them (checkpoint checksum, params, variants, code version);
+the wall-clock extraction seconds go to `out/timing.json`, which DVC does not hash.
 
 Everything is checked before the first image is read (datasets, variants, the output folder), and
 the results are written into a fresh folder that replaces `out` only when all is done: a failed run
@@ -47,6 +48,7 @@ from msvlad.evaluation.protocol import RetrievalMetrics, metrics_summary, metric
 from msvlad.evaluation.search import check_expansions
 from msvlad.nn.model import RetrievalNet
 from msvlad.paths import (
+    EVAL_TIMING,
     FEATURES,
     MANIFEST,
     METRICS,
@@ -108,13 +110,17 @@ def run(params: Params, model: RetrievalNet, request: EvaluateRequest) -> dict[s
         check_expansions(params.evaluate, variants, len(dataset.imlist), str(dataset.root))
     model = model.to(device).eval()
     if not dist_info.main:  # the main rank alone checks, locks and writes the output folder
-        _evaluate_all(params, model, request, datasets, variants, policy, request.out)
+        _evaluate_all(params, model, request, datasets, variants, policy, request.out, {})
         return {}
     _check_parent(request.out)
     with lock_beside(request.out, "evaluate"):
         _check_out(request.out)
         with atomic_dir(request.out) as tmp:
-            summary, tables = _evaluate_all(params, model, request, datasets, variants, policy, tmp)
+            timing: dict[str, dict[str, float]] = {}
+            summary, tables = _evaluate_all(
+                params, model, request, datasets, variants, policy, tmp, timing
+            )
+            write_json(tmp / EVAL_TIMING, timing)
             result = summary if not request.flat else next(iter(summary.values()))["plain"]
             write_json(tmp / METRICS, result)
             write_json(tmp / SUMMARY, metrics_summary(summary))  # for `dvc metrics show`
@@ -208,8 +214,10 @@ def _evaluate_all(
     variants: list[str],
     policy: InputPolicy,
     tmp: Path,
+    timing: dict[str, dict[str, float]],
 ) -> tuple[dict[str, Any], dict[str, RetrievalMetrics]]:
-    """Extract and score every dataset; writes its files under `tmp` on the main rank."""
+    """Extract and score every dataset; writes its files under `tmp` on the main rank and the
+    extraction seconds of each dataset into `timing`."""
     device = next(model.parameters()).device
     keep_raw = "raw" in variants
     distractors = (
@@ -228,6 +236,7 @@ def _evaluate_all(
             policy=policy,
             device=device,
             num_workers=params.base.num_workers,
+            trunk_depth=params.train.frozen_stages,
         )
         seconds = time.time() - t0
         queries = check_failures(desc, dataset, params.evaluate)
@@ -246,7 +255,8 @@ def _evaluate_all(
             desc.db = np.concatenate([desc.db, distractors["db"]])
             if keep_raw and desc.db_raw is not None:
                 desc.db_raw = np.concatenate([desc.db_raw, distractors["db_raw"]])
-        context = {"name": name, "seconds": seconds, "policy": policy, "queries": queries}
+        timing[name] = {"extract_seconds": round(seconds, 2)}
+        context = {"name": name, "policy": policy, "queries": queries}
         summary[name] = _score_variants(params, variants, dataset, desc, context, ddir, tables)
     return summary, tables
 
@@ -279,7 +289,6 @@ def _score_variants(
                 "dim": int(db.shape[1]),
                 "whitened": variant != "raw" and desc.q_raw is not None,
                 "input": context["policy"].to_json(),
-                "extract_seconds": round(context["seconds"], 2),
                 "failed_images": len(desc.failed_queries) + len(desc.failed_db),
                 "failed_queries": _named(desc.failed_queries, dataset.qimlist),
                 "failed_db": _named(desc.failed_db, dataset.imlist),
@@ -346,6 +355,7 @@ def _distractors(
         num_workers=params.base.num_workers,
         progress=name,
         resize_filter=model.config.resize_filter,
+        trunk_depth=params.train.frozen_stages,
     )
     white = whiten_descriptors(model, raw)
     out = {"db": (raw if white is None else white).numpy()}
@@ -394,5 +404,6 @@ def _manifest(
         "params": params_to_dict(params),
         "code": code_version(),
         "files": sorted(files),
-        "sha256": {f: file_digest(folder / f) for f in sorted(files)},  # checked by the report
+        # checked by the report; the wall-clock timing.json differs on every run (never hashed)
+        "sha256": {f: file_digest(folder / f) for f in sorted(files) if f != EVAL_TIMING},
     }

@@ -16,7 +16,7 @@ from pathlib import Path
 from msvlad import paths
 from msvlad.config import load_params
 from msvlad.errors import InputError
-from msvlad.report.notebooks import NOTEBOOKS, READS, run_reports
+from msvlad.report.notebooks import NOTEBOOKS, READS, relative, run_reports
 from msvlad.report.results import check_results
 from msvlad.report.runs import check_run_logs
 from msvlad.storage import check_writable
@@ -45,10 +45,13 @@ def run(
     if "runs" in reads:
         check_run_logs(runs_dir, params)
     check_writable(out)
+    # paths under the repository go in relative (the notebooks anchor them at its root), so the
+    # executed notebooks do not depend on where the repository is
     extra = {
-        "params_file": str(Path(params_file).resolve()),
-        "results_dir": str(results_dir),
-        "runs_dir": str(runs_dir),
+        "params_file": relative(Path(params_file).resolve()),
+        "reports_dir": relative(Path(out).resolve()),
+        "results_dir": relative(results_dir),
+        "runs_dir": relative(runs_dir),
     }
     paths_out = run_reports(names, Path(out), **extra)
     log.info("report: %d notebooks -> %s (+ .html, figures/, tables/)", len(paths_out), out)

@@ -4,6 +4,11 @@
 per mining round, `triplets.csv` one row per mined triplet, `neighbors.csv` the top `NEIGHBOR_K`
 pool neighbours of every mined anchor (what the miner saw when it chose the triplet). The trainer
 writes them; the reports, `dvc plots` and the tests read them through these column lists.
+
+These logs hold only what the run computed, so a run repeated gives the same bytes (DVC hashes
+the run folder). Wall-clock times go to `timing.csv` (`TIMING_FIELDS`): a mining round's describe
+and mine seconds, and the seconds since the training process started at each epoch's end. It sits
+in the run folder but `.dvcignore` keeps it out of every hash.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from msvlad.errors import InputError
-from msvlad.paths import LOG, NEIGHBORS, ROUNDS, TRIPLETS
+from msvlad.paths import LOG, NEIGHBORS, ROUNDS, RUN_TIMING, TRIPLETS
 from msvlad.storage import atomic_path
 
 if TYPE_CHECKING:
@@ -29,7 +34,7 @@ if TYPE_CHECKING:
     from msvlad.data.trainsets import TrainingSet
 
 AGE_FIELDS = ["anchor_age", "positive_age", "negative_age"]  # steps since each descriptor's weights
-LOG_FIELDS = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map", "seconds"]
+LOG_FIELDS = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map"]
 ROUND_FIELDS = [
     "round",
     "step",
@@ -43,8 +48,6 @@ ROUND_FIELDS = [
     "semi_hard",
     "hard",
     "mean_loss",
-    "describe_seconds",
-    "mine_seconds",
 ]
 TRIPLET_FIELDS = [
     "round",
@@ -66,6 +69,11 @@ TRIPLET_FIELDS = [
 # round's pool (self excluded), as pos_rank/neg_rank in triplets.csv; sim is the cosine
 NEIGHBOR_FIELDS = ["round", "anchor", "rank", "neighbor", "label", "sim"]
 NEIGHBOR_K = 10  # neighbours kept per anchor: bounds neighbors.csv to 10 rows per mined triplet
+
+# wall-clock seconds (never hashed): event "describe" / "mine" of a round (its seconds), "epoch"
+# (seconds since the training process started; round left empty)
+TIMING_FILE = RUN_TIMING
+TIMING_FIELDS = ["event", "round", "step", "seconds"]
 
 # every log of a run folder: its columns and the column that says which checkpoint covers a row
 RUN_LOGS: dict[str, tuple[list[str], str]] = {
@@ -144,6 +152,30 @@ def truncate_logs(folder: Path, step: int, next_round: int) -> None:
     for name, (fields, column) in RUN_LOGS.items():
         limit = step if column == "step" else next_round - 1
         truncate_csv(folder / name, column, limit, fields)
+    _truncate_timing(folder / TIMING_FILE, step, next_round - 1)
+
+
+def _truncate_timing(path: Path, step: int, last_round: int) -> None:
+    """timing.csv: epoch rows up to `step`, round rows up to `last_round` (atomic rewrite)."""
+    if not path.exists():
+        return
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        rows = []  # unreadable wall-clock notes: start them again
+    kept = [
+        r
+        for r in rows
+        if (r.get("event") == "epoch" and _number(r.get("step")) <= step)
+        or (r.get("event") != "epoch" and _number(r.get("round")) <= last_round)
+    ]
+    if len(kept) == len(rows) and rows:
+        return
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=TIMING_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
 
 
 def last_logged_step(path: Path) -> int | None:
@@ -228,8 +260,6 @@ def round_row(
     pool_size: int,
     candidates: int,
     frame: pd.DataFrame,
-    describe_seconds: float,
-    mine_seconds: float,
     failed: int = 0,
     refreshed: int | None = None,
     ages: np.ndarray | None = None,
@@ -253,8 +283,6 @@ def round_row(
         "semi_hard": int(kinds.get("semi-hard", 0)),
         "hard": int(kinds.get("hard", 0)),
         "mean_loss": float(frame["loss"].mean()) if len(frame) else float("nan"),
-        "describe_seconds": round(describe_seconds, 3),
-        "mine_seconds": round(mine_seconds, 3),
     }
 
 
@@ -351,7 +379,6 @@ def epoch_row(
     triplets: int,
     round_sizes: Sequence[int],
     val_map: float,
-    seconds: float,
 ) -> dict[str, Any]:
     """The `log.csv` row of one epoch."""
     return {
@@ -363,8 +390,14 @@ def epoch_row(
         "rounds": len(round_sizes),
         "yield": float(np.mean(round_sizes)) if len(round_sizes) else float("nan"),
         "val_map": round(val_map, 4),
-        "seconds": round(seconds, 1),
     }
+
+
+def write_epoch(folder: Path, row: dict[str, Any], seconds: float) -> None:
+    """Append an `epoch_row` to log.csv and the seconds since the run started to timing.csv."""
+    append_csv(folder / LOG, LOG_FIELDS, [row])
+    event = {"event": "epoch", "round": "", "step": row["step"], "seconds": round(seconds, 1)}
+    append_csv(folder / TIMING_FILE, TIMING_FIELDS, [event])
 
 
 def write_round(
@@ -380,14 +413,18 @@ def write_round(
     """Append one mining round to rounds.csv, triplets.csv and neighbors.csv of a run folder.
 
     `pool` is what the miner saw (`msvlad.training.bank.describe_pool`); `frame` and `candidates`
-    are the round's `MinedTriplets.to_frame()` and `num_candidates`.
+    are the round's `MinedTriplets.to_frame()` and `num_candidates`; `seconds` (describe, mine)
+    go to timing.csv.
     """
     names, labels, classes = train_set.names, train_set.labels, train_set.classes
     pool_idx, n = pool.pool_idx, len(pool.pool_idx)
-    row = round_row(
-        round_index, step, n, candidates, frame, *seconds, pool.failed, pool.refreshed, pool.ages
-    )
+    row = round_row(round_index, step, n, candidates, frame, pool.failed, pool.refreshed, pool.ages)
     append_csv(folder / ROUNDS, ROUND_FIELDS, [row])
+    events = [
+        {"event": e, "round": round_index, "step": step, "seconds": round(t, 3)}
+        for e, t in zip(("describe", "mine"), seconds, strict=True)
+    ]
+    append_csv(folder / TIMING_FILE, TIMING_FIELDS, events)
     rows = triplet_rows(round_index, step, frame, pool_idx, names, labels, classes, pool.ages)
     append_csv(folder / TRIPLETS, TRIPLET_FIELDS, rows)
     rows = neighbor_rows(round_index, frame, pool.desc, pool_idx, names, labels, classes)

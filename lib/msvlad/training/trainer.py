@@ -41,7 +41,7 @@ from msvlad.mining.pool import ClassBalancedPool
 from msvlad.mining.registry import miner_from_config
 from msvlad.nn.loss import triplet_loss
 from msvlad.nn.model import RetrievalNet, load_model, save_model
-from msvlad.paths import CHECKPOINT, LOG, MODEL
+from msvlad.paths import CHECKPOINT, MODEL
 from msvlad.runtime import init_distributed, resolve_device, seed_everything
 from msvlad.storage import atomic_path, file_digest, load_torch, torch_bytes
 from msvlad.training import logs
@@ -264,10 +264,10 @@ class Trainer:
         """Append the epoch's row to log.csv and reset the epoch accumulators."""
         cfg, p = self.params.train, self.progress
         head = (p.step // cfg.steps_per_epoch, p.step, lr_at(max(0, p.step - 1), cfg), p.epoch_loss)
-        tail = (p.epoch_triplets, [n for _, n in p.epoch_rounds], val_map, time.time() - self._t0)
+        tail = (p.epoch_triplets, [n for _, n in p.epoch_rounds], val_map)
         row = logs.epoch_row(*head, *tail)
         if self.dist.main:
-            logs.append_csv(self.out_dir / LOG, logs.LOG_FIELDS, [row])
+            logs.write_epoch(self.out_dir, row, time.time() - self._t0)
         log.debug("epoch %(epoch)d step %(step)d: loss %(loss).4f, val mAP %(val_map).2f", row)
         p.end_epoch()
 
