@@ -17,9 +17,9 @@ from msvlad.data.images import ImageItem, load_batch
 from msvlad.data.testsets import load_dataset
 from msvlad.evaluation.extract import describe_multiscale, embed_images
 from msvlad.evaluation.pipeline import dataset_items
+from msvlad.nn import trunk_cache as tc
 from msvlad.nn.model import build_model
-from msvlad.training import trunk_cache as tc
-from msvlad.training.trunk_cache import (
+from msvlad.nn.trunk_cache import (
     FrozenTrunkCache,
     TrunkStore,
     job_key,
@@ -31,7 +31,7 @@ from tinydata import make_retrieval_set, make_train_set
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: equal float sums across runs
 
 CPU = torch.device("cpu")
-LOGGER = "msvlad.training.trunk_cache"
+LOGGER = "msvlad.nn.trunk_cache"
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ means (evaluation names failed queries and database images; mining drops them fr
 evaluation scores both from one extraction.
 With `trunk_depth` > 0 (the frozen stages, `train.frozen_stages`) the output of the first
 `trunk_depth` backbone stages is read from, or written to, the frozen-trunk cache
-(`msvlad.training.trunk_cache`): one entry per job (images, input size and policy, batches), so
+(`msvlad.nn.trunk_cache`): one entry per job (images, input size and policy, batches), so
 the descriptors are bit-identical to the ones computed from the images, for every model that
 shares those stages' weights.
 """
@@ -38,7 +38,7 @@ from msvlad.data.images import (
     target_size,
 )
 from msvlad.nn import functional as LF
-from msvlad.training.trunk_cache import open_job
+from msvlad.nn.trunk_cache import open_job
 
 log = logging.getLogger(__name__)
 

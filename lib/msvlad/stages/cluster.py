@@ -17,9 +17,9 @@ from msvlad.data.trainsets import load_training_set
 from msvlad.errors import InputError
 from msvlad.nn.kmeans import init_netvlad, kmeans_centroids, sample_local_features
 from msvlad.nn.model import RetrievalNet, build_model, save_model
+from msvlad.nn.trunk_cache import TrunkJob, open_job
 from msvlad.runtime import resolve_device, seed_everything
 from msvlad.storage import check_writable, remove_stale_temps
-from msvlad.training.trunk_cache import TrunkJob, open_job
 
 log = logging.getLogger(__name__)
 

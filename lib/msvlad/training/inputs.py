@@ -18,7 +18,7 @@ from msvlad.data.trainsets import TrainingSet
 from msvlad.evaluation.extract import embed_images
 from msvlad.mining.pool import at_pool_precision, pool_autocast_fp16
 from msvlad.nn.model import RetrievalNet
-from msvlad.training.trunk_cache import FrozenTrunkCache, TrunkStore
+from msvlad.nn.trunk_cache import FrozenTrunkCache, TrunkStore
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ _CODE = (
     "nn/backbones.py",
     "nn/efficientnet_lite.py",
     "evaluation/extract.py",
-    "training/trunk_cache.py",
+    "nn/trunk_cache.py",
 )
 
 
