@@ -69,6 +69,31 @@ def format_cell(value: Any, decimals: int = 2) -> str:
     return str(value)
 
 
+def yes_no(value: Any) -> Any:
+    """True / False as "yes" / "no" (what a reader of a report table expects); others unchanged."""
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    return value
+
+
+def styled(
+    table: pd.DataFrame, *, decimals: int | Mapping[str, int] = 2, index: bool = True
+) -> Any:
+    """A table as the HTML reports show it: floats with `decimals` places, booleans yes / no,
+    missing values as an en dash, text never cut (a pandas Styler; the frame is unchanged).
+
+    decimals: one number for every float column, or {column: decimals} (others get 2).
+    """
+    places = dict(zip(table.columns, _column_decimals(table.columns, decimals), strict=True))
+
+    def cell(d: int) -> Any:
+        return lambda v: format_cell(yes_no(v), d)
+
+    styler = table.style.format({c: cell(places[c]) for c in table.columns})
+    styler = styler.set_table_styles([{"selector": "td", "props": "white-space: nowrap;"}])
+    return styler if index else styler.hide(axis="index")
+
+
 def to_markdown(
     table: pd.DataFrame, *, decimals: int | Mapping[str, int] = 2, index: bool = False
 ) -> str:
