@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
@@ -66,7 +67,8 @@ def test_plot_ranking_borders_and_ap(dataset) -> None:
     ]
     ranks = np.stack([np.array(column)] * len(dataset.qimlist), axis=1)
     fig = figures.plot_ranking(dataset, ranks, 0, top_k=4, setup="medium")
-    assert isinstance(fig, Figure) and len(fig.axes) == 5
+    # 4 ranked results and the junk between them, unnumbered (ranks count as revisitop's)
+    assert isinstance(fig, Figure) and len(fig.axes) == 6
     c = figures.COLORS
     assert [_border(ax) for ax in fig.axes] == [
         c["query"],
@@ -74,15 +76,19 @@ def test_plot_ranking_borders_and_ap(dataset) -> None:
         c["junk"],
         c["negative"],
         c["positive"],
+        c["positive"],
     ]
-    assert [ax.get_title() for ax in fig.axes[1:]] == ["#1 easy", "#2 junk", "#3 neg", "#4 hard"]
+    titles = [ax.get_title() for ax in fig.axes[1:]]
+    assert titles == ["#1 easy", "junk", "#2 neg", "#3 hard", "#4 easy"]
     ap = results.query_ap(dataset, ranks, 0, "medium")
     assert f"AP {ap:.1f}" in fig.axes[0].get_title()
     # the query thumbnail is the bbx crop (60 x 44 pixels of an 80 x 60 image)
     assert fig.axes[0].images[0].get_array().shape[:2] == (44, 60)
     # hard setup: easy positives become junk
     hard_fig = figures.plot_ranking(dataset, ranks, 0, top_k=2, setup="hard")
-    assert [_border(ax) for ax in hard_fig.axes[1:]] == [c["junk"], c["junk"]]
+    assert [_border(ax) for ax in hard_fig.axes[1:]] == [c["junk"], c["junk"], c["negative"]] + [
+        c["positive"]
+    ]
 
 
 def test_plot_rankings_grid_and_comparison(tree, dataset) -> None:
@@ -111,7 +117,8 @@ def test_plot_triplets_gallery(tree) -> None:
     c = figures.COLORS
     assert [_border(ax) for ax in fig.axes[:3]] == [c["query"], c["positive"], c["negative"]]
     first = trip.iloc[0]
-    assert f"rank {first['pos_rank']}" in fig.axes[1].get_title()
+    assert f"rank {first['pos_rank'] + 1}\n" in fig.axes[1].get_title()  # logs are 0-based
+    assert f"rank {first['neg_rank'] + 1}\n" in fig.axes[2].get_title()
     assert (
         f"loss {first['loss']:.3f}" in fig.axes[2].get_title()
         and first["kind"] in fig.axes[0].get_title()
@@ -156,6 +163,33 @@ def test_plot_training_curves(tree, params) -> None:
     assert len(fig.axes[0].lines) == 2 and fig.axes[2].get_yscale() == "log"
     np.testing.assert_allclose(fig.axes[3].lines[0].get_ydata(), [46.0, 51.0, 56.0])
     assert len(figures.plot_training_curves(logs.iloc[:0]).axes) == 1
+
+
+def test_identical_training_curves_stay_distinguishable(tree, params) -> None:
+    logs = runs.load_training_logs(tree.runs_dir, params)
+    first = logs[logs["method"] == "msvlad"]
+    twin = first.assign(method="msvlad-fp16-pool", label="… fp16 mining pool")  # same run
+    fig = figures.plot_training_curves(pd.concat([first, twin, logs[logs["method"] != "msvlad"]]))
+    lines = fig.axes[0].lines
+    labels = [line.get_label() for line in lines]
+    assert labels[1] == f"… fp16 mining pool (identical to {first['label'].iloc[0]})"
+    np.testing.assert_array_equal(lines[0].get_ydata(), lines[1].get_ydata())
+    styles = [(line.get_linestyle(), line.get_marker(), line.get_color()) for line in lines]
+    assert len(set(styles)) == 3  # every method its own colour, line style and marker
+    assert (
+        lines[1].get_linewidth() > lines[0].get_linewidth()
+        and lines[1].get_markerfacecolor() == "none"
+    )
+    assert "identical" not in labels[2]
+    val = figures.plot_validation_curves(pd.concat([first, twin]))
+    assert "identical to" in val.axes[0].lines[1].get_label()
+
+
+def test_save_figure_writes_only_when_asked(tmp_path: Path) -> None:
+    fig = Figure()
+    fig.subplots().plot([0, 1], [1, 0])
+    assert figures.save_figure(fig, "demo", "line", tmp_path, write=False) == []
+    assert not (tmp_path / "demo").exists()
 
 
 def test_plot_validation_curves_skips_epochs_without_validation(tree, params) -> None:
