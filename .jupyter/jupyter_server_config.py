@@ -5,13 +5,15 @@ JupyterLab reads this file when started from the repository root as the README s
     JUPYTER_CONFIG_PATH=$PWD/.jupyter .venv/bin/jupyter lab notebooks/
 
 Every save (autosave too) of a notebook under notebooks/ drops outputs, execution counts, widget
-state, kernel version details and view-only cell metadata, so running the notebooks leaves
-`git status` clean and the report stage (which depends on notebooks/) unchanged for DVC.
-Notebooks elsewhere are saved untouched.
+state, kernel version details and view-only cell metadata, and keeps the stored kernelspec (whose
+display name differs between installs), so running the notebooks leaves `git status` clean and
+the report stage (which depends on notebooks/) unchanged for DVC. Notebooks elsewhere are saved
+untouched.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,16 @@ def strip_report_notebooks(
     if model.get("type") != "notebook" or not model.get("content"):
         return
     target = (Path(contents_manager.root_dir) / path.lstrip("/")).resolve()
-    if NOTEBOOKS.resolve() in target.parents:
-        strip_notebook(model["content"])
+    if NOTEBOOKS.resolve() not in target.parents:
+        return
+    nb = strip_notebook(model["content"])
+    try:
+        stored = json.loads(target.read_text(encoding="utf-8")).get("metadata", {})
+    except (OSError, ValueError):
+        return  # a new notebook: nothing to keep
+    spec = stored.get("kernelspec")
+    if spec and spec.get("name") == nb["metadata"].get("kernelspec", {}).get("name"):
+        nb["metadata"]["kernelspec"] = spec
 
 
 c = get_config()  # noqa: F821 - provided by the Jupyter config loader

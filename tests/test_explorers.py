@@ -690,3 +690,63 @@ def test_notebook_in_a_plain_kernel_shows_widgets(name: str, tree, tmp_path: Pat
     assert WIDGET_MIME in kinds, cell.outputs
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
     assert not reports.exists()  # a hand run writes no report figures
+
+
+# ------------------------------------------------------------------ the project's Jupyter config
+def _hook() -> dict:
+    import runpy
+
+    from traitlets.config import Config
+
+    cfg = Config()
+    ns = runpy.run_path(
+        str(Path(__file__).resolve().parents[1] / ".jupyter" / "jupyter_server_config.py"),
+        init_globals={"get_config": lambda: cfg},
+    )
+    assert cfg.ContentsManager.pre_save_hook is ns["strip_report_notebooks"]
+    return ns
+
+
+@pytest.mark.parametrize("name", ["rankings", "triplets", "training", "results"])
+def test_stored_notebooks_are_what_the_save_hook_writes(name: str) -> None:
+    import json
+
+    import nbformat
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / f"{name}.ipynb"
+    text = path.read_text()
+    stripped = _hook()["strip_notebook"](json.loads(text))
+    assert nbformat.writes(nbformat.from_dict(stripped), version=4) + "\n" == text
+
+
+def test_save_hook_strips_report_notebooks_only(tmp_path: Path) -> None:
+    import copy
+    import json
+    from types import SimpleNamespace
+
+    ns = _hook()
+    root = ns["NOTEBOOKS"].parent
+    stored = json.loads((root / "notebooks" / "rankings.ipynb").read_text())
+    ran = copy.deepcopy(stored)
+    code = next(c for c in ran["cells"] if c["cell_type"] == "code")
+    code.update(
+        outputs=[{"output_type": "stream", "name": "stdout", "text": "x"}], execution_count=3
+    )
+    code["metadata"].update(scrolled=True, execution={"iopub.status.busy": "2024"})
+    ran["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
+    ran["metadata"]["kernelspec"]["display_name"] = "Python 3 (ipykernel)"
+    ran["metadata"]["language_info"] = {"name": "python", "version": "3.11.2"}
+    hook, manager = ns["strip_report_notebooks"], SimpleNamespace(root_dir=str(root))
+    model = {"type": "notebook", "content": copy.deepcopy(ran)}
+    hook(model=model, path="notebooks/rankings.ipynb", contents_manager=manager)
+    assert model["content"] == stored  # what git stores, kernelspec included
+    elsewhere = {"type": "notebook", "content": copy.deepcopy(ran)}
+    hook(
+        model=elsewhere,
+        path="scratch.ipynb",
+        contents_manager=SimpleNamespace(root_dir=str(tmp_path)),
+    )
+    assert elsewhere["content"] == ran  # a notebook outside notebooks/ keeps its outputs
+    text = {"type": "file", "content": "x"}
+    hook(model=text, path="notebooks/notes.txt", contents_manager=manager)
+    assert text == {"type": "file", "content": "x"}

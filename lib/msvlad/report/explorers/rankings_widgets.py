@@ -101,6 +101,8 @@ class RankingsWidgets:
         c["export"] = widgets.Button(description="export PNG + CSV", icon="download")
         c["export"].on_click(lambda _b: ex.export_view())
         c["export"].add_class("msvlad-export")
+        for key, control in c.items():
+            control.add_class(f"msvlad-control-{key}")  # what a browser test or a theme finds
         self.title = widgets.HTML()
         self.query_image = widgets.Image(format="jpeg", layout=widgets.Layout(width="300px"))
         self.query_image.add_class("msvlad-query-image")

@@ -212,6 +212,8 @@ class TripletExplorer(ExplorerBase):
             layout=widgets.Layout(width="420px"),
         )  # fmt: skip
         c["triplet"].add_class("msvlad-triplet-menu")
+        for key, control in c.items():
+            control.add_class(f"msvlad-control-{key}")
         self.image = widgets.Image(format="png")
         self.summary = widgets.HTML()
         self.summary.add_class("msvlad-triplet-summary")
