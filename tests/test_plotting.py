@@ -233,3 +233,78 @@ def test_plot_query_gains(tree) -> None:
     assert len(fig.axes) == 2
     np.testing.assert_allclose([p.get_height() for p in fig.axes[1].patches], gains["gain"])
     assert len(figures.plot_query_gains(gains.iloc[:0]).axes) == 1
+
+
+@pytest.mark.slow  # dvc plots show in a scratch repository (and Chromium when installed)
+def test_dvc_plots_show_draws_offline_one_colour_per_method(tmp_path: Path) -> None:
+    import json
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*dvc, "init", "-q"], cwd=repo, check=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copyfile(root / name, repo / name)
+    shutil.copyfile(root / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(root / ".dvc" / "plots", repo / ".dvc" / "plots")
+    plots = yaml.safe_load((root / "dvc.yaml").read_text())["plots"]
+    files = sorted({f for p in plots for spec in p.values() for f in spec["y"]})
+    for i, rel in enumerate(files):  # each method's curves differ (by i)
+        path = repo / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith("log.csv"):
+            rows = [f"{s},{0.1 + 0.01 * i - 0.001 * s:.4f},{70 + i + s / 10}" for s in (0, 20, 40)]
+            path.write_text("step,loss,val_map\n" + "\n".join(rows) + "\n")
+        else:
+            rows = [f"{r},{30 + i + r},{10 + r},{20 - r}" for r in range(4)]
+            path.write_text("round,triplets,semi_hard,hard\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "html"
+    done = subprocess.run(
+        [*dvc, "plots", "show", "-o", str(out)], cwd=repo, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    page = (out / "index.html").read_text()
+    assert "<script src" not in page and "cdn" not in page  # nothing fetched from the network
+    urls = set(re.findall(r"https?://[^\s\"'<>]+", page))
+    assert urls <= {"http://www.w3.org/2000/svg", "https://vega.github.io/schema/vega-lite/v5.json"}
+    specs = [json.loads(m) for m in re.findall(r"var spec = (\{.*?\});\n", page, flags=re.S)]
+    assert len(specs) == len(plots)
+    assert all(
+        s["encoding"]["color"]["field"] == "series" and "msvlad" in s["usermeta"] for s in specs
+    )
+    from jupyterlab_browser import CHROMIUM_ARGS, chromium_path, missing_browser
+
+    if missing_browser() is not None:
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        tab = browser.new_page()
+        requests: list[str] = []
+        tab.on("request", lambda r: requests.append(r.url))
+        tab.goto((out / "index.html").as_uri())
+        drawn = tab.evaluate(
+            "() => [...document.querySelectorAll('.msvlad-plot')].map(d => [...d.querySelectorAll("
+            "'g.series')].map(g => [g.dataset.series, g.querySelector('polyline').getAttribute("
+            "'stroke'), g.querySelectorAll('circle').length]))"
+        )
+        browser.close()
+    assert requests == [(out / "index.html").as_uri()]
+    miners = ["msvlad", "msvlad-batchhard", "msvlad-hardest", "msvlad-random"]
+    colours = {}
+    for lines in drawn[:3]:  # validation mAP, loss, triplets: one line per miner
+        assert sorted(name for name, _, _ in lines) == miners
+        for name, colour, _ in lines:
+            assert colours.setdefault(name, colour) == colour  # a method keeps its colour
+    assert len(set(colours.values())) == 4
+    assert [n for n, _, _ in drawn[0]] and all(k == 3 for _, _, k in drawn[0])  # 3 logged steps
+    assert sorted(n for n, _, _ in drawn[3]) == ["msvlad · hard", "msvlad · semi_hard"]
