@@ -750,3 +750,35 @@ def test_save_hook_strips_report_notebooks_only(tmp_path: Path) -> None:
     text = {"type": "file", "content": "x"}
     hook(model=text, path="notebooks/notes.txt", contents_manager=manager)
     assert text == {"type": "file", "content": "x"}
+
+
+def test_raw_variant_when_evaluate_kept_the_unwhitened_descriptors(tree, params, tmp_path) -> None:
+    from msvlad.storage import save_npz
+
+    results_dir = tmp_path / "evaluate"
+    shutil.copytree(tree.results_dir, results_dir)
+    out = results_dir / "msvlad" / DATASET
+    f = dict(np.load(out / "features.npz"))
+    rng = np.random.default_rng(1)
+    f["q_raw"] = rng.normal(size=(f["q"].shape[0], 6)).astype(np.float32)
+    f["db_raw"] = rng.normal(size=(f["db"].shape[0], 6)).astype(np.float32)
+    save_npz(out / "features.npz", **f)
+    shutil.copyfile(out / "per_query.csv", out / "per_query_raw.csv")
+    ex = explorers.RankingsExplorer(params, results_dir, method="msvlad", top_k=3)
+    assert ex.variants() == ["plain", "raw", "qe", "dba"]
+    ex.select(variant="raw")
+    q = ex.query
+    column = np.argsort(-(f["db_raw"].astype(np.float64) @ f["q_raw"][q]), kind="stable")
+    ok, junk = _truth(load_dataset(tree.data_root, DATASET), q, ex.setup)
+    (rl,) = ex.view()
+    assert rl.variant == "raw" and rl.label.endswith("+raw (unwhitened)")
+    want = _expected_items(column, ok, junk, set(), 3)
+    assert (
+        list(zip(rl.items["rank"], rl.items["db_index"], rl.items["relevance"], strict=True))
+        == want
+    )
+    np.testing.assert_allclose(
+        rl.items["sim"], f["db_raw"][rl.items["db_index"]].astype(np.float64) @ f["q_raw"][q]
+    )
+    other = explorers.RankingsExplorer(params, results_dir, method="msvlad-ots")
+    assert "raw" not in other.variants()  # no unwhitened arrays there

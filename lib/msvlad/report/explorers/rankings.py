@@ -10,7 +10,6 @@ per-positive rank table (`rankings_widgets`).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from matplotlib.figure import Figure
 from msvlad import paths
 from msvlad.config import Params
 from msvlad.report.explorers import rankings_widgets
-from msvlad.report.explorers.base import THUMBNAILS, ExplorerBase, ThumbnailCache, png
+from msvlad.report.explorers.base import THUMBNAILS, ExplorerBase, ThumbnailCache
 from msvlad.report.explorers.data import VARIANT_LABELS, RunResults
 from msvlad.report.explorers.ranking import (
     FAILURES,
@@ -33,13 +32,18 @@ from msvlad.report.explorers.ranking import (
 )
 from msvlad.report.explorers.rankings_view import (
     MAP_COLOURS,
-    export_frame,
+    export_files,
     plot_embedding_map,
     plot_ranked_lists,
 )
-from msvlad.storage import write_bytes, write_text
 
 MAX_TOP_K = 30
+CHOICES = {
+    "order": QUERY_ORDERS,
+    "failure": FAILURES,
+    "variant": VARIANT_LABELS,
+    "colour": MAP_COLOURS,
+}
 EXPORT_DIR = paths.ROOT / "exports"  # git- and DVC-ignored
 
 
@@ -77,19 +81,8 @@ class RankingsExplorer(ExplorerBase):
                 f"{results_dir}: no <method>/<dataset>/ranks.npy for the methods of params "
                 "(run `dvc repro` or `python -m msvlad evaluate` first)"
             )
-        for what, key in (("method", method), ("compare", compare)):
-            if key is not None and key not in params.methods:
-                raise ValueError(
-                    f"{what}: {key!r} is not a method of params {list(params.methods)}"
-                )
-        if dataset is not None and dataset not in found:
-            raise ValueError(
-                f"dataset: {dataset!r} has no ranking in {results_dir} (found {found})"
-            )
-        if order not in QUERY_ORDERS:
-            raise ValueError(f"order: expected one of {list(QUERY_ORDERS)}, got {order!r}")
-        if variant not in VARIANT_LABELS:
-            raise ValueError(f"variant: expected one of {list(VARIANT_LABELS)}, got {variant!r}")
+        chosen = dict(method=method, compare=compare, dataset=dataset, order=order, variant=variant)
+        self._check(chosen)
         self.dataset = dataset or found[0]
         self.method, self.compare, self.variant = method, compare, variant
         self.setup, self.top_k, self.order = setup, int(top_k), order
@@ -151,21 +144,7 @@ class RankingsExplorer(ExplorerBase):
         unknown = set(changes) - set(self.STATE)
         if unknown:
             raise ValueError(f"select: unknown control(s) {sorted(unknown)}")
-        if "dataset" in changes and changes["dataset"] not in self.data.datasets():
-            raise ValueError(
-                f"dataset: {changes['dataset']!r} has no ranking in {self.data.results_dir}"
-            )
-        for key, choices in (
-            ("order", QUERY_ORDERS),
-            ("failure", FAILURES),
-            ("variant", VARIANT_LABELS),
-        ):
-            if key in changes and changes[key] not in choices:
-                raise ValueError(f"{key}: expected one of {list(choices)}, got {changes[key]!r}")
-        if "colour" in changes and changes["colour"] not in MAP_COLOURS:
-            raise ValueError(
-                f"colour: expected one of {list(MAP_COLOURS)}, got {changes['colour']!r}"
-            )
+        self._check(changes)
         moves = {"query", "clicked", "dataset"} & set(changes)
         if moves and "history" not in changes:
             self.history = (*self.history, (self.query, self.clicked))[-50:]
@@ -179,6 +158,20 @@ class RankingsExplorer(ExplorerBase):
             setattr(self, key, value)
         self._normalise(keep_query="query" in changes)
         return self
+
+    def _check(self, changes: dict[str, Any]) -> None:
+        """A one-line error for a control value that does not exist (None: unset, allowed)."""
+        for key in ("method", "compare"):
+            if changes.get(key) and changes[key] not in self.data.params.methods:
+                methods = list(self.data.params.methods)
+                raise ValueError(f"{key}: {changes[key]!r} is not a method of params {methods}")
+        found = self.data.datasets()
+        if changes.get("dataset") is not None and changes["dataset"] not in found:
+            where = self.data.results_dir
+            raise ValueError(f"dataset: {changes['dataset']!r} has no ranking in {where} ({found})")
+        for key, choices in CHOICES.items():
+            if key in changes and changes[key] not in choices:
+                raise ValueError(f"{key}: expected one of {list(choices)}, got {changes[key]!r}")
 
     def back(self) -> RankingsExplorer:
         """Return to the query shown before the last query change (a click or a menu pick)."""
@@ -273,23 +266,8 @@ class RankingsExplorer(ExplorerBase):
     def export(self, folder: str | os.PathLike | None = None) -> list[Path]:
         """Write the current view: its figure (PNG) and its ranked lists (CSV); return the paths."""
         fig = self.figure()
-        lists = self.shown
-        head = lists[0]
-        parts = [
-            self.dataset,
-            head.query,
-            self.method,
-            head.variant,
-            head.setup,
-            f"top{self.top_k}",
-        ]
-        stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", "_".join(parts))
         out = Path(folder) if folder is not None else self.export_dir
-        frame = export_frame(lists, self.dataset)
-        return [
-            write_bytes(out / f"{stem}.png", png(fig)),
-            write_text(out / f"{stem}.csv", frame.to_csv(index=False)),
-        ]
+        return export_files(fig, self.shown, self.dataset, out)
 
     # ---------------------------------------------------------------- widgets
     def _build(self, widgets: Any) -> list[Any]:
@@ -316,20 +294,6 @@ class RankingsExplorer(ExplorerBase):
     def click(self, db_index: int) -> bool:
         """Make a shown database image the query (what clicking its tile does)."""
         return self._guarded(lambda: self.select(clicked=int(db_index)))
-
-    def go_back(self) -> bool:
-        """The back button: the previous query."""
-        return self._guarded(self.back)
-
-    def export_view(self) -> bool:
-        """The export button: write PNG + CSV and say where."""
-
-        def run() -> None:
-            written = self.export()
-            if self.status is not None:
-                self.status.value = "exported " + ", ".join(f"<code>{p}</code>" for p in written)
-
-        return self._guarded(run, redraw=False)
 
 
 def rankings_explorer(

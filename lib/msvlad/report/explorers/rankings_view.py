@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,9 +20,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image, ImageDraw
 
-from msvlad.report.explorers.base import THUMBNAILS, ThumbnailCache, encode_jpeg
+from msvlad.report.explorers.base import THUMBNAILS, ThumbnailCache, encode_jpeg, png
 from msvlad.report.explorers.ranking import Landmarks, RankedList
 from msvlad.report.figures import COLORS, THUMB, _show, _wrap
+from msvlad.storage import write_bytes, write_text
 
 if TYPE_CHECKING:
     from msvlad.data.testsets import RetrievalDataset
@@ -312,6 +315,20 @@ def positive_table_html(table: pd.DataFrame, k: int) -> str:
         + "".join(body)
         + "</tbody></table>"
     )
+
+
+def export_files(
+    fig: Figure, lists: Sequence[RankedList], dataset: str, folder: Path
+) -> list[Path]:
+    """Write a view's figure (PNG) and ranked lists (CSV) atomically, named after the view."""
+    head = lists[0]
+    parts = [dataset, head.query, head.method, head.variant, head.setup, f"top{head.k}"]
+    stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", "_".join(parts))
+    frame = export_frame(lists, dataset)
+    return [
+        write_bytes(folder / f"{stem}.png", png(fig)),
+        write_text(folder / f"{stem}.csv", frame.to_csv(index=False)),
+    ]
 
 
 def export_frame(lists: Sequence[RankedList], dataset: str) -> pd.DataFrame:

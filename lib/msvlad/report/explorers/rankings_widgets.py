@@ -97,9 +97,9 @@ class RankingsWidgets:
         )
         c["query"].add_class("msvlad-query")
         c["back"] = widgets.Button(description="◀ back", tooltip="the previous query")
-        c["back"].on_click(lambda _b: ex.go_back())
+        c["back"].on_click(lambda _b: ex._guarded(ex.back))
         c["export"] = widgets.Button(description="export PNG + CSV", icon="download")
-        c["export"].on_click(lambda _b: ex.export_view())
+        c["export"].on_click(lambda _b: self.export())
         c["export"].add_class("msvlad-export")
         for key, control in c.items():
             control.add_class(f"msvlad-control-{key}")  # what a browser test or a theme finds
@@ -179,6 +179,15 @@ class RankingsWidgets:
             name = ex.data.dataset(ex.dataset).imlist[ex.clicked]
             options.insert(0, (f"clicked: {name} (a database image)", -1 - int(ex.clicked)))
         return options
+
+    def export(self) -> bool:
+        """The export button: write the view's PNG + CSV and say where, in the status line."""
+
+        def run() -> None:
+            written = self.ex.export()
+            self.ex.status.value = "exported " + ", ".join(f"<code>{p}</code>" for p in written)
+
+        return self.ex._guarded(run, redraw=False)
 
     def draw(self) -> None:
         """Tiles, query panel, map, per-positive table and text of the explorer's `shown` lists."""
