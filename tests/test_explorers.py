@@ -782,3 +782,53 @@ def test_raw_variant_when_evaluate_kept_the_unwhitened_descriptors(tree, params,
     )
     other = explorers.RankingsExplorer(params, results_dir, method="msvlad-ots")
     assert "raw" not in other.variants()  # no unwhitened arrays there
+
+
+# ------------------------------------------------------------------ the finished mini run
+REPO = Path(__file__).resolve().parents[1]
+MINI = REPO / "results" / "evaluate"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (MINI / "msvlad" / "mini-test" / "ranks.npy").is_file(),
+    reason="needs a finished mini run (dvc repro) in results/evaluate",
+)
+def test_mini_run_variant_rankings_reproduce_evaluate_and_own_photos() -> None:
+    import hashlib
+
+    from msvlad.evaluation.pipeline import score
+
+    params = load_params(REPO / "params.yaml")
+    data = explorers.RunResults(params, MINI)
+    ds = data.dataset("mini-test")
+    for method in data.methods("mini-test"):
+        _, plain = score(data.descriptors(method, "mini-test"), ds, data.evaluate_cfg(method))
+        np.testing.assert_array_equal(plain, np.load(MINI / method / "mini-test" / "ranks.npy"))
+        assert {"plain", "qe", "dba"} <= set(data.variants(method, "mini-test"))
+        for variant in data.variants(method, "mini-test"):
+            ranks = data.ranks(method, "mini-test", variant)
+            for setup in ("easy", "medium", "hard"):
+                want = data.per_query(method, "mini-test", setup, variant)["AP"].to_numpy()
+                got = [
+                    explorers.ranking.score_column(
+                        ranks[:, q], data.truth("mini-test", setup, q), 10
+                    )[0]
+                    for q in range(len(ds.qimlist))
+                ]
+                np.testing.assert_allclose(got, want, atol=1e-9)  # what evaluate scored
+    # the own photo: a junk database image with the query's bytes (e.g. graf_q0 -> graf_009)
+    own = data.own_photos("mini-test")
+    digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
+    for q, found in enumerate(own):
+        junk = {int(i) for i in ds.gnd[q]["junk"]}
+        same = {i for i in junk if digest(ds.image_path(i)) == digest(ds.query_path(q))}
+        assert found == same
+    assert own[0] == {ds.imlist.index("graf_009")} and sum(map(len, own)) > 0
+    ex = explorers.RankingsExplorer(params, MINI, method="msvlad", top_k=30)
+    for q in [q for q, o in enumerate(own) if o][:5]:
+        ex.select(query=q)
+        (rl,) = ex.view()
+        assert not set(rl.items["db_index"]) & own[q] and rl.own_photo
+        assert (rl.items["rank"] > 0).sum() == 30  # 30 ranked results, junk between them
+    assert len(data.landmarks("mini-test").names) == 15  # the mini-test scenes

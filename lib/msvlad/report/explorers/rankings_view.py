@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 PER_ROW = 10  # thumbnails per row of the static figure (longer lists wrap)
 MAP_COLOURS = ("landmark", "status")
+MAP_LEGEND = 24  # landmarks named in the map's legend (more: colours only)
 
 
 def _rotation(dataset: RetrievalDataset, name: str) -> float:
@@ -188,7 +189,7 @@ def plot_embedding_map(
     (star), its positives (green rings) and the top-k (numbered, as in the ranked list)."""
     if colour not in MAP_COLOURS:
         raise ValueError(f"colour: expected one of {MAP_COLOURS}, got {colour!r}")
-    fig = Figure(figsize=(5.6, 5.0), layout="constrained")
+    fig = Figure(figsize=(7.0, 5.0), layout="constrained")
     ax = fig.subplots()
     if colour == "landmark":
         _scatter_landmarks(ax, db_xy, marks)
@@ -202,7 +203,7 @@ def plot_embedding_map(
         facecolors="none",
         edgecolors=COLORS["positive"],
         linewidths=1.5,
-        label="positive",
+        label="the query's positives",
     )
     shown = rl.items[(rl.items["rank"] > 0) & (rl.items["db_index"] < len(db_xy))]
     for t in shown.itertuples(index=False):
@@ -227,7 +228,7 @@ def plot_embedding_map(
         label="query",
     )
     ax.set(xticks=[], yticks=[], xlabel="PCA 1", ylabel="PCA 2")
-    ax.legend(fontsize=7, loc="best", ncols=2, frameon=False)
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     ax.set_title(f"database descriptors (PCA) · coloured by {colour}", fontsize=9)
     return fig
 
@@ -243,7 +244,7 @@ def _scatter_landmarks(ax: Any, db_xy: np.ndarray, marks: Landmarks) -> None:
             s=14,
             color=f"C{i % 10}",
             marker="os^Dv"[i // 10 % 5],
-            label=name if len(marks.names) <= 12 else None,
+            label=name if len(marks.names) <= MAP_LEGEND else None,
         )
 
 

@@ -98,7 +98,9 @@ class RankingsWidgets:
         c["query"].add_class("msvlad-query")
         c["back"] = widgets.Button(description="◀ back", tooltip="the previous query")
         c["back"].on_click(lambda _b: ex._guarded(ex.back))
-        c["export"] = widgets.Button(description="export PNG + CSV", icon="download")
+        c["export"] = widgets.Button(
+            description="export PNG + CSV", icon="download", layout=widgets.Layout(width="190px")
+        )
         c["export"].on_click(lambda _b: self.export())
         c["export"].add_class("msvlad-export")
         for key, control in c.items():
@@ -106,7 +108,7 @@ class RankingsWidgets:
         self.title = widgets.HTML()
         self.query_image = widgets.Image(format="jpeg", layout=widgets.Layout(width="300px"))
         self.query_image.add_class("msvlad-query-image")
-        self.map = widgets.Image(format="png", layout=widgets.Layout(width="460px"))
+        self.map = widgets.Image(format="png", layout=widgets.Layout(width="600px"))
         self.map.add_class("msvlad-map")
         self.heads = [widgets.HTML(), widgets.HTML()]
         self.grids = [TileGrid(widgets, ex.click), TileGrid(widgets, ex.click)]
