@@ -40,6 +40,7 @@ FAILURES: dict[str, str] = {
     "beyond_k": "a positive beyond rank k",
     "above_first": "junk or a negative above the first positive",
 }
+MAX_TOP_K = 30  # the longest list an explorer shows
 LANDMARK_SETUP = "landmark"  # the setup of a clicked database image: judged by landmark
 
 

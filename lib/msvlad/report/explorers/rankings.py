@@ -23,6 +23,7 @@ from msvlad.report.explorers.base import THUMBNAILS, ExplorerBase, ThumbnailCach
 from msvlad.report.explorers.data import VARIANT_LABELS, RunResults
 from msvlad.report.explorers.ranking import (
     FAILURES,
+    MAX_TOP_K,
     QUERY_ORDERS,
     RankedList,
     failures,
@@ -37,7 +38,6 @@ from msvlad.report.explorers.rankings_view import (
     plot_ranked_lists,
 )
 
-MAX_TOP_K = 30
 CHOICES = {
     "order": QUERY_ORDERS,
     "failure": FAILURES,

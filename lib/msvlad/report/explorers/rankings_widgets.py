@@ -14,7 +14,7 @@ import pandas as pd
 
 from msvlad.report.explorers.base import MAX_OPTIONS, png
 from msvlad.report.explorers.data import VARIANT_LABELS
-from msvlad.report.explorers.ranking import FAILURES, QUERY_ORDERS, RankedList
+from msvlad.report.explorers.ranking import FAILURES, MAX_TOP_K, QUERY_ORDERS, RankedList
 from msvlad.report.explorers.rankings_view import (
     MAP_COLOURS,
     item_caption,
@@ -162,7 +162,7 @@ class RankingsWidgets:
         c["colour"].value = ex.colour
         c["query"].options = self.query_options()
         c["query"].value = -1 - ex.clicked if ex.clicked is not None else ex.query
-        c["top_k"].max = min(30, len(ex.data.dataset(ex.dataset)))
+        c["top_k"].max = min(MAX_TOP_K, len(ex.data.dataset(ex.dataset)))
         c["top_k"].value = ex.top_k
         c["back"].disabled = not ex.history
 
