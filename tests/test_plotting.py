@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +309,25 @@ def test_dvc_plots_show_draws_offline_one_colour_per_method(tmp_path: Path) -> N
     assert len(set(colours.values())) == 4
     assert [n for n, _, _ in drawn[0]] and all(k == 3 for _, _, k in drawn[0])  # 3 logged steps
     assert sorted(n for n, _, _ in drawn[3]) == ["msvlad · hard", "msvlad · semi_hard"]
+
+
+def test_styled_report_tables_two_decimals_yes_no_full_labels() -> None:
+    from msvlad.report import tables
+
+    label = "MS-NetVLAD + difficulty, fp16 mining pool (identical to the paper's row) +QE"
+    frame = pd.DataFrame(
+        {
+            "Method": [label, "GeM"],
+            "mAP": [62.123456, np.nan],
+            "holds": [True, False],
+            "lr": [5e-06, 1e-4],
+            "Queries": [120, 120],
+        }
+    )
+    html = tables.styled(frame, scientific=["lr"], index=False).to_html()
+    cells = [c.strip() for c in re.findall(r"<td[^>]*>([^<]*)</td>", html)]
+    assert cells == [label, "62.12", "yes", "5.00e-06", "120", "GeM", "–", "no", "1.00e-04", "120"]
+    assert "62.1234" not in html and "True" not in html
+    three = tables.styled(frame, decimals={"mAP": 3}).to_html()
+    assert ">62.123<" in three.replace(" ", "") and ">0<" in three.replace(" ", "")  # index kept
+    assert frame["mAP"].iloc[0] == 62.123456  # the frame itself is unchanged

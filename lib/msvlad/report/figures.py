@@ -371,6 +371,7 @@ def plot_training_curves(logs: pd.DataFrame, *, title: str | None = None) -> Fig
         ("lr", "learning rate"),
         ("val_map", "validation mAP (%)"),
     )
+    fig.set_size_inches(10, 6.5 + 0.2 * logs["method"].nunique() if "method" in logs else 6.5)
     styles = curve_styles(logs, [c for c, _ in panels])
     groups = logs.groupby("method", sort=False) if "method" in logs else [("run", logs)]
     for key, frame in groups:
@@ -391,7 +392,8 @@ def plot_training_curves(logs: pd.DataFrame, *, title: str | None = None) -> Fig
     axes[2].set_yscale("log")
     axes[2].set_xlabel("step")
     axes[3].set_xlabel("step")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()  # under the panels: hides no curve
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
