@@ -9,7 +9,7 @@ same step budget) in a scratch folder, measuring:
   overlap is |T_bank ∩ T_fresh| / |T_bank ∪ T_fresh| over (anchor, positive, negative) index
   triplets, so it isolates what stale descriptors change (run 1.0 is 1 by construction);
 - the mining share of a round: (describe + mine seconds) / (describe + mine + the seconds of the
-  round's training steps), from rounds.csv and the steps timed in the same process;
+  round's training steps), from the run's timing.csv and the steps timed in the same process;
 - the bank's descriptor ages (rounds.csv `age_mean`, `age_max`).
 
 The extra full description is done after the round and outside every timed section, draws no
@@ -42,8 +42,9 @@ from benchmarks import common
 from msvlad.cli import parse_sets
 from msvlad.config import load_params, with_overrides
 from msvlad.mining.pool import POOL_DRAWS
-from msvlad.paths import ROOT
+from msvlad.paths import LOG, ROOT, ROUNDS, init_file
 from msvlad.storage import read_json, write_json
+from msvlad.training.logs import TIMING_FILE
 from msvlad.training.trainer import Trainer, make_miner
 
 log = logging.getLogger(__name__)
@@ -131,15 +132,16 @@ def run_one(args: argparse.Namespace, seed: int, fraction: float, folder: Path) 
     if trainer.inputs.trunk is not None:
         _TRUNKS.setdefault(key, trainer.inputs.trunk)
     wall = time.time() - t0
-    epochs, rounds = _csv(folder / "log.csv"), _csv(folder / "rounds.csv")
+    epochs, rounds = _csv(folder / LOG), _csv(folder / ROUNDS)
+    timing = {(e["event"], e["round"]): float(e["seconds"]) for e in _csv(folder / TIMING_FILE)}
     shares, describe, mine, steps = [], [], [], []
     for row in rounds:
         r = int(row["round"])
         if r not in trainer.step_seconds:  # the last round may have no step within the budget
             continue
         d, m, s = (
-            float(row["describe_seconds"]),
-            float(row["mine_seconds"]),
+            timing[("describe", row["round"])],
+            timing[("mine", row["round"])],
             trainer.step_seconds[r],
         )
         describe.append(d), mine.append(m), steps.append(s)
@@ -203,7 +205,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    parser.add_argument("--init", type=Path, default=ROOT / "runs" / "msvlad" / "init.pt")
+    parser.add_argument("--init", type=Path, default=init_file("msvlad"))
     parser.add_argument("--fractions", type=float_list, default=[1.0, 0.5, 0.25, 0.1, 0.0])
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=None, help="keep the run folders here")

@@ -51,11 +51,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from msvlad.config import Params, load_params
-from msvlad.paths import ROOT
+from msvlad.paths import BENCH, ROOT
 from msvlad.runtime import resolve_device
 from msvlad.storage import read_json, write_json
 
-RESULTS_DIR = ROOT / "results" / "bench"
+RESULTS_DIR = BENCH
 MIB = 1024.0 * 1024.0
 # the two parameter profiles, by the name the scripts' --settings use
 PROFILES: dict[str, str] = {"mini": "params.yaml", "paper": "params.paper.yaml"}

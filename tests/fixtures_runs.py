@@ -230,8 +230,6 @@ def _write_runs(runs_dir: Path, train_images: list[str], rng: np.random.Generato
                     "semi_hard": sum(x["kind"] == "semi-hard" for x in mine),
                     "hard": sum(x["kind"] == "hard" for x in mine),
                     "mean_loss": float(np.mean([x["loss"] for x in mine])),
-                    "describe_seconds": 0.5,
-                    "mine_seconds": 0.01,
                 }
             )
         rounds.append(
@@ -244,8 +242,6 @@ def _write_runs(runs_dir: Path, train_images: list[str], rng: np.random.Generato
                 "semi_hard": 0,
                 "hard": 0,
                 "mean_loss": float("nan"),
-                "describe_seconds": 0.5,
-                "mine_seconds": 0.01,
             }
         )
         for e in range(1, 4):
@@ -259,7 +255,6 @@ def _write_runs(runs_dir: Path, train_images: list[str], rng: np.random.Generato
                     "rounds": 2,
                     "yield": 3.0,
                     "val_map": 40.0 + 5 * e + (key == "msvlad"),
-                    "seconds": 2.0 * e,
                 }
             )
         _write_csv(out / "log.csv", LOG_FIELDS, logs)

@@ -1,10 +1,11 @@
 """JupyterLab in headless Chromium: the browser test and the README screenshots use this.
 
 `jupyterlab(root)` starts the project's JupyterLab (this interpreter's `jupyter lab`, so the
-venv's `python3` kernel) on a free local port with a random token; `chromium_page()` opens
-Debian's Chromium headless through playwright (no downloaded browser); `run_all(page, ...)` opens
-a notebook and runs every cell; `write_notebook(...)` copies a notebook with its parameters set,
-as papermill would. Screenshots of both explorers for the README:
+venv's `python3` kernel, with the project's `.jupyter` config) on a free local port with a random
+token, its own state kept outside `root`; `chromium_page()` opens Debian's Chromium headless
+through playwright (no downloaded browser); `run_all(page, ...)` opens a notebook and runs every
+cell; `save(page)` saves it as Ctrl+S does; `write_notebook(...)` copies a notebook with its
+parameters set, as papermill would. Screenshots of both explorers for the README:
 
     python tests/jupyterlab_browser.py --out docs/img \\
         --params-file params.yaml --results-dir results/evaluate --runs-dir runs
@@ -20,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -62,14 +64,27 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def jupyterlab(root: Path, timeout: float = 90.0) -> Iterator[str]:
-    """JupyterLab serving `root`; yields the base URL with its token as a query (`...?token=`)."""
+def jupyterlab(
+    root: Path,
+    timeout: float = 90.0,
+    *,
+    serve: str | None = None,
+    config: Path = ROOT / ".jupyter",
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """JupyterLab started in `root`; yields the base URL with its token as a query (`?token=`).
+
+    `serve` is the README's positional folder (`jupyter lab notebooks/`: that folder is served);
+    None serves `root`. `config` is put on JUPYTER_CONFIG_PATH as the README's command does.
+    """
     root = Path(root)
     token, port = secrets.token_hex(16), free_port()
-    state = root / ".jupyter-state"
+    state = Path(tempfile.mkdtemp(prefix="msvlad-lab-"))  # never inside the served tree
     env = {
         **os.environ,
+        **(env or {}),
         "JUPYTER_CONFIG_DIR": str(state / "config"),
+        "JUPYTER_CONFIG_PATH": str(config),
         "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
         "JUPYTER_DATA_DIR": str(state / "data"),  # no user kernelspecs: the venv's python3
     }
@@ -82,7 +97,7 @@ def jupyterlab(root: Path, timeout: float = 90.0) -> Iterator[str]:
         "--port-retries=0",
         "--ip=127.0.0.1",
         f"--IdentityProvider.token={token}",
-        f"--ServerApp.root_dir={root}",
+        serve if serve is not None else f"--ServerApp.root_dir={root}",
         "--LabApp.expose_app_in_browser=True",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         f"--LabApp.workspaces_dir={state / 'workspaces'}",
@@ -123,6 +138,7 @@ def jupyterlab(root: Path, timeout: float = 90.0) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -177,22 +193,65 @@ def run_all(page: Any, url: str, notebook: str, ready: str, timeout: float = 240
     page.wait_for_selector(ready, state="visible", timeout=timeout * 1000)
 
 
+def save(page: Any, timeout: float = 60.0) -> None:
+    """Save the open notebook (File > Save) and wait until JupyterLab has written it."""
+    page.evaluate(
+        """async () => {
+            const app = window.jupyterapp;
+            await app.commands.execute('docmanager:save');
+        }"""
+    )
+    page.wait_for_function(
+        "() => !window.jupyterapp.shell.currentWidget.context.model.dirty",
+        timeout=timeout * 1000,
+    )
+
+
+RANKINGS_READY = ".msvlad-rankings-summary .msvlad-ranked"
+TRIPLETS_READY = ".msvlad-triplet-summary .msvlad-triplet"
+
+
+def choose(page: Any, control: str, label: str) -> None:
+    """Pick `label` in an explorer menu (its widget carries the class msvlad-control-<name>)."""
+    page.locator(f".msvlad-control-{control} select").select_option(label=label)
+
+
+def wait_text(page: Any, selector: str, text: str, timeout: float = 60.0) -> None:
+    """Wait until the element's text contains `text` (a redraw finished)."""
+    page.wait_for_function(
+        "([sel, want]) => (document.querySelector(sel) || {innerText: ''})"
+        ".innerText.includes(want)",
+        arg=[selector, text],
+        timeout=timeout * 1000,
+    )
+
+
 def screenshots(out: Path, parameters: dict[str, Any], workdir: Path) -> list[Path]:
-    """PNG screenshots of both explorers (widgets as JupyterLab shows them) under `out`."""
+    """README screenshots: the rankings explorer's first view, the same explorer after a failure
+    filter, +QE and a click on a result (click-to-query, map by status), the triplet explorer."""
     out.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     shots = []
-    with jupyterlab(workdir) as url, chromium_page() as page:
-        for name, box, ready in (
-            ("rankings", ".msvlad-rankings", ".msvlad-rankings-summary .msvlad-ranked"),
-            ("triplets", ".msvlad-triplets", ".msvlad-triplet-summary .msvlad-triplet"),
-        ):
-            write_notebook(name, workdir, parameters)
-            run_all(page, url, f"{name}.ipynb", ready)
-            page.wait_for_timeout(1500)  # the image widget paints after its summary
-            path = out / f"{name}_explorer.png"
-            page.locator(box).screenshot(path=str(path))
-            shots.append(path)
+    with jupyterlab(workdir) as url, chromium_page(height=2400) as page:
+        write_notebook("rankings", workdir, parameters)
+        run_all(page, url, "rankings.ipynb", RANKINGS_READY)
+        page.wait_for_timeout(2000)  # images paint after the summary
+        shots.append(out / "rankings_explorer.png")
+        page.locator(".msvlad-rankings").screenshot(path=str(shots[-1]))
+        choose(page, "failure", "junk or a negative above the first positive")
+        choose(page, "variant", "+QE")
+        wait_text(page, ".msvlad-rankings-summary", "+QE")
+        choose(page, "colour", "status")
+        page.locator(".msvlad-tiles").first.locator(".msvlad-tile-button").nth(1).click()
+        wait_text(page, ".msvlad-rankings-summary", "clicked image")
+        page.wait_for_timeout(2000)
+        shots.append(out / "rankings_click.png")
+        page.locator(".msvlad-rankings").screenshot(path=str(shots[-1]))
+        write_notebook("triplets", workdir, parameters)
+        run_all(page, url, "triplets.ipynb", TRIPLETS_READY)
+        page.wait_for_timeout(2000)
+        shots.append(out / "triplets_explorer.png")
+        page.locator(".msvlad-triplets").screenshot(path=str(shots[-1]))
     return shots
 
 

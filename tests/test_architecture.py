@@ -140,3 +140,218 @@ def _is_attribute(dotted: str) -> bool:
         if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
     }
     return attr in names
+
+
+# ----------------------------------------------------------------------------- who imports whom
+
+
+def documented_layers() -> dict[str, int]:
+    """Unit -> layer, read off the table under 'Who may import whom' in docs/architecture.md."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Who may import whom", 1)[1].split("\n## ", 1)[0]
+    layers: dict[str, int] = {}
+    for line in section.splitlines():
+        row = re.fullmatch(r"\|\s*(\d+)\s*\|(.*)\|\s*", line)
+        for unit in re.findall(r"`(msvlad(?:\.\w+)*)`", row.group(2)) if row else ():
+            assert unit not in layers, f"docs/architecture.md: {unit} in two layers"
+            layers[unit] = int(row.group(1))
+    return layers
+
+
+def graph_of(sources: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the msvlad modules its source imports, at module level or inside functions."""
+    return {module: _imports(source) - {module} for module, source in sources.items()}
+
+
+def library_sources() -> dict[str, str]:
+    """Every module of lib/msvlad by its dotted name (a package by its own name)."""
+    out = {}
+    for f in sorted((LIB / "msvlad").rglob("*.py")):
+        parts = f.relative_to(LIB).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f.read_text()
+    return out
+
+
+def unit_of(module: str) -> str:
+    """The subpackage or top-level module a module belongs to (`msvlad.data.catalog` -> data)."""
+    return ".".join(module.split(".")[:2])
+
+
+def layer_violations(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    """Imports of a unit in the same or a higher layer (a unit's own modules excepted)."""
+    out = []
+    for module, targets in sorted(graph.items()):
+        src = unit_of(module)
+        for target in sorted(targets):
+            dst = unit_of(target)
+            if dst != src and layers[dst] >= layers[src]:
+                out.append(f"{module} -> {target} ({src}: {layers[src]}, {dst}: {layers[dst]})")
+    return out
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Groups of modules that import each other (strongly connected components of 2+, Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def test_every_unit_has_one_documented_layer() -> None:
+    layers = documented_layers()
+    units = {unit_of(m) for m in library_sources()}
+    assert units == set(layers), (
+        f"docs/architecture.md 'Who may import whom': add {sorted(units - set(layers))}, "
+        f"remove {sorted(set(layers) - units)}"
+    )
+
+
+def test_every_import_goes_down_the_documented_layers() -> None:
+    violations = layer_violations(graph_of(library_sources()), documented_layers())
+    assert not violations, "imports against docs/architecture.md:\n" + "\n".join(violations)
+
+
+def test_no_import_cycle_between_modules_lazy_imports_included() -> None:
+    assert import_cycles(graph_of(library_sources())) == []
+
+
+def test_the_checks_catch_an_upward_import_and_a_lazy_cycle() -> None:
+    # the circle data had before its catalog: testsets reached up to the registry lazily
+    sources = {
+        "msvlad.data.testsets": "def hint():\n    from msvlad.data.official import DATASETS\n",
+        "msvlad.data.official": "from msvlad.data.trainsets import build_sfm120k\n",
+        "msvlad.data.trainsets": "from msvlad.data.testsets import check_relative_name\n",
+        "msvlad.nn.backbones": "def fetch():\n    from msvlad.training.trainer import train\n",
+        "msvlad.training.trainer": "from msvlad.nn.backbones import build_backbone\n",
+    }
+    graph = graph_of(sources)
+    assert graph["msvlad.data.testsets"] == {"msvlad.data.official"}
+    assert import_cycles(graph) == [
+        ["msvlad.data.official", "msvlad.data.testsets", "msvlad.data.trainsets"],
+        ["msvlad.nn.backbones", "msvlad.training.trainer"],
+    ]
+    assert layer_violations(graph, documented_layers()) == [
+        "msvlad.nn.backbones -> msvlad.training.trainer (msvlad.nn: 3, msvlad.training: 5)"
+    ]
+    layers = {**documented_layers(), "msvlad.training": 3}  # the same layer is no way up either
+    assert len(layer_violations(graph, layers)) == 2
+
+
+def test_catalog_is_the_bottom_of_data_and_the_network_reaches_only_downloads() -> None:
+    graph = graph_of(library_sources())
+    data = {m for m in graph if m.startswith("msvlad.data.")}
+    assert not graph["msvlad.data.catalog"] & data
+    for module in ("msvlad.data.testsets", "msvlad.data.trainsets", "msvlad.data.official"):
+        assert "msvlad.data.catalog" in graph[module]
+    assert {m for m in data if "msvlad.data.official" in graph[m]} == set()
+    assert {t for t in graph["msvlad.nn.backbones"] if t in data} == {"msvlad.data.download"}
+
+
+# ----------------------------------------------------------------------------- output names
+
+
+def _rel(path: Path) -> str:
+    from msvlad import paths
+
+    return path.relative_to(paths.ROOT).as_posix()
+
+
+def _stage(name: str, row: str) -> dict:
+    """A dvc.yaml stage, a foreach stage's `do` with `${key}` set to `row`."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]
+    return yaml.safe_load(yaml.safe_dump(stage.get("do", stage)).replace("${key}", row))
+
+
+def _outs(stage: dict) -> list[str]:
+    return [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
+
+
+def test_dvc_stage_paths_are_the_ones_paths_names() -> None:
+    from msvlad import paths
+
+    row = "msvlad-hardest"
+    init, run = _rel(paths.init_file(row)), _rel(paths.run_dir(row))
+    model, results = _rel(paths.model_file(row)), _rel(paths.results_dir(row))
+    assert (init, run, model, results) == (
+        f"runs/{row}/init.pt",
+        f"runs/{row}/train",
+        f"runs/{row}/model.pt",
+        f"results/evaluate/{row}",
+    )
+    cluster, train, whiten, evaluate = (
+        _stage(s, row) for s in ("cluster", "train", "whiten", "evaluate")
+    )
+    assert _outs(cluster) == [init] and f"--out {init}" in cluster["cmd"]
+    assert init in train["deps"] and f"--init {init}" in train["cmd"]
+    assert _outs(train) == [run] and f"--out {run}" in train["cmd"]
+    assert run in whiten["deps"] and f"--checkpoint {run}/{paths.MODEL} " in whiten["cmd"]
+    assert _outs(whiten) == [model] and f"--out {model}" in whiten["cmd"]
+    assert model in evaluate["deps"] and f"--checkpoint {model} " in evaluate["cmd"]
+    assert _outs(evaluate) == [results] and f"--out {results}" in evaluate["cmd"]
+    report = _stage("report", row)
+    assert {_rel(paths.EVALUATE), _rel(paths.RUNS)} <= set(report["deps"])
+    assert _outs(report) == [_rel(paths.REPORTS)]
+    assert f"--out {_rel(paths.REPORTS)}" in report["cmd"]
+
+
+def test_dvc_metrics_and_plots_are_evaluate_and_run_files() -> None:
+    from msvlad import paths
+    from msvlad.config import load_params
+    from msvlad.training.logs import RUN_LOGS
+
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    rows = load_params(ROOT / "params.yaml").methods
+    for metric in dvc["metrics"]:
+        row = Path(metric).parent.name
+        assert row in rows and metric == _rel(paths.results_dir(row) / paths.SUMMARY)
+    plotted = 0
+    for plot in dvc["plots"]:
+        (spec,) = plot.values()
+        for file, columns in spec["y"].items():
+            row, name = Path(file).parent.parent.name, Path(file).name
+            assert row in rows and file == _rel(paths.run_dir(row) / name)
+            assert name in (paths.LOG, paths.ROUNDS)
+            columns = [columns] if isinstance(columns, str) else columns
+            assert set(columns) <= set(RUN_LOGS[name][0]), f"dvc.yaml plots: {file} {columns}"
+            plotted += 1
+    assert plotted >= 4
+
+
+def test_output_file_names_are_written_only_in_paths() -> None:
+    from msvlad import paths
+
+    names = {
+        value
+        for key, value in vars(paths).items()
+        if key.isupper() and isinstance(value, str) and "." in value
+    }
+    assert {"model.pt", "run.json", "log.csv", "metrics.json", "ranks.npy"} <= names
+    found = []
+    for module, source in library_sources().items():
+        if module == "msvlad.paths":
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{module}:{node.lineno}: {node.value!r}")
+    assert not found, "use the name from msvlad.paths:\n" + "\n".join(found)

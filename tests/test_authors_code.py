@@ -23,6 +23,7 @@ from msvlad.nn.kmeans import kmeans_centroids
 from msvlad.nn.model import build_model, load_model, save_model
 from msvlad.nn.pooling import NetVLAD, VLADConcat
 from msvlad.stages.info import option_value, variant_lines
+from msvlad.storage import save_torch
 from msvlad.training.schedule import lr_at
 from tinydata import make_retrieval_set, make_train_set
 
@@ -175,7 +176,7 @@ def test_saved_model_keeps_its_variant_and_old_files_load_as_before(tmp_path, ge
     config = {k: v for k, v in state["config"].items()}
     for key in ("vlad_norm", "bias_init", "resize_filter"):
         del config[key]
-    torch.save({"config": config, "state_dict": state["state_dict"]}, tmp_path / "old.pt")
+    save_torch(tmp_path / "old.pt", {"config": config, "state_dict": state["state_dict"]})
     old = load_model(tmp_path / "old.pt")
     assert (old.pooling.norm, old.pooling.bias_init) == ("intra", "squared_norm")
     assert old.config.resize_filter == "bilinear"

@@ -16,8 +16,7 @@ from torchvision.models._meta import _IMAGENET_CATEGORIES as CATEGORIES
 
 from httpserver import FileServer
 from msvlad.config import ConfigError, ModelConfig, model_config_from_dict
-from msvlad.data.download import verify_file
-from msvlad.data.registry import url_key
+from msvlad.data.download import url_key, verify_file
 from msvlad.errors import InputError
 from msvlad.nn import backbones
 from msvlad.nn.backbones import (

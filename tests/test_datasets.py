@@ -16,9 +16,7 @@ import pytest
 from PIL import Image
 
 from httpserver import FileServer, closed_port_url
-from msvlad.data.download import DownloadError
-from msvlad.data.images import load_image
-from msvlad.data.registry import (
+from msvlad.data.catalog import (
     DATASETS,
     GLDV2_CLEAN_CSV,
     GLDV2_MD5,
@@ -30,10 +28,10 @@ from msvlad.data.registry import (
     R1M_LIST,
     SFM120K_DB,
     SFM120K_IMAGES,
-    mirror_url,
-    prepare_dataset,
-    url_key,
 )
+from msvlad.data.download import DownloadError, mirror_url, url_key
+from msvlad.data.images import load_image
+from msvlad.data.official import BUILDERS, prepare_dataset
 from msvlad.data.safe_pickle import UnsafePickleError, load_pickle
 from msvlad.data.testsets import load_dataset, load_distractors, read_rotations
 from msvlad.data.trainsets import build_gldv2_clean, build_sfm120k, load_training_set
@@ -631,6 +629,11 @@ def test_registry_covers_every_dataset() -> None:
         "gldv2_clean",
         "sfm120k",
     }
+    # the catalog states what each dataset is, the builders how it is laid out: one each
+    assert list(BUILDERS) == list(DATASETS)
+    for spec in DATASETS.values():
+        assert spec.urls and all(u.startswith(("http://", "https://", "ftp://")) for u in spec.urls)
+        assert (spec.protocol is None) == (spec.kind != "test")
     with pytest.raises(ValueError, match="registry names"):
         prepare_dataset("imagenet", Path("/nonexistent"))
 

@@ -168,14 +168,12 @@ def test_extract_archive(tmp_path: Path, mode: str, suffix: str) -> None:
         [
             ("d", None, None),
             ("d/x.jpg", b"xx", None),
-            ("d/link.jpg", None, "x.jpg"),
             ("top.txt", b"t", None),
         ],
         mode,
     )
     out = extract_archive(arc, tmp_path / "out")
     assert (out / "d" / "x.jpg").read_bytes() == b"xx"
-    assert (out / "d" / "link.jpg").read_bytes() == b"xx"
     assert (out / "top.txt").read_bytes() == b"t"
     with pytest.raises(FileExistsError):
         extract_archive(arc, tmp_path / "out")
@@ -199,7 +197,7 @@ def test_extract_archive_refuses_path_traversal(tmp_path: Path, member: tuple) -
     assert "bad.tgz" in str(err.value)
     assert not dest.exists()
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "deep" / "evil.txt").exists()
-    assert [p.name for p in (tmp_path / "deep").iterdir()] == []  # temp folder cleaned up
+    assert not (tmp_path / "deep").exists()  # members are checked before anything is created
 
 
 def test_extract_archive_rejects_non_archive(tmp_path: Path) -> None:

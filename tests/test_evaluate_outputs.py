@@ -107,6 +107,7 @@ def test_reevaluation_leaves_no_stale_files(world: World, tmp_path: Path) -> Non
         "manifest.json",
         "metrics.json",
         "summary.json",
+        "timing.json",
         "test/features.npz",
         "test/metrics.json",
         "test/per_query.csv",

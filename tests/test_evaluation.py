@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from msvlad.data.registry import holidays_gnd
+from msvlad.data.official import holidays_gnd
 from msvlad.evaluation.protocol import (
     RetrievalMetrics,
     compute_ap,

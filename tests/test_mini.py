@@ -247,3 +247,29 @@ def test_curated_catalogue_sizes_and_disjoint_scenes(repo_root: Path) -> None:
     assert sum(max(len(g.photos), per_scene) for g in cat.val) >= 40
     assert set(cat.photos()) == {r.photo for r in photo_table()}
     assert set(curated_rotations().values()) <= {90, 180, 270}
+
+
+def test_any_worker_count_writes_the_same_bytes(assets: Path, tmp_path: Path) -> None:
+    one = build_mini_benchmark(assets, tmp_path / "w1", workers=1, **KW)
+    three = build_mini_benchmark(assets, tmp_path / "w3", workers=3, **KW)
+    assert _files(tmp_path / "w1") == _files(tmp_path / "w3")
+    assert one == three
+    assert set(one["photos"]) == set(CAT.photos())  # every photo opened, by some worker
+
+
+def test_the_manifest_records_a_source_by_its_pin_not_by_how_it_was_fetched(
+    assets: Path, tmp_path: Path
+) -> None:
+    """Assets fetched now (archive and its sha256 known) or kept from an older fetch that did not
+    record them give the same benchmark files."""
+    manifest = json.loads((assets / "manifest.json").read_text())
+    pinned = {"requirement": "gen==1.0", "licence": "CC0"}
+    fetched = {**pinned, "archive": "gen-1.0.tar.gz", "archive_sha256": "ab" * 32}
+    kept = {**pinned, "archive": "", "archive_sha256": ""}
+    outs = []
+    for i, record in enumerate((fetched, kept)):
+        (assets / "manifest.json").write_text(json.dumps({**manifest, "sources": {"gen": record}}))
+        outs.append(tmp_path / f"o{i}")
+        summary = build_mini_benchmark(assets, outs[-1], **KW)
+        assert summary["sources"] == {"gen": pinned}
+    assert _files(outs[0]) == _files(outs[1])

@@ -12,7 +12,7 @@ import pytest
 from fixtures_runs import make_run_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("results", "rankings", "triplets", "training")
+NOTEBOOKS = ("results", "rankings", "triplets", "training", "ablations")
 PATH_PARAMETERS = {"params_file", "results_dir", "runs_dir", "reports_dir"}
 FORBIDDEN = (
     ast.FunctionDef,
@@ -51,6 +51,7 @@ EXPECTED = {
     ],
     "triplets": ["figures/triplets/miner_stats.png", "figures/triplets/gallery.png"],
     "training": ["figures/training/curves.png"],
+    "ablations": ["figures/ablations/axes.png", "tables/ablations.csv", "tables/ablations.md"],
 }
 
 
@@ -122,6 +123,7 @@ def test_notebook_executes(name: str, tree, tmp_path: Path) -> None:
         "results_dir": str(tree.results_dir),
         "runs_dir": str(tree.runs_dir),
         "offtheshelf": "msvlad-ots",  # the tree's only off-the-shelf row
+        "interactive": False,  # as the report stage runs them: static views, figures written
     }
     declared = pm.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))
     out = tmp_path / f"{name}.ipynb"
@@ -147,7 +149,7 @@ def test_notebook_executes(name: str, tree, tmp_path: Path) -> None:
         if "image/png" in o.get("data", {})
     ]
     assert images, f"{name}: no figure shown in the executed notebook"
-    # under papermill the explorers show their first view as a figure, not a widget
+    # with interactive=False the explorers show their first view as a figure, not a widget
     explorer = [c for c in executed.cells if c.get("id") == "explorer"]
     assert len(explorer) == (name in EXPLORERS)
     for cell in explorer:

@@ -62,7 +62,7 @@ def test_unknown_test_set_stops_before_any_download(tmp_path, repo_root) -> None
 
 def test_the_replicas_are_what_prepare_reads(tmp_path, repo_root) -> None:
     """Every replica of the rehearsal's mirror goes through the registry's own preparation."""
-    from msvlad.data.registry import prepare_dataset
+    from msvlad.data.official import prepare_dataset
     from msvlad.data.testsets import load_dataset, load_distractors
     from msvlad.data.trainsets import load_training_set
     from replicas import GLDV2_CLASSES, HOLIDAYS_TURNED, paper_mirror
@@ -90,3 +90,45 @@ def test_the_replicas_are_what_prepare_reads(tmp_path, repo_root) -> None:
     assert len(load_distractors(root, "revisitop1m")) == mirror.distractors
     # the known-corrupt Paris name (an HTML page) was skipped while laying the images out
     assert "paris_louvre_000136.jpg" in (root / "rparis6k" / "skipped.txt").read_text()
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg16"])
+def test_other_backbone_rows_load_their_pinned_cirtorch_weights(
+    tmp_path, repo_root, monkeypatch, backbone
+) -> None:
+    """A ResNet-50/VGG16 row of the paper profile fetches cirtorch's file by its official name and
+    loads it (a random replica as the rehearsal serves, accepted by a pin, refused without)."""
+    import hashlib
+    import io
+
+    import torch
+
+    from msvlad.config import method_params, with_overrides
+    from msvlad.data.download import url_key
+    from msvlad.nn.backbones import BACKBONES
+    from msvlad.nn.model import build_model
+    from replicas import trunk_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("MSVLAD_MIRROR", raising=False)
+    url = BACKBONES[backbone].urls["cirtorch"]
+    data = trunk_weights(backbone)
+    pin = hashlib.sha256(data).hexdigest()
+    state = torch.load(io.BytesIO(data), weights_only=True)
+    paper = _paper(tmp_path, repo_root)
+    rows = [r for r in paper.methods if method_params(paper, r).model.backbone == backbone]
+    assert len(rows) == 3  # trained, its k-means init, off-the-shelf GeM
+    with FileServer({"/" + url_key(url): data}) as server:
+        for row in rows:
+            params = method_params(_paper(tmp_path, repo_root), row)
+            assert params.model.backbone == backbone and params.model.weights == "cirtorch"
+            with pytest.raises(InputError, match="does not start with"):
+                build_model(params.model, mirror=server.base_url)  # the name check holds
+            pinned = with_overrides(params, model={"weights_sha256": pin})
+            model = build_model(pinned.model, mirror=server.base_url)
+            body = model.backbone.body.state_dict()
+            assert all(torch.equal(body[k], v) for k, v in state.items()), row
+            channels = {"resnet50": 2048, "vgg16": 512}[backbone]
+            assert model.backbone.out_channels == channels
+            if params.model.pooling == "msvlad":
+                assert model.raw_dim == params.model.num_clusters * 512  # split 512: VGG16 whole

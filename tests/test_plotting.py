@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
@@ -66,7 +68,8 @@ def test_plot_ranking_borders_and_ap(dataset) -> None:
     ]
     ranks = np.stack([np.array(column)] * len(dataset.qimlist), axis=1)
     fig = figures.plot_ranking(dataset, ranks, 0, top_k=4, setup="medium")
-    assert isinstance(fig, Figure) and len(fig.axes) == 5
+    # 4 ranked results and the junk between them, unnumbered (ranks count as revisitop's)
+    assert isinstance(fig, Figure) and len(fig.axes) == 6
     c = figures.COLORS
     assert [_border(ax) for ax in fig.axes] == [
         c["query"],
@@ -74,15 +77,19 @@ def test_plot_ranking_borders_and_ap(dataset) -> None:
         c["junk"],
         c["negative"],
         c["positive"],
+        c["positive"],
     ]
-    assert [ax.get_title() for ax in fig.axes[1:]] == ["#1 easy", "#2 junk", "#3 neg", "#4 hard"]
+    titles = [ax.get_title() for ax in fig.axes[1:]]
+    assert titles == ["#1 easy", "junk", "#2 neg", "#3 hard", "#4 easy"]
     ap = results.query_ap(dataset, ranks, 0, "medium")
     assert f"AP {ap:.1f}" in fig.axes[0].get_title()
     # the query thumbnail is the bbx crop (60 x 44 pixels of an 80 x 60 image)
     assert fig.axes[0].images[0].get_array().shape[:2] == (44, 60)
     # hard setup: easy positives become junk
     hard_fig = figures.plot_ranking(dataset, ranks, 0, top_k=2, setup="hard")
-    assert [_border(ax) for ax in hard_fig.axes[1:]] == [c["junk"], c["junk"]]
+    assert [_border(ax) for ax in hard_fig.axes[1:]] == [c["junk"], c["junk"], c["negative"]] + [
+        c["positive"]
+    ]
 
 
 def test_plot_rankings_grid_and_comparison(tree, dataset) -> None:
@@ -111,7 +118,8 @@ def test_plot_triplets_gallery(tree) -> None:
     c = figures.COLORS
     assert [_border(ax) for ax in fig.axes[:3]] == [c["query"], c["positive"], c["negative"]]
     first = trip.iloc[0]
-    assert f"rank {first['pos_rank']}" in fig.axes[1].get_title()
+    assert f"rank {first['pos_rank'] + 1}\n" in fig.axes[1].get_title()  # logs are 0-based
+    assert f"rank {first['neg_rank'] + 1}\n" in fig.axes[2].get_title()
     assert (
         f"loss {first['loss']:.3f}" in fig.axes[2].get_title()
         and first["kind"] in fig.axes[0].get_title()
@@ -158,6 +166,33 @@ def test_plot_training_curves(tree, params) -> None:
     assert len(figures.plot_training_curves(logs.iloc[:0]).axes) == 1
 
 
+def test_identical_training_curves_stay_distinguishable(tree, params) -> None:
+    logs = runs.load_training_logs(tree.runs_dir, params)
+    first = logs[logs["method"] == "msvlad"]
+    twin = first.assign(method="msvlad-fp16-pool", label="… fp16 mining pool")  # same run
+    fig = figures.plot_training_curves(pd.concat([first, twin, logs[logs["method"] != "msvlad"]]))
+    lines = fig.axes[0].lines
+    labels = [line.get_label() for line in lines]
+    assert labels[1] == f"… fp16 mining pool (identical to {first['label'].iloc[0]})"
+    np.testing.assert_array_equal(lines[0].get_ydata(), lines[1].get_ydata())
+    styles = [(line.get_linestyle(), line.get_marker(), line.get_color()) for line in lines]
+    assert len(set(styles)) == 3  # every method its own colour, line style and marker
+    assert (
+        lines[1].get_linewidth() > lines[0].get_linewidth()
+        and lines[1].get_markerfacecolor() == "none"
+    )
+    assert "identical" not in labels[2]
+    val = figures.plot_validation_curves(pd.concat([first, twin]))
+    assert "identical to" in val.axes[0].lines[1].get_label()
+
+
+def test_save_figure_writes_only_when_asked(tmp_path: Path) -> None:
+    fig = Figure()
+    fig.subplots().plot([0, 1], [1, 0])
+    assert figures.save_figure(fig, "demo", "line", tmp_path, write=False) == []
+    assert not (tmp_path / "demo").exists()
+
+
 def test_plot_validation_curves_skips_epochs_without_validation(tree, params) -> None:
     logs = runs.load_training_logs(tree.runs_dir, params)
     logs.loc[logs["epoch"] == 1, "val_map"] = np.nan  # val_every 2: no value at epoch 1
@@ -199,3 +234,100 @@ def test_plot_query_gains(tree) -> None:
     assert len(fig.axes) == 2
     np.testing.assert_allclose([p.get_height() for p in fig.axes[1].patches], gains["gain"])
     assert len(figures.plot_query_gains(gains.iloc[:0]).axes) == 1
+
+
+@pytest.mark.slow  # dvc plots show in a scratch repository (and Chromium when installed)
+def test_dvc_plots_show_draws_offline_one_colour_per_method(tmp_path: Path) -> None:
+    import json
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*dvc, "init", "-q"], cwd=repo, check=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copyfile(root / name, repo / name)
+    shutil.copyfile(root / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copytree(root / ".dvc" / "plots", repo / ".dvc" / "plots")
+    plots = yaml.safe_load((root / "dvc.yaml").read_text())["plots"]
+    files = sorted({f for p in plots for spec in p.values() for f in spec["y"]})
+    for i, rel in enumerate(files):  # each method's curves differ (by i)
+        path = repo / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith("log.csv"):
+            rows = [f"{s},{0.1 + 0.01 * i - 0.001 * s:.4f},{70 + i + s / 10}" for s in (0, 20, 40)]
+            path.write_text("step,loss,val_map\n" + "\n".join(rows) + "\n")
+        else:
+            rows = [f"{r},{30 + i + r},{10 + r},{20 - r}" for r in range(4)]
+            path.write_text("round,triplets,semi_hard,hard\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "html"
+    done = subprocess.run(
+        [*dvc, "plots", "show", "-o", str(out)], cwd=repo, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    page = (out / "index.html").read_text()
+    assert "<script src" not in page and "cdn" not in page  # nothing fetched from the network
+    urls = set(re.findall(r"https?://[^\s\"'<>]+", page))
+    assert urls <= {"http://www.w3.org/2000/svg", "https://vega.github.io/schema/vega-lite/v5.json"}
+    specs = [json.loads(m) for m in re.findall(r"var spec = (\{.*?\});\n", page, flags=re.S)]
+    assert len(specs) == len(plots)
+    assert all(
+        s["encoding"]["color"]["field"] == "series" and "msvlad" in s["usermeta"] for s in specs
+    )
+    from jupyterlab_browser import CHROMIUM_ARGS, chromium_path, missing_browser
+
+    if missing_browser() is not None:
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        tab = browser.new_page()
+        requests: list[str] = []
+        tab.on("request", lambda r: requests.append(r.url))
+        tab.goto((out / "index.html").as_uri())
+        drawn = tab.evaluate(
+            "() => [...document.querySelectorAll('.msvlad-plot')].map(d => [...d.querySelectorAll("
+            "'g.series')].map(g => [g.dataset.series, g.querySelector('polyline').getAttribute("
+            "'stroke'), g.querySelectorAll('circle').length]))"
+        )
+        browser.close()
+    assert requests == [(out / "index.html").as_uri()]
+    miners = ["msvlad", "msvlad-batchhard", "msvlad-hardest", "msvlad-random"]
+    colours = {}
+    for lines in drawn[:3]:  # validation mAP, loss, triplets: one line per miner
+        assert sorted(name for name, _, _ in lines) == miners
+        for name, colour, _ in lines:
+            assert colours.setdefault(name, colour) == colour  # a method keeps its colour
+    assert len(set(colours.values())) == 4
+    assert [n for n, _, _ in drawn[0]] and all(k == 3 for _, _, k in drawn[0])  # 3 logged steps
+    assert sorted(n for n, _, _ in drawn[3]) == ["msvlad · hard", "msvlad · semi_hard"]
+
+
+def test_styled_report_tables_two_decimals_yes_no_full_labels() -> None:
+    from msvlad.report import tables
+
+    label = "MS-NetVLAD + difficulty, fp16 mining pool (identical to the paper's row) +QE"
+    frame = pd.DataFrame(
+        {
+            "Method": [label, "GeM"],
+            "mAP": [62.123456, np.nan],
+            "holds": [True, False],
+            "lr": [5e-06, 1e-4],
+            "Queries": [120, 120],
+        }
+    )
+    html = tables.styled(frame, scientific=["lr"], index=False).to_html()
+    cells = [c.strip() for c in re.findall(r"<td[^>]*>([^<]*)</td>", html)]
+    assert cells == [label, "62.12", "yes", "5.00e-06", "120", "GeM", "–", "no", "1.00e-04", "120"]
+    assert "62.1234" not in html and "True" not in html
+    three = tables.styled(frame, decimals={"mAP": 3}).to_html()
+    assert ">62.123<" in three.replace(" ", "") and ">0<" in three.replace(" ", "")  # index kept
+    assert frame["mAP"].iloc[0] == 62.123456  # the frame itself is unchanged

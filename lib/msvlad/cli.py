@@ -19,9 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from msvlad.config import ConfigError, ModelConfig, Params, load_params, method_params
+from msvlad.config import (
+    ConfigError,
+    ModelConfig,
+    Params,
+    load_params,
+    load_yaml,
+    method_params,
+)
 from msvlad.errors import InputError, Interrupted
 from msvlad.runtime import setup_logging
 
@@ -38,10 +43,7 @@ def parse_sets(values: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
-        try:
-            out[key] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: {raw!r} is not a YAML value") from None
+        out[key] = load_yaml(raw, f"--set {key}")
     return out
 
 
@@ -55,12 +57,17 @@ def _params(args: argparse.Namespace) -> Params:
 def _checkpoint_fits(args: argparse.Namespace, params: Params, config: ModelConfig) -> None:
     """A model key given explicitly (--set model.*, the --method row) must equal the checkpoint's.
 
-    The checkpoint fixes the architecture; the test-time input policy is `extract.*`.
+    The checkpoint fixes the architecture; the test-time input policy is `extract.*`. With a
+    --method row every architecture key of the row's params must be the checkpoint's.
     """
+    from msvlad.nn.model import ARCHITECTURE_KEYS
+
     keys = {k.partition(".")[2] for k in parse_sets(args.set) if k.startswith("model.")}
     if getattr(args, "method", None):
         row = params.methods[args.method]
-        keys |= {"pooling"} | {k.partition(".")[2] for k in row.set if k.startswith("model.")}
+        keys |= set(ARCHITECTURE_KEYS) | {
+            k.partition(".")[2] for k in row.set if k.startswith("model.")
+        }
     for key in sorted(keys):
         asked, saved = getattr(params.model, key), getattr(config, key)
         if asked != saved:
@@ -122,13 +129,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_whiten(args: argparse.Namespace) -> int:
     """Learn PCA-whitening on single-scale training-set descriptors and save the whitened model."""
-    from msvlad.nn.model import load_model
     from msvlad.stages import whiten
 
     params = _params(args)
-    model = load_model(args.checkpoint)
-    _checkpoint_fits(args, params, model.config)
-    whiten.run(params, model, Path(args.out))
+    fits = lambda config: _checkpoint_fits(args, params, config)  # noqa: E731
+    whiten.run_checkpoint(params, Path(args.checkpoint), Path(args.out), fits)
     return 0
 
 
@@ -167,6 +172,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     results = Path(args.results) if args.results else None
     runs = Path(args.runs) if args.runs else None
     report.run(Path(args.params), Path(args.out), args.notebook, results, runs)
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Queue one axis of the ablation grid on one row, or collect the finished grid into a table."""
+    from msvlad.stages import ablate
+
+    if args.action == "collect":
+        table = ablate.run_collect(args.params, args.out, args.method)
+        print(f"{len(table)} rows ({table['axis'].nunique()} axes) -> {args.out}")
+        return 0
+    if not args.axis or not args.values:
+        raise ConfigError("ablate queue: --axis and --values are both needed")
+    cmds = ablate.run_queue(args.params, args.axis, args.values, args.method, args.dry_run)
+    print("\n".join(" ".join(c) for c in cmds) or "every point is queued or done already")
+    print("then: dvc queue start -j 1" if cmds else "")
     return 0
 
 
@@ -272,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="Evaluation results folder (default results/evaluate).")
     p.add_argument("--runs", help="Training runs folder (default runs).")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ablate", help="Ablation grid: queue DVC experiments, collect results.")
+    p.add_argument("--params", default="params.yaml", help="Params file of the DVC repository.")
+    p.add_argument("action", choices=["queue", "collect"], help="queue one axis, or collect")
+    p.add_argument("--method", default="msvlad", help="The row the grid varies (one chain).")
+    p.add_argument("--axis", help="queue: the section.key to vary (e.g. miner.delta).")
+    p.add_argument("--values", help="queue: comma list of YAML values (0.02,0.04 or [2],[2,3]).")
+    p.add_argument("--dry-run", action="store_true", help="queue: print the commands only.")
+    p.add_argument(
+        "--out", default="results/ablations/mini.csv", help="collect: the table (CSV) to write."
+    )
+    p.set_defaults(func=cmd_ablate)
     return parser
 
 

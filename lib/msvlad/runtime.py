@@ -14,37 +14,53 @@ def resolve_device(name: str = "auto") -> torch.device:  # noqa: F821 - torch im
     """'auto' picks CUDA when present, else CPU; 'cuda' without a GPU is a clear error."""
     import torch
 
+    from msvlad.errors import InputError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("base.device=cuda but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"base.device: {name!r} is not a device (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"base.device: {name} asked, but no CUDA device is available on this machine "
+            "(use auto or cpu)"
+        )
+    return device
 
 
-def code_version() -> dict[str, str | None]:
-    """msvlad's version and, in a git checkout, its commit (+ "dirty" if tracked files changed)."""
-    import subprocess
-    from pathlib import Path
+def code_version() -> dict[str, str]:
+    """msvlad's version and a SHA-256 of its package sources (content, not a git state).
 
+    Recorded in run.json and evaluation manifests, which DVC hashes: the same sources give the
+    same record on every machine and clone, whatever the git state around them.
+    """
     from msvlad import __version__
 
-    out: dict[str, str | None] = {"version": __version__, "commit": None}
-    try:
-        git = ["git", "-C", str(Path(__file__).resolve().parent)]
-        commit = subprocess.run(
-            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode == 0:
-            changed = subprocess.run(
-                [*git, "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            out["commit"] = commit.stdout.strip() + (" dirty" if changed else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
+    return {"version": __version__, "sources": sources_digest()}
+
+
+def sources_digest(root: str | os.PathLike | None = None) -> str:
+    """SHA-256 over every source and data file of the msvlad package (path and bytes, sorted)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root) if root is not None else Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and _is_source(p)):
+        rel = path.relative_to(root).as_posix()
+        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _is_source(path: os.PathLike) -> bool:
+    """A file the package is made of (bytecode caches and editor leftovers are not)."""
+    from pathlib import PurePath
+
+    p = PurePath(path)
+    return "__pycache__" not in p.parts and p.suffix in (".py", ".csv")
 
 
 def seed_everything(seed: int) -> None:

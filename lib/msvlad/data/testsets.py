@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -9,27 +10,24 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from msvlad.config import load_yaml
+from msvlad.data.catalog import (
+    DATASETS,
+    IMAGE_EXTS,
+    JPG,
+    ROTATIONS,
+    Protocol,
+    gnd_name,
+    not_found_hint,
+)
 from msvlad.data.safe_pickle import load_pickle
 from msvlad.errors import InputError
 
 log = logging.getLogger(__name__)
-
-
-Protocol = Literal["revisited", "classic", "holidays"]
-DatasetKind = Literal["test", "train", "distractors"]
-
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-
-
-ROTATIONS = "rotations.json"
-
-
-GND_PICKLE_PROTOCOL = 4
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ class RetrievalDataset:
 
     def _path(self, name: str) -> Path:
         suffix = PurePosixPath(name).suffix.lower()
-        return self.root / "jpg" / (name if suffix in IMAGE_EXTS else name + self.ext)
+        return self.root / JPG / (name if suffix in IMAGE_EXTS else name + self.ext)
 
     def image_path(self, i: int) -> Path:
         """File of database image `i`."""
@@ -75,12 +73,20 @@ class RetrievalDataset:
 
 
 def _index_array(value: Any, n_db: int, where: str) -> np.ndarray:
+    """A list of database indices: integers in [0, n_db), each once (not a boolean mask)."""
     if value is None:
         return np.zeros(0, dtype=np.int64)
     try:
         arr = np.asarray(value).ravel()
     except (TypeError, ValueError):
         raise InputError(f"{where}: indices must be a flat list of integers") from None
+    items = value if isinstance(value, list | tuple) else arr if arr.dtype.kind == "O" else ()
+    if any(isinstance(v, bool | np.bool_) for v in items):
+        raise InputError(f"{where}: holds booleans; expected database indices, not a mask")
+    if arr.dtype.kind == "b":
+        raise InputError(
+            f"{where}: a boolean mask of {arr.size} values; expected a list of database indices"
+        )
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu":
@@ -91,10 +97,22 @@ def _index_array(value: Any, n_db: int, where: str) -> np.ndarray:
         if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
             raise InputError(f"{where}: indices must be integers")
         arr = as_float
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= n_db:
+        raise InputError(f"{where}: index {int(arr[arr >= n_db][0])} out of range [0, {n_db})")
+    if arr.dtype.kind == "f" and np.any(np.abs(arr) >= 2**62):
+        bad = arr[np.abs(arr) >= 2**62][0]
+        raise InputError(f"{where}: index {bad:.0f} out of range [0, {n_db})")
     arr = arr.astype(np.int64)
     bad = arr[(arr < 0) | (arr >= n_db)]
     if bad.size:
         raise InputError(f"{where}: index {int(bad[0])} out of range [0, {n_db})")
+    values, counts = np.unique(arr, return_counts=True)
+    if np.any(counts > 1):
+        k = int(np.argmax(counts > 1))
+        raise InputError(
+            f"{where}: index {int(values[k])} listed {int(counts[k])} times "
+            "(each image at most once: a repeat changes the AP)"
+        )
     return arr
 
 
@@ -141,7 +159,11 @@ def validate_gnd(
     """Check a revisitop-style gnd dict; return (imlist, qimlist, normalised gnd, protocol).
 
     Index lists become int64 arrays checked to lie in [0, len(imlist)), boxes become 4-tuples of
-    floats; every error names `source` and the query index.
+    floats. Refused, because each silently changes a query's AP in revisitop's compute_map: an
+    index listed twice in a list, an image in two of a query's lists (easy/hard/junk, ok/junk),
+    a boolean mask instead of indices, a name twice in imlist or qimlist, and a name that is not
+    a relative path inside jpg/ (`check_relative_name`). Every error is one line naming `source`,
+    the query (index and name) and the list.
     """
     if not isinstance(cfg, Mapping):
         raise InputError(
@@ -179,6 +201,7 @@ def validate_gnd(
             if key not in entry and not (key == "junk" and proto == "classic"):
                 raise InputError(f"{where}: missing '{key}'")
             entry[key] = _index_array(entry.get(key), n_db, f"{where} '{key}'")
+        _check_disjoint(entry, index_keys, imlist, where)
         if entry.get("bbx") is not None:
             entry["bbx"] = _bbx(entry["bbx"], where)
         elif proto == "revisited":
@@ -194,8 +217,26 @@ def validate_gnd(
     return imlist, qimlist, gnd, proto
 
 
+def _check_disjoint(
+    entry: Mapping[str, np.ndarray], keys: Sequence[str], imlist: Sequence[str], where: str
+) -> None:
+    """Refuse an image in two of a query's lists (easy/hard/junk, ok/junk).
+
+    revisitop's compute_map has no rule for it: the image counts as a positive at its own rank
+    and as removed junk for every positive ranked after it, which can push AP above 1.
+    """
+    for a, b in itertools.combinations(keys, 2):
+        both = np.intersect1d(entry[a], entry[b])
+        if both.size:
+            k = int(both[0])
+            raise InputError(
+                f"{where}: index {k} ({imlist[k]}) is in both '{a}' and '{b}' "
+                "(an image has one label per query)"
+            )
+
+
 def _names(value: Any, where: str) -> list[str]:
-    """A non-empty list of image names (strings); a string or a number is refused, not split."""
+    """A non-empty list of distinct image names under jpg/; a string or number is not split."""
     if isinstance(value, np.ndarray) and value.ndim == 1:
         value = value.tolist()
     if not isinstance(value, list | tuple):
@@ -205,24 +246,63 @@ def _names(value: Any, where: str) -> list[str]:
     bad = next((i for i, v in enumerate(value) if not isinstance(v, str) or not v), None)
     if bad is not None:
         raise InputError(f"{where}[{bad}]: expected a non-empty string, got {value[bad]!r}")
-    return [str(v) for v in value]
+    names = [str(v) for v in value]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        check_relative_name(name, f"{where}[{i}]")
+        if name in seen:
+            raise InputError(f"{where}[{i}]: {name!r} is listed twice (also at [{seen[name]}])")
+        seen[name] = i
+    return names
+
+
+def check_relative_name(name: str, where: str, *, folders: bool = True) -> str:
+    """`name` if it is a relative path that stays inside its folder, else one InputError line.
+
+    Refused: empty, absolute (``/x``, ``\\x``, ``C:x``), a ``..``, ``.`` or empty component, a
+    backslash, a NUL or other control character; `folders=False` also refuses any ``/``.
+    """
+    shown = repr(name) if len(name) <= 80 else repr(name[:60] + "..." + name[-15:])
+    if not name or any(ord(c) < 32 for c in name) or "\\" in name:
+        raise InputError(f"{where}: {shown} is not a plain file name (refused)")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise InputError(f"{where}: {shown} is an absolute path (refused)")
+    parts = name.split("/")
+    if not folders and len(parts) > 1:
+        raise InputError(f"{where}: {shown} holds a '/' (refused: a plain file name is needed)")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InputError(f"{where}: {shown} leaves or re-enters its folder (refused)")
+    return name
 
 
 def read_rotations(path: str | os.PathLike) -> dict[str, int]:
-    """Read a rotation list (name -> clockwise degrees): JSON/YAML or 'name deg' lines."""
+    """Read a rotation list (name -> clockwise degrees): JSON/YAML or 'name deg' lines.
+
+    Every error is one line naming the file: unreadable text, invalid JSON/YAML, a name given
+    twice, a name that is not a plain image name, degrees that are not a multiple of 90.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: rotation list not found")
-    text = path.read_text()
-    data: Any
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"{path}: not UTF-8 text (byte {err.start}); expected a rotation list"
+        ) from None
+    pairs: list[tuple[Any, Any]]
     if path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text, object_pairs_hook=_Pairs)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, _Pairs):
+            raise InputError(f"{path}: expected a JSON object of image name -> degrees")
+        pairs = data
     elif path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
+        pairs = _yaml_pairs(path, text)
     else:
-        data = {}
+        pairs = []
         for n, line in enumerate(text.splitlines(), start=1):
             line = line.split("#", 1)[0].strip()
             if not line:
@@ -230,21 +310,40 @@ def read_rotations(path: str | os.PathLike) -> dict[str, int]:
             parts = re.split(r"[\s:,]+", line)
             if len(parts) != 2:
                 raise InputError(f"{path}:{n}: expected 'name degrees', got {line!r}")
-            data[parts[0]] = parts[1]
-    if not isinstance(data, Mapping):
-        raise InputError(f"{path}: expected a mapping of image name -> degrees")
+            pairs.append((parts[0], parts[1]))
     out: dict[str, int] = {}
-    for name, deg in data.items():
+    seen: set[str] = set()
+    for name, deg in pairs:
+        if not isinstance(name, str | int) or isinstance(name, bool):
+            raise InputError(f"{path}: {name!r} is not an image name")
+        stem = _stem(check_relative_name(str(name), str(path), folders=False))
+        if stem in seen:
+            raise InputError(f"{path}: {name}: image listed twice")
+        seen.add(stem)
         try:
             value = int(float(deg))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError(f"{path}: {name}: rotation {deg!r} is not a number") from None
         if value % 90:
             raise InputError(f"{path}: {name}: rotation {value} is not a multiple of 90 degrees")
         value %= 360
         if value:
-            out[_stem(str(name))] = value
+            out[stem] = value
     return out
+
+
+class _Pairs(list):
+    """The (key, value) pairs of a JSON object, in order, duplicates kept (to be refused)."""
+
+
+def _yaml_pairs(path: Path, text: str) -> list[tuple[Any, Any]]:
+    """The (key, value) pairs of a YAML mapping read strictly (`msvlad.config.load_yaml`)."""
+    data = load_yaml(text, str(path))  # no anchors or aliases, no duplicate names
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of image name -> degrees")
+    return list(data.items())
 
 
 def _stem(name: str) -> str:
@@ -252,42 +351,19 @@ def _stem(name: str) -> str:
     return p.name[: -len(p.suffix)] if p.suffix.lower() in IMAGE_EXTS else p.name
 
 
-def _not_found_hint(data_root: Path, name: str, kind: DatasetKind = "test") -> str:
-    from msvlad.data.registry import DATASETS  # lazy: the registry imports this module
-
-    if name in DATASETS:
-        return (
-            f"run `python -m msvlad prepare` with {name} listed in params.yaml (data.test_sets/"
-            f"train_set), or call msvlad.data.registry.prepare_dataset({name!r}, "
-            f"{str(data_root)!r})"
-        )
-    folder = data_root / name
-    if kind == "train":
-        where = f"place images in class folders {folder}/<class>/<image>.jpg"
-    else:
-        where = (
-            f"place images in {folder / 'jpg'} and the ground truth in {folder / f'gnd_{name}.pkl'}"
-        )
-    if name.startswith("mini-"):
-        where += " (or run `python -m msvlad prepare`: the mini profile builds mini-* offline)"
-    return where
-
-
 def load_dataset(data_root: str | os.PathLike, name: str) -> RetrievalDataset:
     """Load ROOT/NAME (jpg/ + gnd_NAME.pkl, via the restricted unpickler) as a RetrievalDataset."""
     data_root = Path(data_root)
     root = data_root / name
-    gnd_file = root / f"gnd_{name}.pkl"
+    gnd_file = root / gnd_name(name)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"{root}: dataset folder not found; {_not_found_hint(data_root, name)}"
+            f"{root}: dataset folder not found; {not_found_hint(data_root, name)}"
         )
     if not gnd_file.is_file():
         raise FileNotFoundError(
-            f"{gnd_file}: ground truth not found; {_not_found_hint(data_root, name)}"
+            f"{gnd_file}: ground truth not found; {not_found_hint(data_root, name)}"
         )
-    from msvlad.data.registry import DATASETS
-
     spec = DATASETS.get(name)
     imlist, qimlist, gnd, protocol = validate_gnd(
         load_pickle(gnd_file), str(gnd_file), spec.protocol if spec is not None else None
@@ -312,14 +388,14 @@ def _check_images(ds: RetrievalDataset, data_root: Path) -> None:
     for what, listed in (("database images", ds.imlist), ("queries", ds.qimlist)):
         if missing and len(missing) < len(names) and not any(ds._path(n).is_file() for n in listed):
             raise InputError(
-                f"{ds.root / 'jpg'}: none of the {len(listed)} {what} of {ds.name} found "
+                f"{ds.root / JPG}: none of the {len(listed)} {what} of {ds.name} found "
                 f"(e.g. {listed[0]})"
             )
     if missing and len(missing) == len(names):
         raise FileNotFoundError(
-            f"{ds.root / 'jpg'}: none of the {len(names)} images of {ds.name} found "
+            f"{ds.root / JPG}: none of the {len(names)} images of {ds.name} found "
             f"(e.g. {missing[0]}); "
-            f"{_not_found_hint(data_root, ds.name)}"
+            f"{not_found_hint(data_root, ds.name)}"
         )
     if missing:
         log.warning(
@@ -327,7 +403,7 @@ def _check_images(ds: RetrievalDataset, data_root: Path) -> None:
             ds.name,
             len(missing),
             len(names),
-            ds.root / "jpg",
+            ds.root / JPG,
             missing[0],
         )
 
@@ -342,15 +418,28 @@ def load_distractors(data_root: str | os.PathLike, name: str = "revisitop1m") ->
     listing = root / f"{name}.txt"
     if not listing.is_file():
         raise FileNotFoundError(
-            f"{listing}: distractor list not found; {_not_found_hint(Path(data_root), name)}"
+            f"{listing}: distractor list not found; {not_found_hint(Path(data_root), name)}"
         )
-    names = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip()]
-    paths = [root / "jpg" / (n if PurePosixPath(n).suffix else n + ".jpg") for n in names]
+    try:
+        lines = listing.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"{listing}: not UTF-8 text (byte {err.start}); expected image names"
+        ) from None
+    seen: dict[str, int] = {}
+    for n, line in enumerate(lines, start=1):
+        name = line.strip()
+        if not name:
+            continue
+        check_relative_name(name, f"{listing}:{n}")
+        if name in seen:
+            raise InputError(f"{listing}:{n}: {name!r} is listed twice (also line {seen[name]})")
+        seen[name] = n
+    names = list(seen)
+    paths = [root / JPG / (n if PurePosixPath(n).suffix else n + ".jpg") for n in names]
     present = [p for p in paths if p.is_file()]
     if not present:
-        raise FileNotFoundError(
-            f"{root / 'jpg'}: none of the {len(names)} listed distractors found"
-        )
+        raise FileNotFoundError(f"{root / JPG}: none of the {len(names)} listed distractors found")
     if len(present) < len(paths):
         log.warning(
             "%s: %d of %d listed distractors present (partial download)",

@@ -15,9 +15,11 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
+from msvlad.data.catalog import IMAGE_EXTS, not_found_hint
 from msvlad.data.safe_pickle import load_pickle
-from msvlad.data.testsets import IMAGE_EXTS, _natural_key, _not_found_hint
+from msvlad.data.testsets import _natural_key, check_relative_name
 from msvlad.errors import InputError
+from msvlad.paths import MANIFEST
 from msvlad.storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def load_training_set(path: str | os.PathLike) -> TrainingSet:
     if not path.is_dir():
         raise FileNotFoundError(
             f"{path}: training set folder not found; "
-            f"{_not_found_hint(path.parent, path.name, 'train')}"
+            f"{not_found_hint(path.parent, path.name, 'train')}"
         )
     class_dirs = sorted(
         (d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")),
@@ -116,50 +118,13 @@ def build_gldv2_clean(
         raise InputError(f"min_images_per_class must be >= 1, got {min_images_per_class}")
     if num_classes is not None and num_classes < 1:
         raise InputError(f"num_classes must be >= 1 or None, got {num_classes}")
-    present: dict[str, list[tuple[str, Path]]] = {}
-    n_listed = n_missing = 0
-    with open(train_clean_csv, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["landmark_id", "images"]:
-            raise InputError(
-                f"{train_clean_csv}: expected header 'landmark_id,images', got {header}"
-            )
-        for row_no, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) < 2:
-                raise InputError(f"{train_clean_csv}:{row_no}: expected 'landmark_id,images'")
-            landmark = row[0].strip()
-            for image_id in row[1].split():
-                if not re.fullmatch(r"[0-9a-fA-F]{3,}", image_id):
-                    raise InputError(f"{train_clean_csv}:{row_no}: bad image id {image_id!r}")
-                n_listed += 1
-                src = images_dir / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
-                if src.is_file():
-                    present.setdefault(landmark, []).append((image_id, src))
-                else:
-                    n_missing += 1
-    eligible = sorted(
-        (k for k, v in present.items() if len(v) >= min_images_per_class), key=_natural_key
-    )
-    if not eligible:
+    present, n_listed, n_missing = _read_gldv2_csv(train_clean_csv, images_dir)
+    chosen = _choose_landmarks(present, min_images_per_class, num_classes, seed)
+    if chosen is None:
         raise InputError(
             f"{images_dir}: no landmark of {train_clean_csv.name} has "
             f"{min_images_per_class}+ images on disk"
         )
-    chosen = eligible
-    if num_classes is not None:
-        if num_classes > len(eligible):
-            log.warning(
-                "gldv2: %d classes requested, only %d have %d+ images; using all",
-                num_classes,
-                len(eligible),
-                min_images_per_class,
-            )
-        else:
-            pick = np.random.default_rng(seed).choice(len(eligible), num_classes, replace=False)
-            chosen = [eligible[i] for i in sorted(pick.tolist())]
     if n_missing:
         log.warning(
             "gldv2: %d of %d listed images are not under %s (tars not downloaded?)",
@@ -191,6 +156,78 @@ def build_gldv2_clean(
     return out_dir
 
 
+def _read_gldv2_csv(
+    train_clean_csv: Path, images_dir: Path
+) -> tuple[dict[str, list[tuple[str, Path]]], int, int]:
+    """Images of each landmark present under `images_dir`, and the listed and missing counts."""
+    present: dict[str, list[tuple[str, Path]]] = {}
+    n_listed = n_missing = 0
+    first_row: dict[str, int] = {}
+    try:
+        with open(train_clean_csv, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["landmark_id", "images"]:
+                raise InputError(
+                    f"{train_clean_csv}: expected header 'landmark_id,images', got {header}"
+                )
+            for row_no, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) < 2:
+                    raise InputError(f"{train_clean_csv}:{row_no}: expected 'landmark_id,images'")
+                landmark = check_relative_name(
+                    row[0].strip(), f"{train_clean_csv}:{row_no}: landmark_id", folders=False
+                )
+                for image_id in row[1].split():
+                    if not re.fullmatch(r"[0-9a-fA-F]{3,}", image_id):
+                        raise InputError(f"{train_clean_csv}:{row_no}: bad image id {image_id!r}")
+                    if image_id in first_row:
+                        raise InputError(
+                            f"{train_clean_csv}:{row_no}: image {image_id} is listed twice "
+                            f"(also row {first_row[image_id]})"
+                        )
+                    first_row[image_id] = row_no
+                    n_listed += 1
+                    src = images_dir / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+                    if src.is_file():
+                        present.setdefault(landmark, []).append((image_id, src))
+                    else:
+                        n_missing += 1
+    except UnicodeDecodeError as err:
+        raise InputError(f"{train_clean_csv}: not UTF-8 text (byte {err.start})") from None
+    except csv.Error as err:
+        raise InputError(f"{train_clean_csv}: not a readable CSV file ({err})") from None
+    return present, n_listed, n_missing
+
+
+def _choose_landmarks(
+    present: dict[str, list[tuple[str, Path]]],
+    min_images_per_class: int,
+    num_classes: int | None,
+    seed: int,
+) -> list[str] | None:
+    """Landmarks with enough images, a seeded draw of `num_classes` of them; None if none has."""
+    eligible = sorted(
+        (k for k, v in present.items() if len(v) >= min_images_per_class), key=_natural_key
+    )
+    if not eligible:
+        return None
+    chosen = eligible
+    if num_classes is not None:
+        if num_classes > len(eligible):
+            log.warning(
+                "gldv2: %d classes requested, only %d have %d+ images; using all",
+                num_classes,
+                len(eligible),
+                min_images_per_class,
+            )
+        else:
+            pick = np.random.default_rng(seed).choice(len(eligible), num_classes, replace=False)
+            chosen = [eligible[i] for i in sorted(pick.tolist())]
+    return chosen
+
+
 def sfm120k_image_path(ims_dir: Path, cid: str) -> Path:
     """cirtorch's cid2filename: ``ims/cid[-2:]/cid[-4:-2]/cid[-6:-4]/cid``."""
     return ims_dir / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid
@@ -212,8 +249,22 @@ def build_sfm120k(
     part = db[split]
     if not isinstance(part, Mapping) or "cids" not in part or "cluster" not in part:
         raise InputError(f"{db_pkl}: {split!r} must hold 'cids' and 'cluster'")
-    cids = [str(c) for c in part["cids"]]
-    clusters = np.asarray(part["cluster"]).ravel()
+    try:
+        raw_cids = list(part["cids"])
+        clusters = np.asarray(part["cluster"]).ravel()
+    except (TypeError, ValueError):
+        raise InputError(f"{db_pkl}: {split}: 'cids' and 'cluster' must be lists") from None
+    cids: list[str] = []
+    seen: dict[str, int] = {}
+    for i, cid in enumerate(raw_cids):
+        where = f"{db_pkl}: {split}: cids[{i}]"
+        if not isinstance(cid, str):
+            raise InputError(f"{where}: expected an image id string, got {type(cid).__name__}")
+        check_relative_name(cid, where, folders=False)
+        if cid in seen:
+            raise InputError(f"{where}: {cid!r} is listed twice (also at [{seen[cid]}])")
+        seen[cid] = i
+        cids.append(cid)
     if len(cids) != len(clusters):
         raise InputError(f"{db_pkl}: {split}: {len(cids)} cids but {len(clusters)} cluster ids")
     if clusters.size and clusters.dtype.kind not in "iu":
@@ -257,9 +308,6 @@ def build_sfm120k(
         )
     log.info("sfm120k %s: %d clusters, %d images -> %s", split, len(chosen), n_images, out_dir)
     return out_dir
-
-
-MANIFEST = "manifest.json"
 
 
 def write_manifest(folder: Path, info: Mapping[str, Any]) -> None:

@@ -8,6 +8,11 @@ a long run: its row is zero and its index and error are returned, so the caller 
 means (evaluation names failed queries and database images; mining drops them from the pool).
 `describe_multiscale` gives the raw multi-scale descriptor, `whiten_descriptors` whitens it: the
 evaluation scores both from one extraction.
+With `trunk_depth` > 0 (the frozen stages, `train.frozen_stages`) the output of the first
+`trunk_depth` backbone stages is read from, or written to, the frozen-trunk cache
+(`msvlad.nn.trunk_cache`): one entry per job (images, input size and policy, batches), so
+the descriptors are bit-identical to the ones computed from the images, for every model that
+shares those stages' weights.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from msvlad.data.images import (
     target_size,
 )
 from msvlad.nn import functional as LF
+from msvlad.nn.trunk_cache import open_job
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +135,7 @@ def embed_images(
     resize_filter: ResizeFilter = "bilinear",
     fp16: bool = True,
     failures: dict[int, str] | None = None,
+    trunk_depth: int = 0,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Raw single-scale network outputs (N, raw_dim) on the CPU and a bool mask of loaded images.
 
@@ -137,9 +144,10 @@ def embed_images(
     evaluation, whitening and the training pool alike. Unreadable images get zero rows; with
     `failures` given, their index -> error is added to it.
     `fp16`: run the network under float16 autocast on CUDA (no effect on the CPU).
+    `trunk_depth`: leading backbone stages whose output comes from the frozen-trunk cache.
     """
     rank, world = _shard()
-    opts = (resize_filter, fp16)
+    opts = (resize_filter, fp16, trunk_depth)
     errors: dict[int, str] = {}
     if world > 1:
         mine = np.array_split(np.arange(len(items)), world)[rank]
@@ -183,25 +191,52 @@ def _embed_local(
     progress: str,
     resize_filter: ResizeFilter = "bilinear",
     fp16: bool = True,
+    trunk_depth: int = 0,
 ) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
     model.eval()
     device = torch.device(device)
     out = torch.zeros(len(items), model.raw_dim)
     ok = np.zeros(len(items), dtype=bool)
+    batches = _batches(items, image_size, resize, batch_size)
+    use_amp = device.type == "cuda" and fp16
+    job = open_job(
+        model,
+        trunk_depth,
+        items,
+        size=image_size,
+        resize=resize,
+        resize_filter=resize_filter,
+        batch_size=batch_size,
+        device=device,
+        autocast=use_amp,
+    )
+    entry = None if job is None else job.cached
+    if entry is not None and entry.ok.all() and len(entry.batches) == len(batches):
+        for idx, prefix in zip(
+            tqdm(batches, desc=progress, leave=False), entry.batches, strict=True
+        ):
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                d = model.forward_from(prefix.to(device, non_blocking=True), job.depth)
+            out[idx] = d.float().cpu()
+        ok[:] = True
+        return out, ok, {}
     loader = DataLoader(
         _ImageSet(items, image_size, resize, resize_filter),
-        batch_sampler=_batches(items, image_size, resize, batch_size),
+        batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=_collate,
+        generator=torch.Generator(),  # its seed draw leaves the global RNG as a cache hit does
     )
-    use_amp = device.type == "cuda" and fp16
     errors: dict[int, str] = {}
     for images, idx, errs in tqdm(loader, desc=progress, leave=False):
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            d = model(images.to(device, non_blocking=True))
+            x = images.to(device, non_blocking=True)
+            d = model(x) if job is None else model.forward_from(job.trunk(x), job.depth)
         out[idx] = d.float().cpu()
         ok[idx.numpy()] = [not e for e in errs]
         errors.update({int(i): e for i, e in zip(idx.tolist(), errs, strict=True) if e})
+    if job is not None:  # a job with unreadable images is not kept (its errors name paths)
+        job.finish(ok, store=entry is None and not errors)
     out[~torch.from_numpy(ok)] = 0.0
     return out, ok, errors
 
@@ -218,11 +253,13 @@ def describe_multiscale(
     num_workers: int = 0,
     progress: str = "extract",
     resize_filter: ResizeFilter = "bilinear",
+    trunk_depth: int = 0,
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """Raw multi-scale descriptors (N, raw_dim): L2 of the sum over scales; and failures.
 
     Each scale s describes the image at max(MIN_IMAGE_SIZE, round(image_size * s)). An image that
     fails at any scale gets a zero row and its index -> error in the returned dict.
+    `trunk_depth`: leading backbone stages taken from the frozen-trunk cache (`embed_images`).
     """
     total = torch.zeros(len(items), model.raw_dim)
     failures: dict[int, str] = {}
@@ -239,6 +276,7 @@ def describe_multiscale(
             progress=f"{progress}@{size}",
             resize_filter=resize_filter,
             failures=failures,
+            trunk_depth=trunk_depth,
         )
         total += d
     total = LF.l2n(total)

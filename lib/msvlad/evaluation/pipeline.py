@@ -97,8 +97,13 @@ def extract_dataset(
     whiten: bool = True,
     device: torch.device | str = "cpu",
     num_workers: int = 0,
+    trunk_depth: int = 0,
 ) -> DatasetDescriptors:
-    """Multi-scale descriptors of queries (at query_scale of the db size) and database images."""
+    """Multi-scale descriptors of queries (at query_scale of the db size) and database images.
+
+    `trunk_depth` (`train.frozen_stages`): leading backbone stages read from the frozen-trunk
+    cache, shared by every model with the same weights there (bit-identical descriptors).
+    """
     policy = policy or input_policy(model_cfg, extract_cfg)
     q_items, db_items = dataset_items(dataset)
     common = dict(
@@ -108,6 +113,7 @@ def extract_dataset(
         batch_size=extract_cfg.batch_size,
         device=device,
         num_workers=num_workers,
+        trunk_depth=trunk_depth,
     )
     q_raw, q_fail = describe_multiscale(
         model,
@@ -235,7 +241,8 @@ def validation_map(
     Only training keys decide it (model.image_size/resize, train.val_query_scale; float32
     descriptors, exact search, strict failure rules), so rows that differ in their test-time
     policy (`extract.*`, `evaluate.*`) train and validate the same run; extract.batch_size only
-    sets the speed.
+    sets the speed. The frozen stages' output of the validation images comes from the frozen-trunk
+    cache, so an epoch's validation runs only the trained stages.
     """
     policy = InputPolicy(
         params.model.image_size, params.model.resize, (1.0,), params.train.val_query_scale
@@ -249,6 +256,7 @@ def validation_map(
         whiten=False,
         device=device,
         num_workers=params.base.num_workers,
+        trunk_depth=params.train.frozen_stages,
     )
     rules = EvaluateConfig()
     queries = check_failures(desc, dataset, rules)

@@ -15,7 +15,7 @@ Conventions: `ranks` is (n_db, n_queries) (or the top-k rows of it), one column 
 database indices; `gnd[i]` has `ok` and `junk` index arrays. All values here are fractions in
 [0, 1]; `RetrievalMetrics.to_json` turns them into percent with 2 decimals, as revisitop prints.
 
-Holidays ground truth (built by `msvlad.data.registry.holidays_gnd`): the query image is part of
+Holidays ground truth (built by `msvlad.data.official.holidays_gnd`): the query image is part of
 the database; each entry is `{"ok": int64 array of the other images of its group,
 "query_db_index": int}` and the query is removed from its own ranking (treated as junk) before
 AP, as in INRIA's holidays_map.py.
@@ -31,7 +31,7 @@ from typing import Any, get_args
 import numpy as np
 import pandas as pd
 
-from msvlad.data.testsets import Protocol
+from msvlad.data.catalog import Protocol
 
 logger = logging.getLogger(__name__)
 

@@ -30,13 +30,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import faiss
 import numpy as np
 
-from msvlad.config import IndexName
+from msvlad.config import ConfigError, EvaluateConfig, IndexName, check_value
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def alpha_qe(
         raise ValueError(
             f"q_desc: dimension {q_desc.shape[1]} does not match db_desc's {db_desc.shape[1]}"
         )
-    _check_qe_params(k, alpha)
+    k, alpha = _check_qe_params("qe", k, alpha, db_desc.shape[0])
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[1] != q_desc.shape[0] or ranks.dtype.kind not in "iu":
         raise ValueError(
@@ -229,10 +230,8 @@ def alpha_qe(
 def alpha_dba(db_desc: np.ndarray, *, k: int = 2, alpha: float = 3.0) -> np.ndarray:
     """alpha-DBA: each db vector becomes L2n(x + its top-k neighbours weighted by sim^alpha)."""
     db_desc = _check_desc(db_desc, "db_desc")
-    _check_qe_params(k, alpha)
     n = db_desc.shape[0]
-    if k >= n:
-        raise ValueError(f"k: expected fewer neighbours than database images ({n}), got {k}")
+    k, alpha = _check_qe_params("dba", k, alpha, n)
     ranks, _ = search(db_desc, db_desc, k=k + 1)  # (k+1, N); self is normally first
     ranks = ranks.T  # (N, k+1)
     is_self = ranks == np.arange(n)[:, None]
@@ -279,11 +278,32 @@ def _check_k(k: int | None, n: int) -> int:
     return min(int(k), n)
 
 
-def _check_qe_params(k: int, alpha: float) -> None:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k: expected a positive integer, got {k!r}")
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha: expected a finite value >= 0, got {alpha!r}")
+def check_neighbours(kind: Literal["qe", "dba"], k: int, n_db: int, where: str = "") -> int:
+    """`k` of alpha-QE or alpha-DBA checked as params.yaml's `evaluate.<kind>_k` and against the
+    database: QE takes at most every database image, DBA every other one (no clamp: a k past
+    the database is a mistake). The evaluate stage calls this per test set before extracting."""
+    key = f"evaluate.{kind}_k"
+    k = check_value(key, k)
+    most = n_db if kind == "qe" else n_db - 1
+    if k > most:
+        of = f" of {where}" if where else ""
+        raise ConfigError(
+            f"{key}: {k} neighbours, but the {n_db} database images{of} give at most {most}"
+        )
+    return k
+
+
+def check_expansions(cfg: EvaluateConfig, variants: Sequence[str], n_db: int, where: str) -> None:
+    """`check_neighbours` of evaluate.qe_k and dba_k, for the variants asked for."""
+    for kind in ("qe", "dba"):
+        if kind in variants:
+            check_neighbours(kind, getattr(cfg, f"{kind}_k"), n_db, where)
+
+
+def _check_qe_params(
+    kind: Literal["qe", "dba"], k: int, alpha: float, n_db: int
+) -> tuple[int, float]:
+    return check_neighbours(kind, k, n_db), check_value(f"evaluate.{kind}_alpha", alpha)
 
 
 def _resolve_options(kind: str, n: int, dim: int, options: dict[str, Any]) -> dict[str, Any]:

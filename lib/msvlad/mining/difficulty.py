@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from msvlad.mining.base import MinedTriplets, TripletMiner, build_record, predicted_loss
+from msvlad.config import MinerConfig
+from msvlad.mining.base import (
+    MinedTriplets,
+    TripletMiner,
+    build_record,
+    predicted_loss,
+    setting,
+)
 from msvlad.mining.neighbors import topk_neighbors
 
 
@@ -28,6 +35,19 @@ class DifficultyMiner(TripletMiner):
     """
 
     name: ClassVar[str] = "difficulty"
+
+    def __init__(
+        self,
+        *,
+        delta: float = MinerConfig.delta,
+        threshold: int = MinerConfig.threshold,
+        semi_hard_prob: float = MinerConfig.semi_hard_prob,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.delta: float = setting("delta", delta)
+        self.threshold: int = setting("threshold", threshold)
+        self.semi_hard_prob: float = setting("semi_hard_prob", semi_hard_prob)
 
     def _mine(self, desc: Tensor, labels: Tensor) -> MinedTriplets:
         n = desc.shape[0]

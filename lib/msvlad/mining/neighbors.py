@@ -30,16 +30,18 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from msvlad.config import NeighborBackend
+
 log = logging.getLogger(__name__)
 
-Backend = Literal["torch", "faiss"]
-BACKENDS: tuple[str, ...] = ("torch", "faiss")
+Backend = NeighborBackend  # params.yaml's miner.backend
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 _SLACK = (
     8  # extra float32 candidates per row, so near-ties at the k-th rank rarely need the fallback

@@ -30,7 +30,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from msvlad.config import PoolClasses, PoolDraw, PoolPrecision
+from msvlad.config import (
+    PoolClasses,
+    PoolDraw,
+    PoolPrecision,
+    check_pool_draw,
+    check_pool_shape,
+    check_value,
+)
 from msvlad.nn import functional as LF
 
 log = logging.getLogger(__name__)
@@ -42,15 +49,13 @@ POOL_DRAWS: tuple[str, ...] = get_args(PoolDraw)
 
 def pool_autocast_fp16(precision: PoolPrecision) -> bool:
     """Whether the pool is described under float16 autocast (which only acts on CUDA)."""
-    if precision not in POOL_PRECISIONS:
-        raise ValueError(f"miner.pool_precision: {precision!r} is not one of {POOL_PRECISIONS}")
+    check_value("miner.pool_precision", precision)
     return precision != "fp32"
 
 
 def at_pool_precision(desc: Tensor, precision: PoolPrecision) -> Tensor:
     """Pool descriptors as the miner sees them: "fp16" rounds to float16 and re-normalises."""
-    if precision not in POOL_PRECISIONS:
-        raise ValueError(f"miner.pool_precision: {precision!r} is not one of {POOL_PRECISIONS}")
+    check_value("miner.pool_precision", precision)
     if precision != "fp16":
         return desc
     return LF.l2n(desc.to(torch.float16).to(desc.dtype))
@@ -74,24 +79,14 @@ class ClassBalancedPool:
             raise ValueError(
                 f"labels: expected a non-empty 1-D integer array, got {labels.dtype} {labels.shape}"
             )
-        for name, value, low in (
-            ("pool_size", pool_size, 2),
-            ("images_per_class", images_per_class, 2),
-        ):
-            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name}: must be an int >= {low}, got {value!r}")
-        if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed: must be an int >= 0, got {seed!r}")
-        if pool_size // images_per_class < 2:
-            raise ValueError(
-                f"pool_size: {pool_size} // images_per_class {images_per_class} must be >= 2"
-            )
-        if classes not in POOL_CLASSES:
-            raise ValueError(f"miner.pool_classes: {classes!r} is not one of {list(POOL_CLASSES)}")
-        if draw not in POOL_DRAWS:
-            raise ValueError(f"miner.pool_draw: {draw!r} is not one of {list(POOL_DRAWS)}")
-        if not 0.0 < turnover <= 1.0:
-            raise ValueError(f"miner.refresh_fraction: {turnover!r} must be in (0, 1] to roll")
+        pool_size = check_value("miner.pool_size", pool_size)
+        images_per_class = check_value("miner.images_per_class", images_per_class)
+        seed = check_value("base.seed", seed)
+        check_pool_shape(pool_size, images_per_class)
+        check_value("miner.pool_classes", classes)
+        check_value("miner.pool_draw", draw)
+        turnover = check_value("miner.refresh_fraction", turnover)
+        check_pool_draw(draw, turnover)
         names, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         with_positives = np.flatnonzero(counts >= 2)
         if with_positives.size < 2:

@@ -133,11 +133,10 @@ def _vgg16() -> nn.Module:
 
 def _efficientnet_lite(variant: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        import timm
+        # timm's tf_efficientnet_lite<v> features, built without importing timm (and torchvision)
+        from msvlad.nn.efficientnet_lite import efficientnet_lite
 
-        return timm.create_model(
-            f"tf_efficientnet_lite{variant}", pretrained=False, features_only=True, out_indices=(4,)
-        )
+        return efficientnet_lite(variant)
 
     return build
 
@@ -256,8 +255,14 @@ def fetch_weights(url: str, *, sha256: str | None = None, mirror: str | None = N
     official one is then accepted, with a warning). `mirror`: ``<mirror>/<host>/<path>`` replaces
     the official URL (else $MSVLAD_MIRROR, as for datasets). A file that fails its check is deleted.
     """
-    from msvlad.data.download import ChecksumError, DownloadError, download_file, file_digest
-    from msvlad.data.registry import mirror_url, resolve_mirror
+    from msvlad.data.download import (
+        ChecksumError,
+        DownloadError,
+        download_file,
+        file_digest,
+        mirror_url,
+        resolve_mirror,
+    )
 
     filename = url.rsplit("/", 1)[-1]
     dest = weights_cache_dir() / filename

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from msvlad.config import BiasInit, VladNorm, check_value
 
 # ----------------------------------------------------------------------------- normalisation
 
@@ -118,8 +121,8 @@ def bag_size(
 # ----------------------------------------------------------------------------- NetVLAD
 
 
-VLAD_NORMS: tuple[str, ...] = ("intra", "across_clusters")  # = config.VladNorm
-BIAS_INITS: tuple[str, ...] = ("squared_norm", "norm")  # = config.BiasInit
+VLAD_NORMS: tuple[str, ...] = get_args(VladNorm)  # params.yaml's model.vlad_norm
+BIAS_INITS: tuple[str, ...] = get_args(BiasInit)  # params.yaml's model.bias_init
 
 
 def vlad_normalize(vlad: Tensor, norm: str = "intra", eps: float = 1e-6) -> Tensor:
@@ -284,9 +287,10 @@ def fit_pca_whitening(
 
     projection = U[:, :d] / eigenvalue^power: power 0.5 whitens the training set exactly.
     """
+    power = check_value("whiten.power", power)
     x = x.double()
     n, d_in = x.shape
-    dim = min(d_in, n - 1) if dim is None else dim
+    dim = min(d_in, n - 1) if dim is None else check_value("whiten.dim", dim)
     if not 0 < dim <= min(d_in, n - 1):
         raise ValueError(f"whitening dim {dim} must be in [1, min(D={d_in}, N-1={n - 1})]")
     mean = x.mean(dim=0)

@@ -122,12 +122,26 @@ def save_model(model: RetrievalNet, path: str | Path, **extra: Any) -> Path:
     return save_torch(path, state)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> RetrievalNet:
-    """Rebuild a saved network (weights_only=True load; backbone not re-downloaded)."""
-    ckpt = load_torch(path, map_location)
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu", expect: ModelConfig | None = None
+) -> RetrievalNet:
+    """Rebuild a saved network (weights_only=True load, checksum required; no backbone download).
+
+    `expect`: the params' model; a file holding another network (`ARCHITECTURE_KEYS`) is refused.
+    """
+    ckpt = load_torch(path, map_location, require_digest=True)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a msvlad model file (no config and state_dict)")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["state_dict"], dict):
+        kinds = ", ".join(f"{k}: {type(ckpt[k]).__name__}" for k in ("config", "state_dict"))
+        raise CheckpointError(f"{path}: not a msvlad model file ({kinds}; both must be dicts)")
     config = model_config_from_dict(ckpt["config"], source=f"{path}: config")
+    diff = architecture_diff(config, expect) if expect is not None else []
+    if diff:
+        raise CheckpointError(
+            f"{path}: another network than the params ({'; '.join(diff)}); rebuild it for these "
+            "params (`msvlad cluster`), or set these model keys to the file's"
+        )
     state = ckpt["state_dict"]
     try:
         model = build_model(config, pretrained=False)
@@ -137,7 +151,33 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Re
                 torch.zeros(d_in), torch.zeros(d_in, d_out), torch.zeros(d_out)
             )
         model.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError, AttributeError) as err:
+    except (KeyError, ValueError, RuntimeError, AttributeError, TypeError) as err:
         detail = " ".join(str(err).split())[:240] or type(err).__name__
         raise CheckpointError(f"{path}: its weights do not fit its config ({detail})") from None
     return model
+
+
+# The model keys that make the network (its layers, shapes and forward), as build_model reads them;
+# the input keys (image_size, resize, resize_filter) are the training input, read from the params,
+# and where the backbone's ImageNet weights came from is fixed by the file's weights themselves.
+ARCHITECTURE_KEYS = (
+    "backbone",
+    "pooling",
+    "pool_sizes",
+    "split",
+    "num_clusters",
+    "alpha",
+    "gem_p",
+    "vlad_norm",
+    "bias_init",
+)
+
+
+def architecture_diff(saved: ModelConfig, asked: ModelConfig) -> list[str]:
+    """`model.<key>: <saved> in the file, <asked> in the params` for each architecture key that
+    differs (a model file is only trained, whitened or evaluated as the network it holds)."""
+    return [
+        f"model.{key}: {getattr(saved, key)!r} in the file, {getattr(asked, key)!r} in the params"
+        for key in ARCHITECTURE_KEYS
+        if getattr(saved, key) != getattr(asked, key)
+    ]

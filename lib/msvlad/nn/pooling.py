@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from msvlad.config import ConfigError, check_value
 from msvlad.nn import functional as LF
 
 
@@ -51,7 +52,7 @@ class GeM(nn.Module):
     def __init__(self, in_channels: int, p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
         self.out_dim = in_channels
-        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.p = nn.Parameter(torch.tensor(check_value("model.gem_p", p)))
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
@@ -97,14 +98,16 @@ class NetVLAD(nn.Module):
         bias_init: str = "squared_norm",
     ) -> None:
         super().__init__()
+        num_clusters = check_value("model.num_clusters", num_clusters)
+        pool_sizes = check_value("model.pool_sizes", pool_sizes)
+        split = check_value("model.split", split)
+        alpha = check_value("model.alpha", alpha)
+        check_value("model.vlad_norm", norm)
+        check_value("model.bias_init", bias_init)
         if split is not None and in_channels > split and in_channels % split:
-            raise ValueError(
+            raise ConfigError(
                 f"model.split={split} must divide the backbone's {in_channels} channels"
             )
-        if norm not in LF.VLAD_NORMS:
-            raise ValueError(f"model.vlad_norm: {norm!r} is not one of {list(LF.VLAD_NORMS)}")
-        if bias_init not in LF.BIAS_INITS:
-            raise ValueError(f"model.bias_init: {bias_init!r} is not one of {list(LF.BIAS_INITS)}")
         self.pool_sizes = tuple(pool_sizes)
         self.split = split
         self.dim = in_channels if split is None or in_channels <= split else split

@@ -25,7 +25,7 @@ from matplotlib.patches import Patch
 from PIL import Image
 
 from msvlad import paths
-from msvlad.report import results, tables
+from msvlad.report import tables
 from msvlad.storage import write_bytes
 
 if TYPE_CHECKING:
@@ -64,11 +64,18 @@ def save_figure(
     *,
     dpi: int = DPI,
     pdf: bool = True,
+    write: bool = True,
 ) -> list[Path]:
-    """Write `fig` to <figures_dir>/<notebook>/<name>.png (and .pdf) atomically; return paths."""
+    """Write `fig` to <figures_dir>/<notebook>/<name>.png (and .pdf) atomically; return paths.
+
+    write=False writes nothing and returns []: a notebook run by hand (JupyterLab) leaves the
+    report stage's figures alone; only the report stage (papermill) passes write=True.
+    """
     for what, value in (("notebook", notebook), ("name", name)):
         if not value or Path(value).name != value:
             raise ValueError(f"{what}: expected a plain file name, got {value!r}")
+    if not write:
+        return []
     folder = (paths.FIGURES if figures_dir is None else Path(figures_dir)) / notebook
     out = []
     for fmt in ("png", "pdf") if pdf else ("png",):
@@ -133,54 +140,45 @@ def _ranking_figure(
     setup: str,
     title: str | None,
 ) -> Figure:
+    """Rows of (label, ranks, query): the query crop, then its top-k as the explorers show it.
+
+    Ranks count as revisitop counts them (junk removed, 1-based); junk is shown unnumbered and
+    the query's own photo left out (`msvlad.report.explorers.ranking`).
+    """
+    from msvlad.report.explorers.ranking import dataset_truth, own_photos, ranked_list
+    from msvlad.report.explorers.rankings_view import item_caption, item_image
+
     if not rows:
         raise ValueError("query_indices: expected at least one query")
     if top_k < 1:
         raise ValueError(f"top_k: expected at least 1, got {top_k}")
-    n_cols = top_k + 1
-    fig = Figure(figsize=(1.55 * n_cols, 1.7 * len(rows) + 0.6), layout="constrained")
-    axes = np.asarray(fig.subplots(len(rows), n_cols, squeeze=False))
-    setup_used = setup
-    for r, (label, ranks, q) in enumerate(rows):
+    own = own_photos(dataset)
+    lists = []
+    for label, ranks, q in rows:
         ranks = np.asarray(ranks)
         if ranks.ndim != 2 or not 0 <= q < ranks.shape[1]:
             raise ValueError(
                 f"ranks: query {q} is not a column of a (n_db, n_q) array of shape {ranks.shape}"
             )
-        setup_used, ok_idx, junk_idx = results.query_ground_truth(dataset, q, setup)
-        ok, junk = set(ok_idx.tolist()), set(junk_idx.tolist())
-        easy = (
-            set(results.query_ground_truth(dataset, q, "easy")[1].tolist())
-            if dataset.protocol == "revisited"
-            else None
+        truth = dataset_truth(dataset, q, setup, own[q])
+        lists.append(ranked_list(dataset, ranks[:, q], truth, top_k, label=label, query_index=q))
+    n_cols = max(len(rl.items) for rl in lists) + 1
+    fig = Figure(figsize=(1.55 * n_cols, 1.7 * len(rows) + 0.6), layout="constrained")
+    axes = np.asarray(fig.subplots(len(rows), n_cols, squeeze=False))
+    for r, rl in enumerate(lists):
+        q = rl.query_index
+        crop = _thumb(
+            dataset.query_path(q), dataset.query_bbx(q), _rotation(dataset, dataset.qimlist[q])
         )
-        ap = results.query_ap(dataset, ranks, q, setup)
-        _show(
-            axes[r, 0],
-            _thumb(
-                dataset.query_path(q), dataset.query_bbx(q), _rotation(dataset, dataset.qimlist[q])
-            ),
-            COLORS["query"],
-            f"{_wrap(label, 22)}\n" + (f"AP {ap:.1f}" if np.isfinite(ap) else "no positive"),
-        )
-        column = ranks[:top_k, q]
-        for j in range(top_k):
-            ax = axes[r, j + 1]
-            if j >= len(column):
-                ax.set_axis_off()
+        scores = f"AP {rl.ap:.1f}" if np.isfinite(rl.ap) else "no positive"
+        _show(axes[r, 0], crop, COLORS["query"], f"{_wrap(rl.label, 22)}\n{scores}")
+        for j in range(n_cols - 1):
+            if j >= len(rl.items):
+                axes[r, j + 1].set_axis_off()
                 continue
-            idx = int(column[j])
-            if idx in ok:
-                kind, text = (
-                    "positive",
-                    ("easy" if idx in easy else "hard") if easy is not None else "pos",
-                )
-            elif idx in junk:
-                kind, text = "junk", "junk"
-            else:
-                kind, text = "negative", "neg"
-            image = _thumb(dataset.image_path(idx), None, _rotation(dataset, dataset.imlist[idx]))
-            _show(ax, image, COLORS[kind], f"#{j + 1} {text}")
+            item = rl.items.iloc[j]
+            color = COLORS[item["relevance"]]
+            _show(axes[r, j + 1], item_image(dataset, item), color, item_caption(item))
     fig.legend(
         handles=[
             Patch(facecolor="white", edgecolor=COLORS[k], linewidth=2, label=k)
@@ -191,7 +189,8 @@ def _ranking_figure(
         frameon=False,
         fontsize=8,
     )
-    head = f"{getattr(dataset, 'name', '')} ({setup_used})".strip()
+    own_note = " · own photos left out (junk)" if any(rl.own_photo for rl in lists) else ""
+    head = f"{getattr(dataset, 'name', '')} ({lists[-1].setup}){own_note}".strip()
     fig.suptitle(f"{title} — {head}" if title else head, fontsize=10)
     return fig
 
@@ -210,7 +209,8 @@ def plot_triplets(
 ) -> Figure:
     """Mined triplets as rows of anchor / positive / negative thumbnails: ranks, sims, loss, kind.
 
-    Image paths in `triplets` are relative to the training-set folder `train_root`.
+    Image paths in `triplets` are relative to the training-set folder `train_root`; ranks are
+    shown 1-based (the logs store them 0-based).
     """
     train_root = Path(train_root)
     frame = triplets if n is None else triplets.head(n)
@@ -229,13 +229,13 @@ def plot_triplets(
             axes[r, 1],
             _thumb(train_root / t.positive),
             COLORS["positive"],
-            f"positive · rank {t.pos_rank}\nsim {t.pos_sim:.3f}",
+            f"positive · rank {t.pos_rank + 1}\nsim {t.pos_sim:.3f}",
         )
         _show(
             axes[r, 2],
             _thumb(train_root / t.negative),
             COLORS["negative"],
-            f"neg · {_short(str(t.negative_label), 12)} · rank {t.neg_rank}\n"
+            f"neg · {_short(str(t.negative_label), 12)} · rank {t.neg_rank + 1}\n"
             f"sim {t.neg_sim:.3f} · loss {t.loss:.3f}",
         )
     if title:
@@ -326,6 +326,39 @@ def plot_miner_stats(
 # --------------------------------------------------------------------------------------------
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def curve_styles(logs: pd.DataFrame, columns: Sequence[str]) -> dict[str, dict[str, object]]:
+    """Per method of `logs`: colour, line style, marker and label, distinct for every method.
+
+    A method whose curves equal an earlier method's in every column (e.g. the fp16 mining pool
+    on the CPU, which changes no triplet) says so in its label, and its dashed line and other
+    marker keep both visible where they overlap.
+    """
+    styles: dict[str, dict[str, object]] = {}
+    seen: dict[tuple, str] = {}
+    groups = logs.groupby("method", sort=False) if "method" in logs else [("run", logs)]
+    for i, (key, frame) in enumerate(groups):
+        label = str(frame["label"].iloc[0]) if "label" in frame else str(key)
+        cols = [c for c in columns if c in frame]
+        values = tuple(
+            tuple(np.round(frame.dropna(subset=[c])[c].to_numpy(dtype=float), 10)) for c in cols
+        ) + (tuple(frame["step"]),)
+        twin = seen.get(values)
+        if twin is None:
+            seen[values] = label
+        styles[str(key)] = {
+            "color": f"C{i % 10}",
+            "ls": LINE_STYLES[i % len(LINE_STYLES)] if twin is None else (0, (4, 3)),
+            "marker": MARKERS[i % len(MARKERS)],
+            "label": label if twin is None else f"{label} (identical to {_short(twin, 40)})",
+            "lw": 1.6 if twin is None else 2.4,
+        }
+    return styles
+
+
 def plot_training_curves(logs: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Loss, miner yield, learning rate and validation mAP against the step, one line per method."""
     if logs.empty:
@@ -338,18 +371,20 @@ def plot_training_curves(logs: pd.DataFrame, *, title: str | None = None) -> Fig
         ("lr", "learning rate"),
         ("val_map", "validation mAP (%)"),
     )
+    fig.set_size_inches(10, 6.5 + 0.2 * logs["method"].nunique() if "method" in logs else 6.5)
+    styles = curve_styles(logs, [c for c, _ in panels])
     groups = logs.groupby("method", sort=False) if "method" in logs else [("run", logs)]
     for key, frame in groups:
-        label = frame["label"].iloc[0] if "label" in frame else str(key)
+        style = styles[str(key)]
         for ax, (col, _) in zip(axes, panels, strict=True):
             if col in frame:
                 points = frame.dropna(subset=[col])  # val_map: only the validated epochs
                 ax.plot(
                     points["step"].to_numpy(),
                     points[col].to_numpy(dtype=float),
-                    marker="o",
-                    ms=3,
-                    label=label,
+                    ms=4,
+                    mfc="none" if "identical" in str(style["label"]) else None,
+                    **style,
                 )
     for ax, (col, name) in zip(axes, panels, strict=True):
         ax.set(title=name, ylabel=col)
@@ -357,7 +392,8 @@ def plot_training_curves(logs: pd.DataFrame, *, title: str | None = None) -> Fig
     axes[2].set_yscale("log")
     axes[2].set_xlabel("step")
     axes[3].set_xlabel("step")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()  # under the panels: hides no curve
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
@@ -369,9 +405,12 @@ def plot_validation_curves(logs: pd.DataFrame, *, title: str | None = None) -> F
         return _message_figure("no validation mAP in the training logs", title)
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     ax = fig.subplots()
-    for key, frame in logs.dropna(subset=["val_map"]).groupby("method", sort=False):
-        label = frame["label"].iloc[0] if "label" in frame else str(key)
-        ax.plot(frame["step"], frame["val_map"], marker="o", ms=4, label=label)
+    validated = logs.dropna(subset=["val_map"])
+    styles = curve_styles(validated, ["val_map"])
+    for key, frame in validated.groupby("method", sort=False):
+        style = styles[str(key)]
+        mfc = "none" if "identical" in str(style["label"]) else None
+        ax.plot(frame["step"], frame["val_map"], ms=4, mfc=mfc, **style)
     ax.set(xlabel="training step", ylabel="validation mAP (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -13,9 +13,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from msvlad import paths
 from msvlad.config import VLAD_POOLINGS, Params, method_params, params_to_dict
+from msvlad.errors import InputError
+from msvlad.paths import MANIFEST
 from msvlad.report.tables import SETUP_ORDER, SETUP_SHORT, VARIANT_SUFFIX
-from msvlad.storage import read_json
+from msvlad.storage import file_digest, read_json, read_manifest, tree_entries
 
 if TYPE_CHECKING:
     from msvlad.data.testsets import RetrievalDataset
@@ -31,6 +34,184 @@ def training_set_label(params: Params, method: str) -> str:
     if m.pooling in VLAD_POOLINGS:
         return f"ImageNet + k-means on {params.data.train_set}"
     return "ImageNet only"
+
+
+def check_results(
+    results_dir: str | os.PathLike,
+    runs_dir: str | os.PathLike,
+    params: Params,
+    methods: Sequence[str] | None = None,
+) -> None:
+    """Every row's results present, intact and made by the row's model and parameters.
+
+    For each row (`methods:`), RESULTS/<row> holds only files its manifest.json lists, each with
+    the sha256 listed there (a file copied from another row has another), among them metrics.json
+    and each test set's per-query CSV, ranking and features; the manifest's checkpoint is
+    RUNS/<row>/model.pt (by sha256) and its parameters are the row's (`evaluation_keys`). Then the
+    rows must score the same queries (`check_query_sets`). InputError naming the file otherwise.
+    """
+    results_dir, runs_dir = Path(results_dir), Path(runs_dir)
+    keys = list(params.methods) if methods is None else list(methods)
+    for key in keys:
+        folder = results_dir / key
+        hint = f"run `msvlad evaluate --method {key}` (dvc repro evaluate@{key})"
+        if not folder.is_dir():
+            raise InputError(f"{folder}: no results for row {key}; {hint}")
+        manifest = read_manifest(folder, "evaluate")
+        _check_files(folder, manifest, params, hint)
+        _check_origin(folder, manifest, paths.model_file(key, runs_dir), params, key, hint)
+    check_query_sets(results_dir, params, keys)
+
+
+def _check_files(folder: Path, manifest: Mapping[str, Any], params: Params, hint: str) -> None:
+    """The folder holds exactly the files its manifest lists, with their sha256."""
+    listed, digests = set(manifest["files"]), manifest.get("sha256")
+    if not isinstance(digests, Mapping):
+        raise InputError(f"{folder / MANIFEST}: records no sha256 of its files (older); {hint}")
+    needed = [paths.METRICS] + [
+        f"{ds}/{name}"
+        for ds in params.data.test_sets
+        for name in (paths.per_query_file(), paths.RANKS, paths.FEATURES)
+    ]
+    for rel in needed:
+        if rel not in listed:
+            raise InputError(f"{folder / rel}: not among the results ({MANIFEST}); {hint}")
+    for rel, kind in tree_entries(folder):
+        if kind == "link":
+            raise InputError(f"{folder / rel}: a symbolic link, not a file evaluate wrote; {hint}")
+        if kind != "dir" and rel not in listed | {MANIFEST}:
+            raise InputError(f"{folder / rel}: not written by msvlad evaluate (not in {MANIFEST})")
+    for rel in sorted(listed):
+        path = folder / rel
+        if not path.is_file():
+            raise InputError(f"{path}: missing (listed in {MANIFEST}); {hint}")
+        if rel != paths.EVAL_TIMING and file_digest(path) != digests.get(rel):
+            raise InputError(
+                f"{path}: not the file evaluate wrote here (its sha256 differs from {MANIFEST}'s: "
+                f"copied from another row, or edited); {hint}"
+            )
+
+
+def _check_origin(
+    folder: Path, manifest: Mapping[str, Any], model: Path, params: Params, key: str, hint: str
+) -> None:
+    """The manifest's checkpoint is the row's model.pt and its parameters are the row's."""
+    path = folder / MANIFEST
+    ckpt = manifest.get("checkpoint")
+    made_by = ckpt.get("sha256") if isinstance(ckpt, Mapping) else None
+    if not model.is_file():
+        raise InputError(f"{model}: not found; the results of row {key} are checked against it")
+    if made_by != file_digest(model):
+        raise InputError(
+            f"{path}: made by a model with sha256 {str(made_by)[:12]}, not by {model} "
+            f"(sha256 {file_digest(model)[:12]}): another row's or an older model's results; {hint}"
+        )
+    made = manifest.get("params")
+    expected = params_to_dict(method_params(params, key))
+    for dotted in evaluation_keys(params):
+        old, new = _dotted(made, dotted), _dotted(expected, dotted)
+        if _plain(old) != _plain(new):
+            raise InputError(
+                f"{path}: made with {dotted}={old!r}, but row {key} has {new!r}: another row's "
+                f"results or older parameters; {hint}"
+            )
+
+
+def evaluation_keys(params: Params) -> list[str]:
+    """The parameters a row's evaluation depends on (as its dvc.yaml stage): the test sets,
+    extract.*, evaluate.*, and every key by which rows differ (pooling, miner, their `set`)."""
+    plain = params_to_dict(params)
+    keys = ["data.test_sets", "model.pooling", "miner.name"]
+    keys += [f"{section}.{k}" for section in ("extract", "evaluate") for k in plain[section]]
+    keys += sorted({k for m in params.methods.values() for k in m.set})
+    return list(dict.fromkeys(keys))
+
+
+_MISSING = object()
+
+
+def _dotted(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def _plain(value: Any) -> Any:
+    """A parameter value as JSON has it (tuples as lists), to compare a manifest's with params."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_query_sets(
+    results_dir: str | os.PathLike, params: Params, methods: Sequence[str] | None = None
+) -> None:
+    """Every row scored every query: no query left out, the same queries with a blank AP.
+
+    A blank AP is a query without positives in a setup (the same for every row); a query left
+    out (`evaluate.skip_failed_queries`) or blank in one row only would make the tables and the
+    paired claims compare a subset of the queries. InputError naming the per-query CSV otherwise.
+    """
+    results_dir = Path(results_dir)
+    keys = list(params.methods) if methods is None else list(methods)
+    for ds in params.data.test_sets:
+        reference: tuple[Path, pd.DataFrame] | None = None
+        for key in keys:
+            for variant in ("plain", "raw"):
+                path = results_dir / key / ds / paths.per_query_file(variant)
+                if not path.is_file():
+                    continue
+                frame = _per_query_rows(path)
+                if reference is None:
+                    reference = (path, frame)
+                    continue
+                _same_queries(path, frame, *reference)
+
+
+def _per_query_rows(path: Path) -> pd.DataFrame:
+    """(setup, query, AP blank) of a per-query CSV, with no query left out."""
+    try:
+        frame = pd.read_csv(path, dtype={"query": str, "setup": str, "excluded": str})
+    except (ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: not a per-query CSV ({' '.join(str(err).split())})") from None
+    missing = {"query", "setup", "AP"} - set(frame.columns)
+    if missing:
+        raise InputError(f"{path}: missing column(s) {sorted(missing)}")
+    left_out = frame["excluded"].fillna("") if "excluded" in frame else pd.Series(dtype=str)
+    if (left_out != "").any():
+        query = frame.loc[left_out != "", "query"].iloc[0]
+        n = frame.loc[left_out != "", "query"].nunique()
+        raise InputError(
+            f"{path}: {n} quer{'y' if n == 1 else 'ies'} left out of the evaluation (e.g. {query}, "
+            "evaluate.skip_failed_queries), so the tables and claims would cover a subset of the "
+            "queries; make them readable and evaluate again"
+        )
+    return pd.DataFrame(
+        {"setup": frame["setup"], "query": frame["query"], "blank": frame["AP"].isna()}
+    )
+
+
+def _same_queries(path: Path, frame: pd.DataFrame, ref_path: Path, ref: pd.DataFrame) -> None:
+    """`frame` (of `path`) lists the queries of `ref` in its order, blank where `ref` is blank."""
+    same = len(frame) == len(ref) and all(
+        (frame[c].to_numpy() == ref[c].to_numpy()).all() for c in ("setup", "query")
+    )
+    if not same:
+        raise InputError(
+            f"{path}: not the queries of {ref_path} (another query list or ground truth)"
+        )
+    differ = frame["blank"].to_numpy() != ref["blank"].to_numpy()
+    if differ.any():
+        i = int(np.flatnonzero(differ)[0])
+        which, other = (path, ref_path) if frame["blank"].iloc[i] else (ref_path, path)
+        raise InputError(
+            f"{which}: AP blank for query {frame['query'].iloc[i]} ({frame['setup'].iloc[i]}), "
+            f"which {other} scores: the rows would be compared on a subset of the queries"
+        )
 
 
 def load_results(
@@ -50,7 +231,7 @@ def load_results(
         raise ValueError(f"methods: {unknown} not in params methods {sorted(params.methods)}")
     rows: list[dict[str, Any]] = []
     for key in keys:
-        path = results_dir / key / "metrics.json"
+        path = results_dir / key / paths.METRICS
         if not path.is_file():
             log.warning("%s: no metrics.json, method %s left out", path, key)
             continue
@@ -161,8 +342,7 @@ def load_per_query(
     results_dir: str | os.PathLike, method: str, dataset: str, variant: str = "plain"
 ) -> pd.DataFrame:
     """Per-query metrics of one run (query_index, query, setup, AP, P@k) in percent."""
-    tag = "" if variant == "plain" else f"_{variant}"
-    path = Path(results_dir) / method / dataset / f"per_query{tag}.csv"
+    path = Path(results_dir) / method / dataset / paths.per_query_file(variant)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: per-query results not found")
     frame = pd.read_csv(path, keep_default_na=True, dtype={"query": str})
@@ -333,7 +513,7 @@ def query_precision(
 
 def load_ranks(results_dir: str | os.PathLike, method: str, dataset: str) -> np.ndarray:
     """The (n_db, n_q) ranking a method produced on a dataset (ranks.npy, no pickles)."""
-    path = Path(results_dir) / method / dataset / "ranks.npy"
+    path = Path(results_dir) / method / dataset / paths.RANKS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ranking not found")
     ranks = np.load(path, allow_pickle=False)
@@ -683,7 +863,7 @@ def _raw_dim(results_dir: Path, method: str, dataset: str) -> int | None:
 
 def _variant_metrics(results_dir: Path, method: str, dataset: str) -> dict[str, Any]:
     """{variant: metrics} of one run on a dataset, from its metrics.json ({} when absent)."""
-    path = results_dir / method / "metrics.json"
+    path = results_dir / method / paths.METRICS
     if not path.is_file():
         return {}
     return read_json(path).get(dataset, {})

@@ -11,18 +11,41 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from msvlad import paths
 from msvlad.config import Params
-from msvlad.training.logs import NEIGHBOR_FIELDS, TRIPLET_FIELDS
+from msvlad.errors import InputError
+from msvlad.training.logs import RUN_LOGS, TRIPLET_FIELDS, read_log
 
 log = logging.getLogger(__name__)
 
 
+def check_run_logs(
+    runs_dir: str | os.PathLike, params: Params, methods: Sequence[str] | None = None
+) -> None:
+    """Every log the notebooks read, of every trained row, present and valid by its schema.
+
+    A trained row (miner set) must have each log of `RUN_LOGS` in RUNS/<row>/train, checked by
+    `msvlad.training.logs.read_log`, and at least the initial epoch row in log.csv; InputError
+    naming the file (and the line) otherwise. Off-the-shelf rows have no logs to read.
+    """
+    for key in params.methods if methods is None else methods:
+        if params.methods[key].miner is None:
+            continue
+        for name in RUN_LOGS:
+            path = paths.run_dir(key, runs_dir) / name
+            if not path.is_file():
+                raise InputError(
+                    f"{path}: not found; row {key} is trained and the report reads its {name} "
+                    f"(run `msvlad train --method {key}`, dvc repro train@{key})"
+                )
+            frame = read_log(path)
+            if name == paths.LOG and frame.empty:
+                raise InputError(f"{path}: no epoch row (the run of row {key} has not started)")
+
+
 def training_curves(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Per-epoch training log (epoch, step, lr, loss, triplets, rounds, yield, val_map, seconds)."""
-    path = Path(run_dir) / "log.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: training log not found")
-    return pd.read_csv(path)
+    """Per-epoch training log (log.csv), checked against its schema (`read_log`)."""
+    return read_log(Path(run_dir) / paths.LOG)
 
 
 def load_training_logs(
@@ -30,13 +53,14 @@ def load_training_logs(
 ) -> pd.DataFrame:
     """Training logs of all trained methods, stacked with `method` and `label` columns.
 
-    Off-the-shelf methods (miner null) and runs without a log are left out.
+    Off-the-shelf methods (miner null) and runs without a log are left out (with a warning; the
+    report stage refuses a trained row without its logs beforehand, `check_run_logs`).
     """
     frames = []
     for key in params.methods if methods is None else methods:
         if params.methods[key].miner is None:
             continue
-        path = Path(runs_dir) / key / "train"
+        path = paths.run_dir(key, runs_dir)
         try:
             frame = training_curves(path)
         except FileNotFoundError as err:
@@ -54,23 +78,19 @@ def load_training_logs(
 
 def load_triplets(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Every mined triplet of a run (triplets.csv); empty when the run mined nothing."""
-    path = Path(run_dir) / "triplets.csv"
+    path = Path(run_dir) / paths.TRIPLETS
     if not path.is_file():
         log.warning("%s: no mined triplets", path)
         return pd.DataFrame(columns=TRIPLET_FIELDS)
-    return pd.read_csv(path, dtype={"anchor_label": str, "negative_label": str, "kind": str})
+    return read_log(path)
 
 
 def load_neighbors(run_dir: str | os.PathLike) -> pd.DataFrame | None:
     """Each mined anchor's top pool neighbours per round (neighbors.csv); None if not recorded."""
-    path = Path(run_dir) / "neighbors.csv"
+    path = Path(run_dir) / paths.NEIGHBORS
     if not path.is_file():
         return None
-    frame = pd.read_csv(path, dtype={"anchor": str, "neighbor": str, "label": str})
-    missing = set(NEIGHBOR_FIELDS) - set(frame.columns)
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
-    return frame
+    return read_log(path)
 
 
 TRIPLET_SORTS: dict[str, str] = {
@@ -158,9 +178,9 @@ def miner_stats(run_dir: str | os.PathLike) -> pd.DataFrame:
                 "mean_neg_sim": g["neg_sim"].mean(),
             }
         ).reset_index()
-    rounds_path = run_dir / "rounds.csv"
+    rounds_path = run_dir / paths.ROUNDS
     if rounds_path.is_file():
-        stats = pd.read_csv(rounds_path).merge(
+        stats = read_log(rounds_path).merge(
             agg.drop(columns=["n_triplets", "n_semi_hard", "n_hard"], errors="ignore"),
             on="round",
             how="left",

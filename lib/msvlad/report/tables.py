@@ -69,6 +69,38 @@ def format_cell(value: Any, decimals: int = 2) -> str:
     return str(value)
 
 
+def yes_no(value: Any) -> Any:
+    """True / False as "yes" / "no" (what a reader of a report table expects); others unchanged."""
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    return value
+
+
+def styled(
+    table: pd.DataFrame,
+    *,
+    decimals: int | Mapping[str, int] = 2,
+    scientific: Sequence[str] = (),
+    index: bool = True,
+) -> Any:
+    """A table as the HTML reports show it: floats with `decimals` places (columns named in
+    `scientific` as 1.00e-04), booleans yes / no, missing values as an en dash, text never cut
+    (a pandas Styler; the frame is unchanged).
+
+    decimals: one number for every float column, or {column: decimals} (others get 2).
+    """
+    places = dict(zip(table.columns, _column_decimals(table.columns, decimals), strict=True))
+
+    def cell(column: Any) -> Any:
+        if column in scientific:
+            return lambda v: MISSING if not np.isfinite(v) else f"{v:.2e}"
+        return lambda v: format_cell(yes_no(v), places[column])
+
+    styler = table.style.format({c: cell(c) for c in table.columns})
+    styler = styler.set_table_styles([{"selector": "td", "props": "white-space: nowrap;"}])
+    return styler if index else styler.hide(axis="index")
+
+
 def to_markdown(
     table: pd.DataFrame, *, decimals: int | Mapping[str, int] = 2, index: bool = False
 ) -> str:

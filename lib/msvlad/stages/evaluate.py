@@ -5,19 +5,24 @@ one row per image, plus the image lists), `ranks.npy` (revisitop orientation: co
 query j), `metrics[_raw|_qe|_dba].json` and `per_query[_raw|_qe|_dba].csv`; `out/metrics.json`
 gathers every dataset and variant (mAP and mP@k in percent, the input policy, failed images),
 `out/summary.json` only the mAPs (E/M/H, plain and +QE) for `dvc metrics show`, and
-`out/manifest.json` says what made them (checkpoint checksum, params, variants, code version).
+`out/manifest.json` says what made them (checkpoint checksum, params, variants, code version);
+the wall-clock extraction seconds go to `out/timing.json`, which DVC does not hash.
 
 Everything is checked before the first image is read (datasets, variants, the output folder), and
 the results are written into a fresh folder that replaces `out` only when all is done: a failed run
 leaves the previous results as they were, and a new one never leaves an older model's files behind.
+`out` is replaced as a whole, so it may hold only what an earlier evaluate wrote there (the files
+its manifest.json lists; no link): anything else is refused, never deleted. One evaluate at a time
+writes into an `out` (a lock file beside it), and a kill during the swap loses neither the
+previous results nor the new ones (`msvlad.storage.atomic_dir`; the next run finishes the swap).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import zipfile
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,34 +45,38 @@ from msvlad.evaluation.pipeline import (
     score,
 )
 from msvlad.evaluation.protocol import RetrievalMetrics, metrics_summary, metrics_table
+from msvlad.evaluation.search import check_expansions
 from msvlad.nn.model import RetrievalNet
+from msvlad.paths import (
+    EVAL_TIMING,
+    FEATURES,
+    MANIFEST,
+    METRICS,
+    RANKS,
+    SUMMARY,
+    distractor_features,
+    metrics_file,
+    per_query_file,
+)
 from msvlad.runtime import code_version, init_distributed, resolve_device, seed_everything
 from msvlad.storage import (
     atomic_dir,
     check_writable,
     file_digest,
     load_npz,
+    lock_beside,
     payload_digest,
+    read_manifest,
     remove_stale_temps,
     save_npy,
     save_npz,
+    stat_digest,
+    tree_entries,
     write_json,
     write_text,
 )
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-# what this command writes (anything else in an existing --out is someone else's and is kept)
-OWNED = (
-    "metrics*.json",
-    "summary.json",
-    "per_query*.csv",
-    "features.npz",
-    "ranks.npy",
-    "*_features.npz",
-    MANIFEST,
-)
 
 
 @dataclass(frozen=True)
@@ -97,19 +106,26 @@ def run(params: Params, model: RetrievalNet, request: EvaluateRequest) -> dict[s
         raise InputError("data.test_sets: no dataset to evaluate (or pass --dataset)")
     if request.flat and len(datasets) > 1:
         raise InputError("--flat: writes one dataset's files into --out; give one --dataset")
-    if dist_info.main:
-        _check_out(request.out)
+    for dataset in datasets:  # alpha-QE/DBA neighbours fit each database: checked before extracting
+        check_expansions(params.evaluate, variants, len(dataset.imlist), str(dataset.root))
     model = model.to(device).eval()
-    writing = atomic_dir(request.out) if dist_info.main else nullcontext(request.out)
-    with writing as tmp:
-        summary, tables = _evaluate_all(params, model, request, datasets, variants, policy, tmp)
-        if not dist_info.main:
-            return {}
-        result = summary if not request.flat else next(iter(summary.values()))["plain"]
-        write_json(tmp / "metrics.json", result)
-        write_json(tmp / "summary.json", metrics_summary(summary))  # what `dvc metrics show` reads
-        manifest = _manifest(params, model, request, variants, policy, tmp)
-        write_json(tmp / MANIFEST, manifest)
+    if not dist_info.main:  # the main rank alone checks, locks and writes the output folder
+        _evaluate_all(params, model, request, datasets, variants, policy, request.out, {})
+        return {}
+    _check_parent(request.out)
+    with lock_beside(request.out, "evaluate"):
+        _check_out(request.out)
+        with atomic_dir(request.out) as tmp:
+            timing: dict[str, dict[str, float]] = {}
+            summary, tables = _evaluate_all(
+                params, model, request, datasets, variants, policy, tmp, timing
+            )
+            write_json(tmp / EVAL_TIMING, timing)
+            result = summary if not request.flat else next(iter(summary.values()))["plain"]
+            write_json(tmp / METRICS, result)
+            write_json(tmp / SUMMARY, metrics_summary(summary))  # for `dvc metrics show`
+            manifest = _manifest(params, model, request, variants, policy, tmp)
+            write_json(tmp / MANIFEST, manifest)
     print(metrics_table(tables).to_string(float_format="{:.2f}".format, na_rep="-"))
     log.info("evaluate: %s, variants %s -> %s", ", ".join(summary), ",".join(variants), request.out)
     return result
@@ -126,20 +142,68 @@ def _variants(names: Sequence[str], model: RetrievalNet) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_out(out: Path) -> None:
-    """The output's parent is writable and `out` holds nothing this command did not write."""
+def _check_parent(out: Path) -> None:
+    """`out` is not a link and its parent is a writable folder (created if needed)."""
+    if out.is_symlink():
+        raise InputError(
+            f"{out}: a symbolic link; evaluate replaces --out as a whole and never follows "
+            "links: give the folder itself"
+        )
     check_writable(out.parent)
+
+
+def _check_out(out: Path) -> None:
+    """`out` holds nothing this command did not write (under the lock beside it).
+
+    First the temps a killed run left are cleared or put back (the swap it was in is finished),
+    then every entry of `out` must be a file its manifest.json lists (or a folder on the way to
+    one); a link, anything unlisted or a folder without a manifest is refused.
+    """
     remove_stale_temps(out.parent, out.name)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if out.is_dir():
-        for path in sorted(out.rglob("*")):
-            owned = path.is_dir() or any(path.match(p) for p in OWNED)
-            if not owned:
-                raise InputError(
-                    f"{path}: not written by msvlad evaluate; move it or choose another --out "
-                    "(the results folder is replaced as a whole)"
-                )
+    if not out.is_dir():
+        return
+    entries = tree_entries(out)
+    if not entries:
+        return
+    listed = _listed_files(out, entries)
+    allowed_dirs = {parent.as_posix() for f in listed for parent in Path(f).parents}
+    foreign = []
+    for rel, kind in entries:
+        if kind == "link":
+            raise InputError(
+                f"{out / rel}: a symbolic link inside --out; evaluate replaces the folder as a "
+                "whole and neither follows nor deletes links: move it or choose another --out"
+            )
+        if not ((kind == "file" and rel in listed) or (kind == "dir" and rel in allowed_dirs)):
+            foreign.append(rel)  # unlisted, or not a plain file or folder (a pipe, a socket)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise InputError(
+            f"{out / foreign[0]}{more}: not written by msvlad evaluate (not listed in "
+            f"{out / MANIFEST}); move it or choose another --out (the results folder is "
+            "replaced as a whole)"
+        )
+
+
+def _listed_files(out: Path, entries: list[tuple[str, str]]) -> set[str]:
+    """The files the manifest.json of an earlier evaluate in `out` lists (itself included)."""
+    if (MANIFEST, "file") not in entries:
+        first = next(rel for rel, _ in entries)
+        more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+        raise InputError(
+            f"{out / first}{more}: not written by msvlad evaluate ({out} has no {MANIFEST}); "
+            "move it or choose another --out (the results folder is replaced as a whole)"
+        )
+    try:
+        files = read_manifest(out, "evaluate")["files"]
+    except InputError as err:
+        raise InputError(
+            f"{err}; {out} is replaced as a whole only when its {MANIFEST} lists what is there: "
+            "move the folder or choose another --out"
+        ) from None
+    return {*files, MANIFEST}
 
 
 def _evaluate_all(
@@ -150,8 +214,10 @@ def _evaluate_all(
     variants: list[str],
     policy: InputPolicy,
     tmp: Path,
+    timing: dict[str, dict[str, float]],
 ) -> tuple[dict[str, Any], dict[str, RetrievalMetrics]]:
-    """Extract and score every dataset; writes its files under `tmp` on the main rank."""
+    """Extract and score every dataset; writes its files under `tmp` on the main rank and the
+    extraction seconds of each dataset into `timing`."""
     device = next(model.parameters()).device
     keep_raw = "raw" in variants
     distractors = (
@@ -170,6 +236,7 @@ def _evaluate_all(
             policy=policy,
             device=device,
             num_workers=params.base.num_workers,
+            trunk_depth=params.train.frozen_stages,
         )
         seconds = time.time() - t0
         queries = check_failures(desc, dataset, params.evaluate)
@@ -178,7 +245,7 @@ def _evaluate_all(
         name = dataset.name if distractors is None else f"{dataset.name}+{request.distractors}"
         ddir = tmp if request.flat else tmp / name
         save_npz(
-            ddir / "features.npz",
+            ddir / FEATURES,
             q=desc.q,
             db=desc.db,
             qimlist=np.array(dataset.qimlist),
@@ -188,7 +255,8 @@ def _evaluate_all(
             desc.db = np.concatenate([desc.db, distractors["db"]])
             if keep_raw and desc.db_raw is not None:
                 desc.db_raw = np.concatenate([desc.db_raw, distractors["db_raw"]])
-        context = {"name": name, "seconds": seconds, "policy": policy, "queries": queries}
+        timing[name] = {"extract_seconds": round(seconds, 2)}
+        context = {"name": name, "policy": policy, "queries": queries}
         summary[name] = _score_variants(params, variants, dataset, desc, context, ddir, tables)
     return summary, tables
 
@@ -221,18 +289,16 @@ def _score_variants(
                 "dim": int(db.shape[1]),
                 "whitened": variant != "raw" and desc.q_raw is not None,
                 "input": context["policy"].to_json(),
-                "extract_seconds": round(context["seconds"], 2),
                 "failed_images": len(desc.failed_queries) + len(desc.failed_db),
                 "failed_queries": _named(desc.failed_queries, dataset.qimlist),
                 "failed_db": _named(desc.failed_db, dataset.imlist),
             }
         )
-        tag = "" if variant == "plain" else f"_{variant}"
-        write_json(ddir / f"metrics{tag}.json", js)
+        write_json(ddir / metrics_file(variant), js)
         frame = per_query_frame(metrics, dataset, desc.failed_queries)
-        write_text(ddir / f"per_query{tag}.csv", frame.to_csv(index=False))
+        write_text(ddir / per_query_file(variant), frame.to_csv(index=False))
         if variant == "plain":
-            save_npy(ddir / "ranks.npy", ranks.astype(np.int32))
+            save_npy(ddir / RANKS, ranks.astype(np.int32))
         per_dataset[variant] = js
         tables[name if variant == "plain" else f"{name}+{variant.upper()}"] = metrics
     return per_dataset
@@ -256,20 +322,28 @@ def _distractors(
 ) -> dict[str, np.ndarray]:
     """Descriptors of a distractor set (e.g. revisitop1m), cached in OUT/<name>_features.npz.
 
-    The cache is reused only for the same model and input policy (both recorded in it); the raw
+    The cache is reused only for the same model, input policy and distractor images (their names,
+    sizes and change times: `msvlad.storage.stat_digest`), all recorded in its key; the raw
     descriptors are kept only for the raw variant (at 32768-d they are large).
     """
     name = request.distractors
-    key = np.array(f"{_model_digest(model)} {policy.to_json()}")
-    old = request.out / f"{name}_features.npz"
-    wanted = ("db", "db_raw") if keep_raw else ("db",)
-    if old.is_file():
-        cached = load_npz(old)
-        if "key" in cached and str(cached["key"]) == str(key) and set(wanted) <= set(cached):
-            save_npz(tmp / old.name, **cached)
-            return {k: cached[k].astype(np.float32) for k in wanted}
-        log.info("%s: made by another model or input policy, described again", old)
     paths = load_distractors(request.data_root, name)
+    images = stat_digest(paths, Path(request.data_root) / name)
+    key = np.array(f"{_model_digest(model)} {policy.to_json()} images {images}")
+    old = request.out / distractor_features(name)
+    wanted = ("db", "db_raw") if keep_raw else ("db",)
+    main = init_distributed().main
+    if old.is_file() and not old.is_symlink():
+        cached = _load_cache(old)
+        if (
+            str(cached.get("key", "")) == str(key)
+            and set(wanted) <= set(cached)
+            and all(cached[k].shape[0] == len(paths) for k in wanted)
+        ):
+            if main:
+                save_npz(tmp / old.name, **cached)
+            return {k: cached[k].astype(np.float32) for k in wanted}
+        log.info("%s: made by another model, input policy or distractor set: described again", old)
     raw, failed = describe_multiscale(
         model,
         [ImageItem(p) for p in paths],
@@ -281,6 +355,7 @@ def _distractors(
         num_workers=params.base.num_workers,
         progress=name,
         resize_filter=model.config.resize_filter,
+        trunk_depth=params.train.frozen_stages,
     )
     white = whiten_descriptors(model, raw)
     out = {"db": (raw if white is None else white).numpy()}
@@ -291,8 +366,18 @@ def _distractors(
     if failed:
         log.warning("%s: %d of %d distractors unreadable", name, len(failed), len(paths))
     dtype = np.float16 if params.extract.float16 else np.float32
-    save_npz(tmp / old.name, key=key, **{k: v.astype(dtype) for k, v in out.items()})
+    if main:
+        save_npz(tmp / old.name, key=key, **{k: v.astype(dtype) for k, v in out.items()})
     return {k: v.astype(dtype).astype(np.float32) for k, v in out.items()}
+
+
+def _load_cache(path: Path) -> dict[str, np.ndarray]:
+    """A distractor cache, or {} when it cannot be read (then it is described again)."""
+    try:
+        return load_npz(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        log.warning("%s: unreadable distractor cache (%s), described again", path, err)
+        return {}
 
 
 def _manifest(
@@ -305,6 +390,7 @@ def _manifest(
 ) -> dict[str, Any]:
     """What made the results in `folder`: model file and checksum, params, variants, code."""
     ckpt = request.checkpoint
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     return {
         "command": "evaluate",
         "checkpoint": None if ckpt is None else {"path": str(ckpt), "sha256": file_digest(ckpt)},
@@ -317,5 +403,7 @@ def _manifest(
         "data_root": str(request.data_root),
         "params": params_to_dict(params),
         "code": code_version(),
-        "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
+        "files": sorted(files),
+        # checked by the report; the wall-clock timing.json differs on every run (never hashed)
+        "sha256": {f: file_digest(folder / f) for f in sorted(files) if f != EVAL_TIMING},
     }

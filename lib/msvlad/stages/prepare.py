@@ -33,7 +33,7 @@ def run(params: Params) -> None:
         )
         log.debug("mini benchmark: %s", summary)  # also in <root>/manifest.json
         return
-    from msvlad.data.registry import prepare_dataset
+    from msvlad.data.official import prepare_dataset
 
     for name in _datasets_to_prepare(params, root):
         options: dict[str, Any] = {}
@@ -54,7 +54,7 @@ def _datasets_to_prepare(params: Params, root: Path) -> list[str]:
     A name outside the registry must already be laid out under the root by hand (any folder in
     revisitop layout is a dataset); holidays_rotated needs its rotation list.
     """
-    from msvlad.data.registry import DATASETS
+    from msvlad.data.catalog import DATASETS
     from msvlad.data.testsets import load_dataset, read_rotations
     from msvlad.data.trainsets import load_training_set
 

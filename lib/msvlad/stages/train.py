@@ -7,8 +7,8 @@ from pathlib import Path
 
 from msvlad.config import Params
 from msvlad.errors import InputError
-from msvlad.storage import check_writable, load_torch, write_bytes
-from msvlad.training.logs import LOG_FIELDS, write_header
+from msvlad.nn.model import load_model
+from msvlad.storage import check_writable, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,8 @@ def run(
 
     `restart`: None resumes a run with the same parameters and refuses one with others;
     "always" moves any earlier run aside first, "if-changed" only one with other parameters.
+    An off-the-shelf row (`miner: null`) is a run of its own: its model.pt is the init, and a
+    folder holding a trained run is refused or moved aside like any run of other parameters.
     In the runs/<row>/train layout a finished run of another row with the same training, budget
     and init is copied instead of trained again (not with "always").
     """
@@ -34,11 +36,13 @@ def run(
     if not init.is_file():
         raise FileNotFoundError(f"{init}: initial model not found (run `msvlad cluster` first)")
     if method and params.methods[method].miner is None:
-        load_torch(init)  # refuse a corrupt file before copying it
-        write_bytes(out / "model.pt", init.read_bytes())
-        write_header(out / "log.csv", LOG_FIELDS)
-        log.info("%s is off-the-shelf: no training, %s copied", method, init)
-        return out / "model.pt"
+        from msvlad.training.rundir import off_the_shelf
+
+        digest = file_digest(init)
+        load_model(init, expect=params.model)  # a corrupt file or another network is refused
+        model = off_the_shelf(out, params, init, digest, restart)
+        log.info("%s is off-the-shelf: no training, %s is a copy of %s", method, model, init)
+        return model
     from msvlad.training.trainer import train
 
     # the other rows' runs (runs/<row>/train): one with the same training is copied, not redone

@@ -18,7 +18,7 @@ from msvlad.data.trainsets import TrainingSet
 from msvlad.evaluation.extract import embed_images
 from msvlad.mining.pool import at_pool_precision, pool_autocast_fp16
 from msvlad.nn.model import RetrievalNet
-from msvlad.training.trunk_cache import FrozenTrunkCache, trunk_store_dir
+from msvlad.nn.trunk_cache import FrozenTrunkCache, TrunkStore
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class TrainingInputs:
                 batch_size=self.params.extract.batch_size,
                 device=self.device,
                 resize_filter=self.params.model.resize_filter,
-                store=trunk_store_dir(),
+                store=TrunkStore.default(),
             )
 
     def describe(

@@ -4,11 +4,18 @@
 per mining round, `triplets.csv` one row per mined triplet, `neighbors.csv` the top `NEIGHBOR_K`
 pool neighbours of every mined anchor (what the miner saw when it chose the triplet). The trainer
 writes them; the reports, `dvc plots` and the tests read them through these column lists.
+
+These logs hold only what the run computed, so a run repeated gives the same bytes (DVC hashes
+the run folder). Wall-clock times go to `timing.csv` (`TIMING_FIELDS`): a mining round's describe
+and mine seconds, and the seconds since the training process started at each epoch's end. It sits
+in the run folder but `.dvcignore` keeps it out of every hash.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from msvlad.errors import InputError
+from msvlad.paths import LOG, NEIGHBORS, ROUNDS, RUN_TIMING, TRIPLETS
 from msvlad.storage import atomic_path
 
 if TYPE_CHECKING:
@@ -25,7 +34,7 @@ if TYPE_CHECKING:
     from msvlad.data.trainsets import TrainingSet
 
 AGE_FIELDS = ["anchor_age", "positive_age", "negative_age"]  # steps since each descriptor's weights
-LOG_FIELDS = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map", "seconds"]
+LOG_FIELDS = ["epoch", "step", "lr", "loss", "triplets", "rounds", "yield", "val_map"]
 ROUND_FIELDS = [
     "round",
     "step",
@@ -39,8 +48,6 @@ ROUND_FIELDS = [
     "semi_hard",
     "hard",
     "mean_loss",
-    "describe_seconds",
-    "mine_seconds",
 ]
 TRIPLET_FIELDS = [
     "round",
@@ -63,13 +70,31 @@ TRIPLET_FIELDS = [
 NEIGHBOR_FIELDS = ["round", "anchor", "rank", "neighbor", "label", "sim"]
 NEIGHBOR_K = 10  # neighbours kept per anchor: bounds neighbors.csv to 10 rows per mined triplet
 
+# wall-clock seconds (never hashed): event "describe" / "mine" of a round (its seconds), "epoch"
+# (seconds since the training process started; round left empty)
+TIMING_FILE = RUN_TIMING
+TIMING_FIELDS = ["event", "round", "step", "seconds"]
+
 # every log of a run folder: its columns and the column that says which checkpoint covers a row
 RUN_LOGS: dict[str, tuple[list[str], str]] = {
-    "log.csv": (LOG_FIELDS, "step"),
-    "rounds.csv": (ROUND_FIELDS, "round"),
-    "triplets.csv": (TRIPLET_FIELDS, "round"),
-    "neighbors.csv": (NEIGHBOR_FIELDS, "round"),
+    LOG: (LOG_FIELDS, "step"),
+    ROUNDS: (ROUND_FIELDS, "round"),
+    TRIPLETS: (TRIPLET_FIELDS, "round"),
+    NEIGHBORS: (NEIGHBOR_FIELDS, "round"),
 }
+# the columns of the logs that hold names; every other column holds a number (blank or nan: none)
+TEXT_FIELDS = frozenset(
+    {
+        "anchor",
+        "positive",
+        "negative",
+        "anchor_label",
+        "negative_label",
+        "kind",
+        "neighbor",
+        "label",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,30 @@ def truncate_logs(folder: Path, step: int, next_round: int) -> None:
     for name, (fields, column) in RUN_LOGS.items():
         limit = step if column == "step" else next_round - 1
         truncate_csv(folder / name, column, limit, fields)
+    _truncate_timing(folder / TIMING_FILE, step, next_round - 1)
+
+
+def _truncate_timing(path: Path, step: int, last_round: int) -> None:
+    """timing.csv: epoch rows up to `step`, round rows up to `last_round` (atomic rewrite)."""
+    if not path.exists():
+        return
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        rows = []  # unreadable wall-clock notes: start them again
+    kept = [
+        r
+        for r in rows
+        if (r.get("event") == "epoch" and _number(r.get("step")) <= step)
+        or (r.get("event") != "epoch" and _number(r.get("round")) <= last_round)
+    ]
+    if len(kept) == len(rows) and rows:
+        return
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=TIMING_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
 
 
 def last_logged_step(path: Path) -> int | None:
@@ -137,6 +186,65 @@ def last_logged_step(path: Path) -> int | None:
     except (OSError, csv.Error, UnicodeDecodeError):
         return None
     return int(steps[-1]) if steps and steps[-1] != float("inf") else None
+
+
+def read_log(path: Path) -> pd.DataFrame:
+    """A run log (a name of RUN_LOGS) read after checking it against its columns.
+
+    Every column of the schema must be in the header (older logs may hold more), every row as
+    many fields as the header, every number a finite number or nan (blank: a column added after
+    the row was written). A binary tail, a cut or garbage row is an `InputError` naming the file
+    and the line; a missing file is a FileNotFoundError.
+    """
+    path = Path(path)
+    fields = RUN_LOGS[path.name][0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: training log not found")
+    data = path.read_bytes()
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: binary data (a NUL byte), not a CSV log")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: binary data (not UTF-8), not a CSV log") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    missing = [f for f in fields if f not in (header or [])]
+    if missing:
+        raise InputError(f"{path}: line 1: header lacks column(s) {missing} (expected {fields})")
+    numeric = [
+        (i, name) for i, name in enumerate(header) if name in fields and name not in TEXT_FIELDS
+    ]
+    try:
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise InputError(
+                    f"{path}: line {reader.line_num}: {len(row)} fields, the header has "
+                    f"{len(header)} (a cut or garbage row)"
+                )
+            for i, name in numeric:
+                if not _is_number(row[i]):
+                    raise InputError(
+                        f"{path}: line {reader.line_num}: {name}={row[i][:40]!r} is not a number"
+                    )
+    except csv.Error as err:
+        raise InputError(f"{path}: line {reader.line_num}: not CSV ({err})") from None
+    text_cols = {name: str for name in header if name in TEXT_FIELDS}
+    return pd.read_csv(io.StringIO(text), dtype=text_cols)
+
+
+def _is_number(value: str) -> bool:
+    """A log's number: blank, nan, or a finite float."""
+    if value.strip() in ("", "nan", "NaN"):
+        return True
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def _number(value: str | None) -> float:
@@ -152,8 +260,6 @@ def round_row(
     pool_size: int,
     candidates: int,
     frame: pd.DataFrame,
-    describe_seconds: float,
-    mine_seconds: float,
     failed: int = 0,
     refreshed: int | None = None,
     ages: np.ndarray | None = None,
@@ -177,8 +283,6 @@ def round_row(
         "semi_hard": int(kinds.get("semi-hard", 0)),
         "hard": int(kinds.get("hard", 0)),
         "mean_loss": float(frame["loss"].mean()) if len(frame) else float("nan"),
-        "describe_seconds": round(describe_seconds, 3),
-        "mine_seconds": round(mine_seconds, 3),
     }
 
 
@@ -275,7 +379,6 @@ def epoch_row(
     triplets: int,
     round_sizes: Sequence[int],
     val_map: float,
-    seconds: float,
 ) -> dict[str, Any]:
     """The `log.csv` row of one epoch."""
     return {
@@ -287,8 +390,14 @@ def epoch_row(
         "rounds": len(round_sizes),
         "yield": float(np.mean(round_sizes)) if len(round_sizes) else float("nan"),
         "val_map": round(val_map, 4),
-        "seconds": round(seconds, 1),
     }
+
+
+def write_epoch(folder: Path, row: dict[str, Any], seconds: float) -> None:
+    """Append an `epoch_row` to log.csv and the seconds since the run started to timing.csv."""
+    append_csv(folder / LOG, LOG_FIELDS, [row])
+    event = {"event": "epoch", "round": "", "step": row["step"], "seconds": round(seconds, 1)}
+    append_csv(folder / TIMING_FILE, TIMING_FIELDS, [event])
 
 
 def write_round(
@@ -304,15 +413,19 @@ def write_round(
     """Append one mining round to rounds.csv, triplets.csv and neighbors.csv of a run folder.
 
     `pool` is what the miner saw (`msvlad.training.bank.describe_pool`); `frame` and `candidates`
-    are the round's `MinedTriplets.to_frame()` and `num_candidates`.
+    are the round's `MinedTriplets.to_frame()` and `num_candidates`; `seconds` (describe, mine)
+    go to timing.csv.
     """
     names, labels, classes = train_set.names, train_set.labels, train_set.classes
     pool_idx, n = pool.pool_idx, len(pool.pool_idx)
-    row = round_row(
-        round_index, step, n, candidates, frame, *seconds, pool.failed, pool.refreshed, pool.ages
-    )
-    append_csv(folder / "rounds.csv", ROUND_FIELDS, [row])
+    row = round_row(round_index, step, n, candidates, frame, pool.failed, pool.refreshed, pool.ages)
+    append_csv(folder / ROUNDS, ROUND_FIELDS, [row])
+    events = [
+        {"event": e, "round": round_index, "step": step, "seconds": round(t, 3)}
+        for e, t in zip(("describe", "mine"), seconds, strict=True)
+    ]
+    append_csv(folder / TIMING_FILE, TIMING_FIELDS, events)
     rows = triplet_rows(round_index, step, frame, pool_idx, names, labels, classes, pool.ages)
-    append_csv(folder / "triplets.csv", TRIPLET_FIELDS, rows)
+    append_csv(folder / TRIPLETS, TRIPLET_FIELDS, rows)
     rows = neighbor_rows(round_index, frame, pool.desc, pool_idx, names, labels, classes)
-    append_csv(folder / "neighbors.csv", NEIGHBOR_FIELDS, rows)
+    append_csv(folder / NEIGHBORS, NEIGHBOR_FIELDS, rows)

@@ -9,7 +9,10 @@ rounds.csv).
 The run folder (`msvlad.training.rundir`) decides whether a run resumes, stops on other
 parameters, or is moved aside; checkpoints (`msvlad.training.checkpoint`) make a run killed at any
 point resume to the same weights and the same logs. SIGTERM/SIGINT write a checkpoint and stop.
-The `fault_point` names (epoch0, mined, step, checkpoint) are where the tests kill a run.
+The `fault_point` names (epoch0, mined, step, checkpoint, finish) are where the tests kill a run.
+A run that diverges (a loss or weight becomes NaN or inf) stops at that step with one line; its
+last checkpoint stays the last good state and no model.pt is written from it. model.pt is always
+the model of the final checkpoint: one that disagrees (a run killed between the two) is rewritten.
 Multi-GPU runs under `torchrun` (DistributedDataParallel: the pool description goes through the
 sharded extraction path and each batch's triplets are split across ranks).
 """
@@ -17,6 +20,7 @@ sharded extraction path and each batch's triplets are split across ranks).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -30,16 +34,17 @@ from tqdm import tqdm
 from msvlad.config import Params, params_to_dict
 from msvlad.data.testsets import load_dataset
 from msvlad.data.trainsets import TrainingSet, load_training_set
-from msvlad.errors import InputError
+from msvlad.errors import CheckpointError, InputError
 from msvlad.evaluation.pipeline import validation_map
 from msvlad.mining.base import TripletMiner
 from msvlad.mining.pool import ClassBalancedPool
-from msvlad.mining.registry import build_miner
+from msvlad.mining.registry import miner_from_config
 from msvlad.nn.loss import triplet_loss
 from msvlad.nn.model import RetrievalNet, load_model, save_model
 from msvlad.nn.pooling import optimizer_groups
+from msvlad.paths import CHECKPOINT, MODEL
 from msvlad.runtime import init_distributed, resolve_device, seed_everything
-from msvlad.storage import atomic_path, file_digest, torch_bytes
+from msvlad.storage import atomic_path, file_digest, load_torch, torch_bytes
 from msvlad.training import logs
 from msvlad.training.bank import DescriptorBank, describe_pool
 from msvlad.training.checkpoint import (
@@ -50,7 +55,7 @@ from msvlad.training.checkpoint import (
     set_rng_state,
 )
 from msvlad.training.inputs import TrainingInputs
-from msvlad.training.rundir import CHECKPOINT, Restart, locked, open_run
+from msvlad.training.rundir import Restart, locked, open_run, stale_model
 from msvlad.training.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -79,7 +84,9 @@ class Trainer:
         root = Path(params.data.root)
         self.train_set: TrainingSet = load_training_set(root / params.data.train_set)
         self.val_set = load_dataset(root, params.data.val_set) if params.data.val_set else None
-        self.model: RetrievalNet = load_model(init_model).to(self.device)
+        self.model: RetrievalNet = load_model(init_model, expect=params.model).to(self.device)
+        if not all(torch.isfinite(t).all() for t in self.model.state_dict().values()):
+            raise CheckpointError(f"{init_model}: holds NaN or inf weights")
         self.net: torch.nn.Module = self.model
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -94,6 +101,8 @@ class Trainer:
         self.progress = RunProgress()
         self.total_steps = params.train.epochs * params.train.steps_per_epoch
         self._t0, self._empty_rounds = time.time(), 0
+        self._saved_step: int | None = None  # the step of the last checkpoint written or loaded
+        self._failures: dict[int, str] = {}  # the unreadable images of the round being described
 
     @property
     def step(self) -> int:
@@ -113,7 +122,19 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a checkpoint's weights, optimiser, miner, progress and RNGs."""
+        """Restore a checkpoint's weights, optimiser, miner, progress and RNGs (one that does not
+        fit this run's network, frozen stages or miner is a `CheckpointError` naming the file)."""
+        try:
+            self._load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as err:
+            what = f"no {err}" if isinstance(err, KeyError) else " ".join(str(err).split())[:240]
+            raise CheckpointError(
+                f"{self.out_dir / CHECKPOINT}: does not fit this run's network, frozen stages "
+                f"or miner ({what}); move the folder aside with --restart"
+            ) from None
+        self._saved_step = self.progress.step
+
+    def _load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.miner.load_state_dict(state["miner"])
@@ -128,18 +149,25 @@ class Trainer:
                 tmp.write_bytes(torch_bytes(self.state_dict()))
                 fault_point("checkpoint")
             log.debug("checkpoint at step %d", self.progress.step)
+        self._saved_step = self.progress.step
 
     def describe_pool(
         self, pool_idx: np.ndarray, failures: dict[int, str] | None = None
     ) -> torch.Tensor:
         """Raw descriptors of the pool images; unreadable ones (positions) -> `failures`."""
-        return self.inputs.describe(pool_idx, failures, f"round {self.progress.round}: pool")
+        self._failures = {} if failures is None else failures  # what mine_round reports
+        return self.inputs.describe(pool_idx, self._failures, f"round {self.progress.round}: pool")
 
     def mine_round(self) -> None:
         """Draw the round's pool, describe it (bank, unreadable images dropped), mine, log."""
         p = self.progress
         pool_idx, t0 = self.pool.sample(p.round), time.time()
+        self._failures = {}
         pool = describe_pool(self.bank, self.describe_pool, pool_idx, p.step, self.device)
+        if pool.failed and len(pool.pool_idx) < 2:
+            raise self._unreadable(len(pool_idx), pool.failed)
+        if not bool(torch.isfinite(pool.desc).all()):
+            raise self._diverged(p.step, f"the pool descriptors of round {p.round} are NaN or inf")
         t1 = time.time()
         labels = torch.from_numpy(self.train_set.labels[pool.pool_idx]).to(pool.desc.device)
         mined = self.miner.mine(pool.desc, labels)
@@ -181,25 +209,67 @@ class Trainer:
             loss_sum += loss.item() * len(chunk)
             self.bank.put_training(torch.stack(chunk_ids), d, self.progress.step)
         fault_point("step")
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as err:  # a rate beyond float32: Adam cannot even form its update
+            if "overflow" not in str(err):
+                raise
+            cause = f"Adam's update overflows float32: {' '.join(str(err).split())}"
+            raise self._diverged(self.progress.step + 1, cause) from None
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
+        if not math.isfinite(loss_sum) or not self._weights_finite():
+            what = "loss" if not math.isfinite(loss_sum) else "weights"
+            raise self._diverged(self.progress.step, f"its {what} became NaN or inf")
         return loss_sum / max(1, len(images))
+
+    def _weights_finite(self) -> bool:
+        """Every trainable weight is finite (one device sync)."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+    def _diverged(self, step: int, cause: str) -> InputError:
+        """The error of a run that diverged at `step` (nothing of that step is saved)."""
+        kept = (
+            f"{CHECKPOINT} keeps step {self._saved_step}"
+            if self._saved_step is not None
+            else "no checkpoint was written yet"
+        )
+        lr = lr_at(max(0, step - 1), self.params.train)
+        return InputError(
+            f"{self.out_dir}: training diverged at step {step} ({cause}; lr {lr:.3g}); {kept} "
+            "and no model.pt is written; lower train.lr or train.lr_start and rerun with --restart"
+        )
+
+    def _unreadable(self, drawn: int, failed: int) -> InputError:
+        """The error of a round whose pool has fewer than 2 readable images."""
+        example = next(iter(self._failures.values()), "")
+        return InputError(
+            f"{self.train_set.root}: {failed} of the {drawn} training images drawn for round "
+            f"{self.progress.round} could not be read, too few are left to mine"
+            + (f" (e.g. {example})" if example else "")
+        )
 
     def validate(self) -> float:
         """Validation mAP (Medium for revisited sets) at one scale, raw descriptors."""
         if self.val_set is None:
             return float("nan")
-        return validation_map(self.model, self.val_set, self.params, self.device)
+        try:
+            return validation_map(self.model, self.val_set, self.params, self.device)
+        except ValueError as err:  # the search refuses non-finite descriptors
+            if "NaN or inf" not in str(err):
+                raise
+            cause = "the validation descriptors are NaN or inf"
+            raise self._diverged(self.progress.step, cause) from None
 
     def log_epoch(self, val_map: float) -> None:
         """Append the epoch's row to log.csv and reset the epoch accumulators."""
         cfg, p = self.params.train, self.progress
         head = (p.step // cfg.steps_per_epoch, p.step, lr_at(max(0, p.step - 1), cfg), p.epoch_loss)
-        tail = (p.epoch_triplets, [n for _, n in p.epoch_rounds], val_map, time.time() - self._t0)
+        tail = (p.epoch_triplets, [n for _, n in p.epoch_rounds], val_map)
         row = logs.epoch_row(*head, *tail)
         if self.dist.main:
-            logs.append_csv(self.out_dir / "log.csv", logs.LOG_FIELDS, [row])
+            logs.write_epoch(self.out_dir, row, time.time() - self._t0)
         log.debug("epoch %(epoch)d step %(step)d: loss %(loss).4f, val mAP %(val_map).2f", row)
         p.end_epoch()
 
@@ -215,34 +285,39 @@ class Trainer:
                 self.dist,
                 init_digest=self.init_digest,
                 twins=self.twins,
+                restore=self.load_state_dict,
             )
-            if state is not None:
-                self.load_state_dict(state)
             start = self.progress.step
             budget = self.total_steps if max_steps is None else start + max_steps
             stop_at = min(self.total_steps, budget)
             if start < stop_at:  # a finished run needs no cache
                 self.inputs.cache_trunk(self.frozen if self.dist.world == 1 else 0)
+                trunk = self.inputs.trunk
+                if trunk is not None and trunk.ok.sum() < 2:
+                    raise InputError(
+                        f"{self.train_set.root}: {len(trunk.ok) - int(trunk.ok.sum())} of the "
+                        f"{len(trunk.ok)} training images could not be read"
+                    )
             if state is None:
                 self.log_epoch(self.validate())  # epoch 0: the k-means-initialised model
                 fault_point("epoch0")
-            bar = tqdm(
+            with tqdm(  # closed on an error too: its one line starts a clean line
                 total=stop_at, initial=start, desc="train", leave=False, disable=not self.dist.main
-            )
-            while self.progress.step < stop_at and not stopper.requested:
-                self._advance(bar)
-            bar.close()
+            ) as bar:
+                while self.progress.step < stop_at and not stopper.requested:
+                    self._advance(bar)
             if state is None or self.progress.step > start:
                 self.save_checkpoint()
+            fault_point("finish")
             final = self._finish(start)
         stopper.raise_if_requested(f"{self.out_dir}: at step {self.progress.step}")
         return final
 
     def _finish(self, start: int) -> Path:
         """Write model.pt once the budget is reached; one summary line."""
-        final, p = self.out_dir / "model.pt", self.progress
+        final, p = self.out_dir / MODEL, self.progress
         done = p.step >= self.total_steps
-        if done and self.dist.main and (p.step > start or not final.is_file()):
+        if done and self.dist.main and (p.step > start or self._stale(final)):
             save_model(self.model, final, step=p.step)
         log.info(
             "train: steps %d -> %d of %d (%d rounds, %.0fs) -> %s",
@@ -250,6 +325,20 @@ class Trainer:
             final if done else self.out_dir / CHECKPOINT,
         )
         return final
+
+    def _stale(self, final: Path) -> bool:
+        """model.pt is missing, unverifiable or not the model of the final checkpoint (logged)."""
+        if not final.is_file():
+            return True
+        try:
+            problem = stale_model(
+                load_torch(final, require_digest=True), self.model.state_dict(), self.step
+            )
+        except (InputError, OSError) as err:
+            problem = " ".join(str(err).split())
+        if problem:
+            log.warning("%s: %s; written again from %s", final, problem, CHECKPOINT)
+        return problem is not None
 
     def _advance(self, bar: tqdm) -> None:
         """Mine a round if this one is used up, else take one step (with epoch and checkpoint)."""
@@ -308,17 +397,7 @@ def make_bank(train_set: TrainingSet, params: Params, world: int = 1) -> Descrip
 
 def make_miner(params: Params) -> TripletMiner:
     """The configured miner, seeded so round r draws from seed + r."""
-    m = params.miner
-    return build_miner(
-        m.name,
-        margin=m.margin,
-        delta=m.delta,
-        threshold=m.threshold,
-        semi_hard_prob=m.semi_hard_prob,
-        triplets_per_round=m.triplets_per_round,
-        seed=params.base.seed * 1_000_003,
-        backend=m.backend,
-    )
+    return miner_from_config(params.miner, seed=params.base.seed * 1_000_003)
 
 
 def train(

@@ -1,21 +1,10 @@
-"""Retrieval test sets (revisitop layout), training sets (class folders), and their preparation.
+"""The official datasets: download, verify, extract and lay out each one (`prepare_dataset`).
 
-Layouts
-- Test sets: ``ROOT/NAME/jpg/<image>.jpg`` + ``ROOT/NAME/gnd_NAME.pkl``, the revisitop layout. The
-  pickle is a dict with ``imlist`` (database names, no extension), ``qimlist`` (query names) and
-  ``gnd``, one dict per query: ``easy/hard/junk/bbx`` (revisited ROxf/RPar), ``ok/junk/bbx``
-  (classic Oxford5k/Paris6k) or ``ok/query_db_index`` (INRIA Holidays, whose queries are in the
-  database and are removed from their own ranking). ANY folder laid out this way is a dataset;
-  the protocol is read off the gnd keys. An optional ``rotations.json`` (image name -> clockwise
-  degrees) lists images to turn upright before description (Holidays, manually rotated).
-- Training sets: ``ROOT/NAME/<class>/<image>.jpg`` (torchvision ImageFolder style), built from
-  GLDv2-clean or SfM-120k with hard links (symlinks where hard links fail), never copies.
-- Downloads land in ``ROOT/downloads/<host>/<path>``: the layout `wget -x` writes, which is also
-  the layout a mirror must have. ``mirror=`` or ``$MSVLAD_MIRROR`` (``http://...`` or
-  ``file:///...``) replaces the official hosts: ``<mirror>/<host>/<path>``.
-- Every downloaded file's sha256 is recorded in ``ROOT/checksums.json`` on first use and checked on
-  every later use (see `msvlad.data.download`); GLDv2 tars are also checked against Google's md5
-  files.
+What each dataset is and where it comes from is `msvlad.data.catalog.DATASETS`; here is how each
+is built (`BUILDERS`), into the layouts the catalog describes. Downloads go through
+`msvlad.data.download.Fetcher` (mirrors, ``ROOT/downloads/<host>/<path>``). Every downloaded
+file's sha256 is recorded in ``ROOT/checksums.json`` on first use and checked on every later use;
+GLDv2 tars are also checked against Google's md5 files.
 """
 
 from __future__ import annotations
@@ -27,26 +16,38 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import numpy as np
 from tqdm import tqdm
 
-from msvlad.data.download import ChecksumRegistry, download_file, extract_archive
-from msvlad.data.safe_pickle import load_pickle
-from msvlad.data.testsets import (
+from msvlad.data.catalog import (
+    CIRTORCH_GND,
+    DATASETS,
+    GLDV2_CLEAN_CSV,
+    GLDV2_MD5,
+    GLDV2_NUM_TARS,
+    GLDV2_TAR,
     GND_PICKLE_PROTOCOL,
+    HOLIDAYS_IMAGES,
+    JPG,
+    OXFORD_IMAGES,
+    PARIS_IMAGES,
+    R1M_ARCHIVE,
+    R1M_LIST,
+    R1M_NUM_ARCHIVES,
+    REVISITOP_GND,
     ROTATIONS,
-    DatasetKind,
+    SFM120K_DB,
+    SFM120K_IMAGES,
+    DatasetSpec,
     Protocol,
-    _stem,
-    load_dataset,
-    read_rotations,
-    validate_gnd,
+    gnd_name,
 )
+from msvlad.data.download import Fetcher, extract_archive, resolve_mirror
+from msvlad.data.safe_pickle import load_pickle
+from msvlad.data.testsets import _stem, load_dataset, read_rotations, validate_gnd
 from msvlad.data.trainsets import (
     _link,
     build_gldv2_clean,
@@ -60,9 +61,6 @@ from msvlad.storage import atomic_dir
 
 log = logging.getLogger(__name__)
 
-
-MIRROR_ENV = "MSVLAD_MIRROR"
-MANIFEST = "manifest.json"
 
 # Images of the original Paris6k archives that hold an HTML error page instead of a JPEG
 # (https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/corrupt.txt).
@@ -91,100 +89,6 @@ PARIS_CORRUPT: frozenset[str] = frozenset(
         "triomphe_000867",
     )
 )
-
-# ----------------------------------------------------------------------------- official URLs
-
-REVISITOP_GND = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{ds}/gnd_{ds}.pkl"
-CIRTORCH_GND = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/test/{ds}/gnd_{ds}.pkl"
-OXFORD_IMAGES = ("https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",)
-PARIS_IMAGES = (
-    "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
-    "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2-v1.tgz",
-)
-HOLIDAYS_IMAGES = (
-    "ftp://ftp.inrialpes.fr/pub/lear/douze/data/jpg1.tar.gz",
-    "ftp://ftp.inrialpes.fr/pub/lear/douze/data/jpg2.tar.gz",
-)
-R1M_LIST = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt"
-R1M_ARCHIVE = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.{i}.tar.gz"
-R1M_NUM_ARCHIVES = 100
-GLDV2_CLEAN_CSV = "https://s3.amazonaws.com/google-landmark/metadata/train_clean.csv"
-GLDV2_TAR = "https://s3.amazonaws.com/google-landmark/train/images_{i:03d}.tar"
-GLDV2_MD5 = "https://s3.amazonaws.com/google-landmark/md5sum/train/md5.images_{i:03d}.txt"
-GLDV2_NUM_TARS = 500
-SFM120K_IMAGES = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/train/ims/ims.tar.gz"
-SFM120K_DB = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/train/dbs/retrieval-SfM-120k.pkl"
-
-
-# ----------------------------------------------------------------------------- test sets
-
-
-# ----------------------------------------------------------------------------- training sets
-
-
-# ----------------------------------------------------------------------------- distractors
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A downloadable dataset: what it is, where it comes from, and how to lay it out."""
-
-    name: str
-    kind: DatasetKind
-    protocol: Protocol | None
-    description: str
-    urls: tuple[str, ...]
-    builder: Callable[..., Path] = field(repr=False)
-
-
-def resolve_mirror(mirror: str | None = None) -> str | None:
-    """The mirror to use: the argument, else $MSVLAD_MIRROR, else None (official hosts)."""
-    return mirror or os.environ.get(MIRROR_ENV) or None
-
-
-def url_key(url: str) -> str:
-    """``host/path`` of an official URL: its place in a mirror, downloads/ and checksums.json."""
-    parts = urlsplit(url)
-    return f"{parts.hostname}{parts.path}"
-
-
-def mirror_url(url: str, mirror: str | None) -> str:
-    """The official `url`, or ``<mirror>/<host>/<path>`` when a mirror is given."""
-    return url if not mirror else f"{mirror.rstrip('/')}/{url_key(url)}"
-
-
-@dataclass(frozen=True)
-class Fetcher:
-    """Downloads official files (or mirror copies) to ROOT/downloads/<host>/<path>, verified."""
-
-    data_root: Path
-    mirror: str | None = None
-    timeout: float = 30.0
-
-    @property
-    def registry(self) -> ChecksumRegistry:
-        """Trust-on-first-use sha256 record, ROOT/checksums.json."""
-        return ChecksumRegistry(self.data_root / "checksums.json")
-
-    def local_path(self, url: str) -> Path:
-        """Where the file of `url` is kept (and where to place it by hand offline)."""
-        return self.data_root / "downloads" / url_key(url)
-
-    def fetch(self, url: str, *, md5: str | None = None, sha256: str | None = None) -> Path:
-        """Download `url` (or reuse the verified local copy) and return its path."""
-        return download_file(
-            mirror_url(url, self.mirror),
-            self.local_path(url),
-            md5=md5,
-            sha256=sha256,
-            desc=PurePosixPath(url).name,
-            timeout=self.timeout,
-            registry=self.registry,
-            key=url_key(url),
-        )
 
 
 def _is_jpeg(path: Path) -> bool:
@@ -222,14 +126,14 @@ def _build_revisitop(
     archives = [fetcher.fetch(u) for u in image_urls]
     out = data_root / name
     with atomic_dir(out) as tmp:
-        jpg = tmp / "jpg"
+        jpg = tmp / JPG
         jpg.mkdir()
         skipped: list[str] = []
         for i, archive in enumerate(archives):
             extracted = extract_archive(archive, tmp / f"_extract{i}")
             skipped += _flatten_images(extracted, jpg, known_corrupt)
             shutil.rmtree(extracted)
-        shutil.copyfile(gnd_path, tmp / f"gnd_{name}.pkl")
+        shutil.copyfile(gnd_path, tmp / gnd_name(name))
         if skipped:
             log.warning(
                 "%s: skipped %d corrupt image(s) (not JPEG data): %s%s",
@@ -367,7 +271,7 @@ def _prepare_holidays(data_root: Path, fetcher: Fetcher, **options: Any) -> Path
     archives = [fetcher.fetch(u) for u in HOLIDAYS_IMAGES]
     out = data_root / "holidays"
     with atomic_dir(out) as tmp:
-        jpg = tmp / "jpg"
+        jpg = tmp / JPG
         jpg.mkdir()
         skipped: list[str] = []
         for i, archive in enumerate(archives):
@@ -379,8 +283,11 @@ def _prepare_holidays(data_root: Path, fetcher: Fetcher, **options: Any) -> Path
                 "holidays: skipped %d corrupt image(s): %s", len(skipped), ", ".join(skipped[:5])
             )
         imlist = sorted(_stem(p.name) for p in jpg.iterdir())
-        cfg = holidays_ground_truth(imlist)
-        _write_gnd(tmp / "gnd_holidays.pkl", cfg)
+        try:
+            cfg = holidays_ground_truth(imlist)
+        except InputError as err:  # the names come from the archives: say which
+            raise InputError(f"{' + '.join(map(str, archives))}: {err}") from None
+        _write_gnd(tmp / gnd_name("holidays"), cfg)
         write_manifest(
             tmp,
             {
@@ -418,10 +325,10 @@ def _prepare_holidays_rotated(
         )
     out = data_root / "holidays_rotated"
     with atomic_dir(out) as tmp:
-        (tmp / "jpg").mkdir()
+        (tmp / JPG).mkdir()
         for n in src.imlist:
-            _link(src._path(n), tmp / "jpg" / src._path(n).name)
-        _write_gnd(tmp / "gnd_holidays_rotated.pkl", holidays_ground_truth(src.imlist))
+            _link(src._path(n), tmp / JPG / src._path(n).name)
+        _write_gnd(tmp / gnd_name("holidays_rotated"), holidays_ground_truth(src.imlist))
         (tmp / ROTATIONS).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
         write_manifest(
             tmp,
@@ -451,15 +358,17 @@ def _merge_tree(src: Path, dst: Path) -> int:
 
 
 def _extract_into(archive: Path, target: Path, done_file: Path) -> None:
-    """Extract `archive` into `target` once (listed in `done_file`, so a rerun resumes)."""
-    done = set(done_file.read_text().split()) if done_file.is_file() else set()
-    if archive.name in done:
+    """Extract `archive` into `target` once (listed in `done_file`, so a rerun resumes).
+
+    Nothing is written for an archive `extract_archive` refuses: not even `target`.
+    """
+    if archive.name in _done(done_file):
         return
-    target.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{archive.name}.extract"
     shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted run
     try:
         extract_archive(archive, tmp)
+        target.mkdir(parents=True, exist_ok=True)
         _merge_tree(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -479,16 +388,16 @@ def _prepare_revisitop1m(
     if not 1 <= num_archives <= R1M_NUM_ARCHIVES:
         raise InputError(f"num_archives must be in [1, {R1M_NUM_ARCHIVES}], got {num_archives}")
     out = data_root / "revisitop1m"
-    out.mkdir(parents=True, exist_ok=True)
     listing = fetcher.fetch(R1M_LIST)
     for i in tqdm(range(1, num_archives + 1), desc="revisitop1m archives", leave=False):
         url = R1M_ARCHIVE.format(i=i)
         if PurePosixPath(url).name in _done(out / ".extracted"):
             continue
         archive = fetcher.fetch(url)
-        _extract_into(archive, out / "jpg", out / ".extracted")
+        _extract_into(archive, out / JPG, out / ".extracted")
         if not keep_archives:
             archive.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(listing, out / "revisitop1m.txt")
     write_manifest(
         out, {"name": "revisitop1m", "archives": num_archives, "sources": [R1M_LIST, R1M_ARCHIVE]}
@@ -497,12 +406,19 @@ def _prepare_revisitop1m(
 
 
 def _done(done_file: Path) -> set[str]:
-    return set(done_file.read_text().split()) if done_file.is_file() else set()
+    """Archive names listed in `done_file` (a damaged line only makes its archive extract again)."""
+    if not done_file.is_file():
+        return set()
+    return set(done_file.read_text(encoding="utf-8", errors="replace").split())
 
 
 def _parse_md5_file(path: Path, filename: str) -> str:
     """The md5 of `filename` from an md5sum-style file (``<md5>  <name>`` lines)."""
-    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}); expected md5 lines") from None
+    lines = [ln.split() for ln in text.splitlines() if ln.strip()]
     for parts in lines:
         if len(parts) >= 2 and PurePosixPath(parts[-1].lstrip("*")).name == filename:
             return parts[0].lower()
@@ -535,7 +451,6 @@ def _prepare_gldv2_clean(
     _no_options("gldv2_clean", options)
     csv_path = fetcher.fetch(GLDV2_CLEAN_CSV)
     raw = data_root / "raw" / "gldv2_train"
-    raw.mkdir(parents=True, exist_ok=True)
     for i in tqdm(_tar_indices(tars), desc="gldv2 tars", leave=False):
         tar_url = GLDV2_TAR.format(i=i)
         if PurePosixPath(tar_url).name in _done(raw / ".extracted"):
@@ -585,83 +500,18 @@ def _no_options(name: str, options: Mapping[str, Any]) -> None:
         raise TypeError(f"prepare_dataset({name!r}): unexpected option(s) {sorted(options)}")
 
 
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec(
-            "roxford5k",
-            "test",
-            "revisited",
-            "Revisited Oxford: 4993 db images, 70 cropped queries",
-            (REVISITOP_GND.format(ds="roxford5k"), *OXFORD_IMAGES),
-            _prepare_roxford5k,
-        ),
-        DatasetSpec(
-            "rparis6k",
-            "test",
-            "revisited",
-            "Revisited Paris: 6322 db images, 70 cropped queries",
-            (REVISITOP_GND.format(ds="rparis6k"), *PARIS_IMAGES),
-            _prepare_rparis6k,
-        ),
-        DatasetSpec(
-            "oxford5k",
-            "test",
-            "classic",
-            "Oxford5k (original protocol): 5063 images, 55 queries",
-            (CIRTORCH_GND.format(ds="oxford5k"), *OXFORD_IMAGES),
-            _prepare_oxford5k,
-        ),
-        DatasetSpec(
-            "paris6k",
-            "test",
-            "classic",
-            "Paris6k (original protocol): 55 queries",
-            (CIRTORCH_GND.format(ds="paris6k"), *PARIS_IMAGES),
-            _prepare_paris6k,
-        ),
-        DatasetSpec(
-            "holidays",
-            "test",
-            "holidays",
-            "INRIA Holidays as distributed: 1491 images, 500 queries",
-            HOLIDAYS_IMAGES,
-            _prepare_holidays,
-        ),
-        DatasetSpec(
-            "holidays_rotated",
-            "test",
-            "holidays",
-            "INRIA Holidays with a user-supplied list of images turned upright",
-            HOLIDAYS_IMAGES,
-            _prepare_holidays_rotated,
-        ),
-        DatasetSpec(
-            "revisitop1m",
-            "distractors",
-            None,
-            "R1M: 1M distractor images for ROxf/RPar",
-            (R1M_LIST, R1M_ARCHIVE),
-            _prepare_revisitop1m,
-        ),
-        DatasetSpec(
-            "gldv2_clean",
-            "train",
-            None,
-            "Google Landmarks v2 clean train subset (class folders)",
-            (GLDV2_CLEAN_CSV, GLDV2_TAR, GLDV2_MD5),
-            _prepare_gldv2_clean,
-        ),
-        DatasetSpec(
-            "sfm120k",
-            "train",
-            None,
-            "retrieval-SfM-120k (class = 3D-model cluster)",
-            (SFM120K_DB, SFM120K_IMAGES),
-            _prepare_sfm120k,
-        ),
-    )
+BUILDERS: dict[str, Callable[..., Path]] = {
+    "roxford5k": _prepare_roxford5k,
+    "rparis6k": _prepare_rparis6k,
+    "oxford5k": _prepare_oxford5k,
+    "paris6k": _prepare_paris6k,
+    "holidays": _prepare_holidays,
+    "holidays_rotated": _prepare_holidays_rotated,
+    "revisitop1m": _prepare_revisitop1m,
+    "gldv2_clean": _prepare_gldv2_clean,
+    "sfm120k": _prepare_sfm120k,
 }
+"""How each dataset of `msvlad.data.catalog.DATASETS` is built: (data_root, fetcher, **options)."""
 
 
 def _loads(spec: DatasetSpec, data_root: Path) -> bool:
@@ -722,7 +572,7 @@ def prepare_dataset(
             )
             return out
     fetcher = Fetcher(data_root, resolve_mirror(mirror), timeout)
-    path = spec.builder(data_root, fetcher, **options)
+    path = BUILDERS[name](data_root, fetcher, **options)
     info = read_manifest(path) or {}
     info["prepare_options"] = key
     write_manifest(path, info)
