@@ -25,10 +25,29 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _imports(source: str) -> set[str]:
-    """msvlad modules a source imports anywhere (module level or inside functions)."""
+def _typing_only(tree: ast.AST) -> set[ast.AST]:
+    """Nodes inside `if TYPE_CHECKING:` blocks (annotation-only imports: never executed)."""
+    out: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in (
+            "TYPE_CHECKING",
+            "typing.TYPE_CHECKING",
+        ):
+            out |= {n for stmt in node.body for n in ast.walk(stmt)}
+    return out
+
+
+def _imports(source: str, *, typing: bool = True) -> set[str]:
+    """msvlad modules a source imports anywhere (module level or inside functions).
+
+    `typing=False` leaves out the imports under `if TYPE_CHECKING:`, which never run.
+    """
     out: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    skip = set() if typing else _typing_only(tree)
+    for node in ast.walk(tree):
+        if node in skip:
+            continue
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -158,9 +177,11 @@ def documented_layers() -> dict[str, int]:
     return layers
 
 
-def graph_of(sources: dict[str, str]) -> dict[str, set[str]]:
+def graph_of(sources: dict[str, str], *, typing: bool = True) -> dict[str, set[str]]:
     """Module -> the msvlad modules its source imports, at module level or inside functions."""
-    return {module: _imports(source) - {module} for module, source in sources.items()}
+    return {
+        module: _imports(source, typing=typing) - {module} for module, source in sources.items()
+    }
 
 
 def library_sources() -> dict[str, str]:
@@ -233,7 +254,8 @@ def test_every_import_goes_down_the_documented_layers() -> None:
 
 
 def test_no_import_cycle_between_modules_lazy_imports_included() -> None:
-    assert import_cycles(graph_of(library_sources())) == []
+    # a back-reference for annotations only (under TYPE_CHECKING) never runs, so it is no circle
+    assert import_cycles(graph_of(library_sources(), typing=False)) == []
 
 
 def test_the_checks_catch_an_upward_import_and_a_lazy_cycle() -> None:
@@ -256,6 +278,19 @@ def test_the_checks_catch_an_upward_import_and_a_lazy_cycle() -> None:
     ]
     layers = {**documented_layers(), "msvlad.training": 3}  # the same layer is no way up either
     assert len(layer_violations(graph, layers)) == 2
+
+
+def test_an_annotation_only_back_reference_is_no_cycle_but_a_lazy_one_is() -> None:
+    typed = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from msvlad.report.figures import COLORS\n"
+    )
+    lazy = "def f():\n    from msvlad.report.figures import COLORS\n"
+    back = "from msvlad.report.drawing import COLORS\n"
+    for source, cycles in ((typed, 0), (lazy, 1)):
+        sources = {"msvlad.report.drawing": source, "msvlad.report.figures": back}
+        assert len(import_cycles(graph_of(sources, typing=False))) == cycles
+        assert len(import_cycles(graph_of(sources))) == 1  # the default graph keeps both
 
 
 def test_catalog_is_the_bottom_of_data_and_the_network_reaches_only_downloads() -> None:

@@ -21,8 +21,8 @@ from fixtures_runs import DATASET, make_run_tree
 from msvlad.config import load_params
 from msvlad.data.testsets import load_dataset
 from msvlad.report import explorers, runs
+from msvlad.report.drawing import COLORS
 from msvlad.report.explorers import rankings_view
-from msvlad.report.figures import COLORS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from fixtures_runs import DATASET, make_run_tree
 from msvlad.config import load_params
 from msvlad.data.testsets import load_dataset
-from msvlad.report import figures, results, runs
+from msvlad.report import drawing, figures, results, runs
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_plot_ranking_borders_and_ap(dataset) -> None:
     fig = figures.plot_ranking(dataset, ranks, 0, top_k=4, setup="medium")
     # 4 ranked results and the junk between them, unnumbered (ranks count as revisitop's)
     assert isinstance(fig, Figure) and len(fig.axes) == 6
-    c = figures.COLORS
+    c = drawing.COLORS
     assert [_border(ax) for ax in fig.axes] == [
         c["query"],
         c["positive"],
@@ -115,7 +115,7 @@ def test_plot_triplets_gallery(tree) -> None:
     trip = runs.load_triplets(tree.runs_dir / "msvlad" / "train")
     fig = figures.plot_triplets(tree.train_root, trip, n=4)
     assert len(fig.axes) == 4 * 3
-    c = figures.COLORS
+    c = drawing.COLORS
     assert [_border(ax) for ax in fig.axes[:3]] == [c["query"], c["positive"], c["negative"]]
     first = trip.iloc[0]
     assert f"rank {first['pos_rank'] + 1}\n" in fig.axes[1].get_title()  # logs are 0-based
@@ -135,7 +135,7 @@ def test_missing_image_becomes_grey_tile(tree) -> None:
     )
     fig = figures.plot_triplets(tree.train_root, trip)
     tile = fig.axes[0].images[0].get_array()
-    assert tile.shape == (figures.THUMB, figures.THUMB, 3) and np.all(np.asarray(tile) == 200)
+    assert tile.shape == (drawing.THUMB, drawing.THUMB, 3) and np.all(np.asarray(tile) == 200)
 
 
 def test_plot_miner_stats_panels(tree) -> None:
@@ -217,7 +217,7 @@ def test_plot_results_bars_and_bootstrap(tree, params) -> None:
         for p in fig.axes[0].patches
         if p.get_facecolor()[:3]
         == pytest.approx(
-            tuple(int(figures.SETUP_COLORS["medium"][i : i + 2], 16) / 255 for i in (1, 3, 5))
+            tuple(int(drawing.SETUP_COLORS["medium"][i : i + 2], 16) / 255 for i in (1, 3, 5))
         )
     )
     assert widths == sorted(round(v, 6) for v in plain["mAP"])

@@ -12,43 +12,35 @@ from __future__ import annotations
 import io
 import logging
 import os
-import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from PIL import Image
 
 from msvlad import paths
 from msvlad.report import tables
+from msvlad.report.drawing import (
+    COLORS,
+    DPI,
+    KIND_COLORS,
+    SETUP_COLORS,
+    message_figure,
+    rotation_of,
+    shorten,
+    show_thumbnail,
+    thumbnail,
+    wrap,
+)
 from msvlad.storage import write_bytes
 
 if TYPE_CHECKING:
     from msvlad.data.testsets import RetrievalDataset
 
 log = logging.getLogger(__name__)
-
-COLORS: dict[str, str] = {
-    "positive": "#2ca02c",
-    "negative": "#d62728",
-    "junk": "#9e9e9e",
-    "query": "#1f77b4",
-}
-SETUP_COLORS: dict[str, str] = {
-    "easy": "#8dd3c7",
-    "medium": "#80b1d3",
-    "hard": "#fb8072",
-    "all": "#80b1d3",
-}
-KIND_COLORS: dict[str, str] = {"hard": "#c44e52", "semi-hard": "#dd8452"}  # miner triplet kinds
-BORDER = 4.0  # border line width (points) around thumbnails
-THUMB = 192  # longest side of a thumbnail (pixels)
-DPI = 120
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,18 +159,18 @@ def _ranking_figure(
     axes = np.asarray(fig.subplots(len(rows), n_cols, squeeze=False))
     for r, rl in enumerate(lists):
         q = rl.query_index
-        crop = _thumb(
-            dataset.query_path(q), dataset.query_bbx(q), _rotation(dataset, dataset.qimlist[q])
+        crop = thumbnail(
+            dataset.query_path(q), dataset.query_bbx(q), rotation_of(dataset, dataset.qimlist[q])
         )
         scores = f"AP {rl.ap:.1f}" if np.isfinite(rl.ap) else "no positive"
-        _show(axes[r, 0], crop, COLORS["query"], f"{_wrap(rl.label, 22)}\n{scores}")
+        show_thumbnail(axes[r, 0], crop, COLORS["query"], f"{wrap(rl.label, 22)}\n{scores}")
         for j in range(n_cols - 1):
             if j >= len(rl.items):
                 axes[r, j + 1].set_axis_off()
                 continue
             item = rl.items.iloc[j]
             color = COLORS[item["relevance"]]
-            _show(axes[r, j + 1], item_image(dataset, item), color, item_caption(item))
+            show_thumbnail(axes[r, j + 1], item_image(dataset, item), color, item_caption(item))
     fig.legend(
         handles=[
             Patch(facecolor="white", edgecolor=COLORS[k], linewidth=2, label=k)
@@ -215,27 +207,27 @@ def plot_triplets(
     train_root = Path(train_root)
     frame = triplets if n is None else triplets.head(n)
     if frame.empty:
-        return _message_figure("no mined triplets to show", title)
+        return message_figure("no mined triplets to show", title)
     fig = Figure(figsize=(6.3, 2.25 * len(frame) + 0.4), layout="constrained")
     axes = np.asarray(fig.subplots(len(frame), 3, squeeze=False))
     for r, t in enumerate(frame.itertuples(index=False)):
-        _show(
+        show_thumbnail(
             axes[r, 0],
-            _thumb(train_root / t.anchor),
+            thumbnail(train_root / t.anchor),
             COLORS["query"],
-            f"anchor · {_short(str(t.anchor_label), 16)}\nround {t.round} · {t.kind}",
+            f"anchor · {shorten(str(t.anchor_label), 16)}\nround {t.round} · {t.kind}",
         )
-        _show(
+        show_thumbnail(
             axes[r, 1],
-            _thumb(train_root / t.positive),
+            thumbnail(train_root / t.positive),
             COLORS["positive"],
             f"positive · rank {t.pos_rank + 1}\nsim {t.pos_sim:.3f}",
         )
-        _show(
+        show_thumbnail(
             axes[r, 2],
-            _thumb(train_root / t.negative),
+            thumbnail(train_root / t.negative),
             COLORS["negative"],
-            f"neg · {_short(str(t.negative_label), 12)} · rank {t.neg_rank + 1}\n"
+            f"neg · {shorten(str(t.negative_label), 12)} · rank {t.neg_rank + 1}\n"
             f"sim {t.neg_sim:.3f} · loss {t.loss:.3f}",
         )
     if title:
@@ -248,7 +240,7 @@ def plot_miner_stats(
 ) -> Figure:
     """Miner diagnostics: yield per round, difficulty mix, predicted loss and similarities."""
     if stats.empty:
-        return _message_figure("no mining rounds logged", title)
+        return message_figure("no mining rounds logged", title)
     fig = Figure(figsize=(10, 6.5), layout="constrained")
     (ax_yield, ax_mix), (ax_loss, ax_sim) = fig.subplots(2, 2)
     x = stats["round"].to_numpy()
@@ -353,7 +345,7 @@ def curve_styles(logs: pd.DataFrame, columns: Sequence[str]) -> dict[str, dict[s
             "color": f"C{i % 10}",
             "ls": LINE_STYLES[i % len(LINE_STYLES)] if twin is None else (0, (4, 3)),
             "marker": MARKERS[i % len(MARKERS)],
-            "label": label if twin is None else f"{label} (identical to {_short(twin, 40)})",
+            "label": label if twin is None else f"{label} (identical to {shorten(twin, 40)})",
             "lw": 1.6 if twin is None else 2.4,
         }
     return styles
@@ -362,7 +354,7 @@ def curve_styles(logs: pd.DataFrame, columns: Sequence[str]) -> dict[str, dict[s
 def plot_training_curves(logs: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Loss, miner yield, learning rate and validation mAP against the step, one line per method."""
     if logs.empty:
-        return _message_figure("no trained method has a training log", title)
+        return message_figure("no trained method has a training log", title)
     fig = Figure(figsize=(10, 6.5), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True).ravel()
     panels = (
@@ -402,7 +394,7 @@ def plot_training_curves(logs: pd.DataFrame, *, title: str | None = None) -> Fig
 def plot_validation_curves(logs: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Validation mAP against the training step, one line per method (validated epochs only)."""
     if logs.empty or "val_map" not in logs or logs["val_map"].isna().all():
-        return _message_figure("no validation mAP in the training logs", title)
+        return message_figure("no validation mAP in the training logs", title)
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     ax = fig.subplots()
     validated = logs.dropna(subset=["val_map"])
@@ -453,7 +445,7 @@ def plot_results_bars(
                 edgecolor="white",
             )
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
-        ax.set_yticks(y, labels=[_short(lab, 44) for lab in labels], fontsize=8)
+        ax.set_yticks(y, labels=[shorten(lab, 44) for lab in labels], fontsize=8)
         ax.invert_yaxis()
         ax.set(title=ds, xlabel=f"{metric} (%)")
         ax.set_xlim(
@@ -492,11 +484,11 @@ def plot_bootstrap(boot: pd.DataFrame, *, title: str | None = None) -> Figure:
                 diff[i], y[i], xerr=err[:, i : i + 1], fmt="o", color=color, elinewidth=2, capsize=4
             )
         ax.axvline(0.0, color="black", lw=0.8)
-        ax.set_yticks(y, labels=[_short(lab, 44) for lab in sub["Method"]], fontsize=8)
+        ax.set_yticks(y, labels=[shorten(lab, 44) for lab in sub["Method"]], fontsize=8)
         ax.set_ylim(len(sub) - 0.4, -0.6)  # first row on top
         ax.set(
             xlabel=f"Δ mAP {sub['Setup'].iloc[0]} (points)",
-            title=f"{ds}: vs {_short(sub['Reference'].iloc[0], 40)}",
+            title=f"{ds}: vs {shorten(sub['Reference'].iloc[0], 40)}",
         )
         ax.grid(axis="x", alpha=0.3)
     if title:
@@ -509,7 +501,7 @@ def plot_query_gains(
 ) -> Figure:
     """Per-query AP of two methods (scatter against the diagonal) and the sorted per-query gains."""
     if gains.empty:
-        return _message_figure("no query with a finite AP in both runs")
+        return message_figure("no query with a finite AP in both runs")
     label_a = label_a or gains.attrs.get("method_a", "A")
     label_b = label_b or gains.attrs.get("method_b", "B")
     fig = Figure(figsize=(11, 4.3), layout="constrained")
@@ -524,14 +516,14 @@ def plot_query_gains(
     ax_sc.set(
         xlim=(-2, 102),
         ylim=(-2, 102),
-        xlabel=f"AP {_short(label_b, 35)}",
-        ylabel=f"AP {_short(label_a, 35)}",
+        xlabel=f"AP {shorten(label_b, 35)}",
+        ylabel=f"AP {shorten(label_a, 35)}",
     )
     ax_sc.set_aspect("equal")
     extremes = pd.concat([gains.head(n_label), gains.tail(n_label)]).drop_duplicates("query_index")
     for t in extremes.itertuples(index=False):
         ax_sc.annotate(
-            _short(str(t.query), 14),
+            shorten(str(t.query), 14),
             (t.AP_b, t.AP_a),
             fontsize=7,
             xytext=(3, 3),
@@ -547,11 +539,11 @@ def plot_query_gains(
     )
     if len(gains) <= 40:
         ax_bar.set_xticks(
-            x, labels=[_short(str(q), 12) for q in gains["query"]], rotation=90, fontsize=7
+            x, labels=[shorten(str(q), 12) for q in gains["query"]], rotation=90, fontsize=7
         )
     setup = gains.attrs.get("setup", "")
     fig.suptitle(
-        f"{_short(label_a, 40)} vs {_short(label_b, 40)}"
+        f"{shorten(label_a, 40)} vs {shorten(label_b, 40)}"
         + (f" — {gains.attrs.get('dataset', '')} ({setup})" if setup else ""),
         fontsize=10,
     )
@@ -563,62 +555,9 @@ def plot_query_gains(
 # --------------------------------------------------------------------------------------------
 
 
-def _thumb(
-    path: str | os.PathLike,
-    bbx: Sequence[float] | None = None,
-    rotation: float = 0,
-    size: int = THUMB,
-) -> np.ndarray:
-    """RGB thumbnail (longest side `size`) of an image , cropped and rotated; grey if unreadable."""
-    from msvlad.data.images import ImageLoadError, load_image, rotate_image
-
-    try:
-        img = rotate_image(load_image(path, bbx), rotation) if rotation else load_image(path, bbx)
-    except (ImageLoadError, OSError) as err:
-        log.warning("thumbnail: %s", err)
-        return np.full((size, size, 3), 200, dtype=np.uint8)
-    img.thumbnail((size, size), Image.BILINEAR)
-    return np.asarray(img)
-
-
-def _show(ax: Axes, image: np.ndarray, color: str, title: str) -> None:
-    """Draw a thumbnail with a coloured border (the axes spines) and a small title."""
-    ax.imshow(image)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(True)
-        spine.set_edgecolor(color)
-        spine.set_linewidth(BORDER)
-    ax.set_title(title, fontsize=7.5)
-
-
-def _message_figure(message: str, title: str | None = None) -> Figure:
-    fig = Figure(figsize=(6, 1.6))
-    ax = fig.subplots()
-    ax.set_axis_off()
-    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return fig
-
-
-def _rotation(dataset: RetrievalDataset, name: str) -> float:
-    """Rotation (degrees clockwise) a dataset lists for an image (Holidays fixes), else 0."""
-    return float((getattr(dataset, "rotations", None) or {}).get(name, 0))
-
-
 def _qname(dataset: RetrievalDataset, q: int) -> str:
     if not 0 <= int(q) < len(dataset.qimlist):
         raise ValueError(
             f"query index {q} out of range: the dataset has {len(dataset.qimlist)} queries"
         )
     return str(dataset.qimlist[q])
-
-
-def _wrap(text: str, width: int, lines: int = 2) -> str:
-    return "\n".join(textwrap.wrap(text, width, max_lines=lines, placeholder="…")) or text
-
-
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from msvlad.report.figures import THUMB
+from msvlad.report.drawing import THUMB
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+import msvlad.report.explorers.ranking as ranking
 from msvlad import paths
 from msvlad.config import Params, method_params
 from msvlad.report import results
-from msvlad.report.explorers import ranking
 
 if TYPE_CHECKING:
     from msvlad.data.testsets import RetrievalDataset

@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+import msvlad.report.explorers.rankings_widgets as rankings_widgets
 from msvlad import paths
 from msvlad.config import Params
-from msvlad.report.explorers import rankings_widgets
 from msvlad.report.explorers.base import THUMBNAILS, ExplorerBase, ThumbnailCache
 from msvlad.report.explorers.data import VARIANT_LABELS, RunResults
 from msvlad.report.explorers.ranking import (

@@ -20,9 +20,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image, ImageDraw
 
+from msvlad.report.drawing import COLORS, THUMB, rotation_of, show_thumbnail, wrap
 from msvlad.report.explorers.base import THUMBNAILS, ThumbnailCache, encode_jpeg, png
 from msvlad.report.explorers.ranking import Landmarks, RankedList
-from msvlad.report.figures import COLORS, THUMB, _show, _wrap
 from msvlad.storage import write_bytes, write_text
 
 if TYPE_CHECKING:
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 PER_ROW = 10  # thumbnails per row of the static figure (longer lists wrap)
 MAP_COLOURS = ("landmark", "status")
 MAP_LEGEND = 24  # landmarks named in the map's legend (more: colours only)
-
-
-def _rotation(dataset: RetrievalDataset, name: str) -> float:
-    return float((getattr(dataset, "rotations", None) or {}).get(name, 0))
 
 
 def query_thumbnail(
@@ -47,9 +43,9 @@ def query_thumbnail(
     """
     if rl.from_db:
         i = rl.query_index
-        return cache.get(dataset.image_path(i), None, _rotation(dataset, dataset.imlist[i]))
+        return cache.get(dataset.image_path(i), None, rotation_of(dataset, dataset.imlist[i]))
     q = rl.query_index
-    rot = _rotation(dataset, dataset.qimlist[q])
+    rot = rotation_of(dataset, dataset.qimlist[q])
     path, bbx = dataset.query_path(q), dataset.query_bbx(q)
     image = cache.get(path, None, rot)
     if bbx is None or rot:
@@ -83,7 +79,7 @@ def item_image(
     if _get(item, "kind") == "distractor":
         return np.full((THUMB, THUMB, 3), 200, dtype=np.uint8)
     idx = int(_get(item, "db_index"))
-    return cache.get(dataset.image_path(idx), None, _rotation(dataset, dataset.imlist[idx]))
+    return cache.get(dataset.image_path(idx), None, rotation_of(dataset, dataset.imlist[idx]))
 
 
 def item_jpeg(dataset: RetrievalDataset, item: Any, cache: ThumbnailCache = THUMBNAILS) -> bytes:
@@ -91,7 +87,7 @@ def item_jpeg(dataset: RetrievalDataset, item: Any, cache: ThumbnailCache = THUM
     if _get(item, "kind") == "distractor":
         return encode_jpeg(item_image(dataset, item, cache))
     idx = int(_get(item, "db_index"))
-    return cache.jpeg(dataset.image_path(idx), None, _rotation(dataset, dataset.imlist[idx]))
+    return cache.jpeg(dataset.image_path(idx), None, rotation_of(dataset, dataset.imlist[idx]))
 
 
 def item_caption(item: Any) -> str:
@@ -128,10 +124,10 @@ def plot_ranked_lists(
         ax.set_axis_off()
     top = 0
     for r, rl in enumerate(lists):
-        head = f"{_wrap(rl.label, 24)}\n{scores_text(rl)}"
+        head = f"{wrap(rl.label, 24)}\n{scores_text(rl)}"
         ax = axes[top, 0]
         ax.set_axis_on()
-        _show(
+        show_thumbnail(
             ax,
             query_thumbnail(dataset, rl, cache) if r == 0 else _query_crop(dataset, rl, cache),
             COLORS["query"],
@@ -140,7 +136,7 @@ def plot_ranked_lists(
         for j, item in enumerate(rl.items.itertuples(index=False)):
             cell = axes[top + j // per_row, 1 + j % per_row]
             cell.set_axis_on()
-            _show(
+            show_thumbnail(
                 cell, item_image(dataset, item, cache), COLORS[item.relevance], item_caption(item)
             )
         top += rows[r]
@@ -167,7 +163,7 @@ def _query_crop(dataset: RetrievalDataset, rl: RankedList, cache: ThumbnailCache
         return query_thumbnail(dataset, rl, cache)
     q = rl.query_index
     return cache.get(
-        dataset.query_path(q), dataset.query_bbx(q), _rotation(dataset, dataset.qimlist[q])
+        dataset.query_path(q), dataset.query_bbx(q), rotation_of(dataset, dataset.qimlist[q])
     )
 
 

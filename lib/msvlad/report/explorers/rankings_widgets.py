@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from msvlad.report.drawing import COLORS, shorten
 from msvlad.report.explorers.base import MAX_OPTIONS, png
 from msvlad.report.explorers.data import VARIANT_LABELS
 from msvlad.report.explorers.ranking import FAILURES, MAX_TOP_K, QUERY_ORDERS, RankedList
@@ -25,7 +26,6 @@ from msvlad.report.explorers.rankings_view import (
     ranked_lists_html,
     scores_text,
 )
-from msvlad.report.figures import COLORS, _short
 from msvlad.report.tables import SETUP_SHORT
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class RankingsWidgets:
     def sync(self) -> None:
         """Options and values of every control from the explorer's state."""
         ex, c = self.ex, self.ex.controls
-        labels = [(_short(ex.data.label(m), 44), m) for m in ex.data.methods(ex.dataset)]
+        labels = [(shorten(ex.data.label(m), 44), m) for m in ex.data.methods(ex.dataset)]
         c["dataset"].options = ex.data.datasets()
         c["dataset"].value = ex.dataset
         c["method"].options = labels

@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 from msvlad import paths
 from msvlad.config import Params, method_params
 from msvlad.report import runs
+from msvlad.report.drawing import KIND_COLORS, message_figure, shorten
 from msvlad.report.explorers.base import MAX_OPTIONS, THUMBNAILS, ExplorerBase, ThumbnailCache, png
 from msvlad.report.explorers.triplets_view import BAND_MINER, plot_triplet_neighbors, triplet_html
-from msvlad.report.figures import KIND_COLORS, _message_figure, _short
 
 ALL = "all"  # the menu entry of an unset filter
 
@@ -163,7 +163,7 @@ class TripletExplorer(ExplorerBase):
         self.shown = triplet
         if triplet is None:
             self.shown_neighbors = pd.DataFrame()
-            return _message_figure("no triplet passes the filters", label)
+            return message_figure("no triplet passes the filters", label)
         recorded = self.run()["neighbors"]
         self.shown_neighbors = runs.triplet_neighbors(recorded, triplet)
         run = method_params(self.params, self.method)
@@ -238,14 +238,14 @@ class TripletExplorer(ExplorerBase):
         chosen = self.candidates()
         options = [
             (
-                f"r{t.round} · {_short(str(t.anchor), 40)} · {t.kind} · loss {t.loss:.4f}",
+                f"r{t.round} · {shorten(str(t.anchor), 40)} · {t.kind} · loss {t.loss:.4f}",
                 int(t.mined),
             )
             for t in chosen.head(MAX_OPTIONS).itertuples(index=False)
         ]
         if len(chosen) > MAX_OPTIONS:
             options.append((f"… {len(chosen) - MAX_OPTIONS} more: narrow the filters", -2))
-        c["method"].options = [(_short(self.params.methods[m].label, 40), m) for m in self.methods]
+        c["method"].options = [(shorten(self.params.methods[m].label, 40), m) for m in self.methods]
         c["method"].value = self.method
         for key in ("round", "label", "kind"):
             c[key].options = [ALL, *choices[key]]

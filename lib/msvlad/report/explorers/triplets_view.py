@@ -18,8 +18,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from msvlad.report.drawing import COLORS, KIND_COLORS, shorten, show_thumbnail
 from msvlad.report.explorers.base import THUMBNAILS, ThumbnailCache
-from msvlad.report.figures import COLORS, KIND_COLORS, _short, _show
 
 BAND_MINER = "difficulty"  # the miner whose rule is the m ± delta band and the kind mix
 
@@ -66,23 +66,23 @@ def plot_triplet_neighbors(
 
 def _triplet_images(sub: Any, root: Path, t: pd.Series, cache: ThumbnailCache) -> None:
     ax_a, ax_p, ax_n = sub.subplots(1, 3)
-    _show(
+    show_thumbnail(
         ax_a,
         cache.get(root / str(t["anchor"])),
         COLORS["query"],
-        f"anchor · {_short(str(t['anchor_label']), 18)}\nround {int(t['round'])} · {t['kind']}",
+        f"anchor · {shorten(str(t['anchor_label']), 18)}\nround {int(t['round'])} · {t['kind']}",
     )
-    _show(
+    show_thumbnail(
         ax_p,
         cache.get(root / str(t["positive"])),
         COLORS["positive"],
         f"positive · rank {int(t['pos_rank']) + 1}\nd2 {_d2(t['pos_sim']):.3f}",
     )
-    _show(
+    show_thumbnail(
         ax_n,
         cache.get(root / str(t["negative"])),
         COLORS["negative"],
-        f"neg · {_short(str(t['negative_label']), 14)} · rank {int(t['neg_rank']) + 1}\n"
+        f"neg · {shorten(str(t['negative_label']), 14)} · rank {int(t['neg_rank']) + 1}\n"
         f"d2 {_d2(t['neg_sim']):.3f} · loss {float(t['loss']):.3f}",
     )
 
@@ -103,11 +103,11 @@ def _neighbour_row(
             continue
         nb = neighbors.iloc[j]
         tag = {"positive": "P · ", "negative": "N · "}.get(nb["role"], "")
-        _show(
+        show_thumbnail(
             ax,
             cache.get(root / str(nb["neighbor"])),
             COLORS["positive"] if nb["same_class"] else COLORS["negative"],
-            f"{tag}#{int(nb['rank']) + 1} {_short(str(nb['label']), 12)}\nd2 {nb['d2']:.3f}",
+            f"{tag}#{int(nb['rank']) + 1} {shorten(str(nb['label']), 12)}\nd2 {nb['d2']:.3f}",
         )
         if nb["role"]:
             for spine in ax.spines.values():
