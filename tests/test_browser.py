@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -100,8 +101,14 @@ def test_rankings_explorer_in_jupyterlab_follows_menus_and_clicks(tmp_path: Path
     print(f"browser test: {time.monotonic() - t0:.1f} s")
 
 
+def _venv_path() -> str:
+    """PATH with this interpreter's bin first: dvc.yaml's `python -m msvlad` must find the venv."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 def _run(cmd: list[str], cwd: Path) -> str:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "PATH": _venv_path()}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, f"{cmd}: {done.stdout}{done.stderr}"
     return done.stdout
 
@@ -134,7 +141,7 @@ def test_readme_workflow_leaves_git_and_dvc_clean(tmp_path: Path) -> None:
     assert "up to date" in _run([*dvc, "status"], root)
     stored = {n: (root / "notebooks" / f"{n}.ipynb").read_bytes() for n in ("rankings", "triplets")}
     # README: JUPYTER_CONFIG_PATH=$PWD/.jupyter .venv/bin/jupyter lab notebooks/
-    env = {"PYTHONPATH": str(root / "lib")}  # the checkout's own msvlad (its paths.ROOT)
+    env = {"PYTHONPATH": str(root / "lib"), "PATH": _venv_path()}  # the checkout's own msvlad
     with (
         jupyterlab(root, serve="notebooks/", config=root / ".jupyter", env=env) as url,
         chromium_page() as page,

@@ -331,3 +331,9 @@ def test_styled_report_tables_two_decimals_yes_no_full_labels() -> None:
     three = tables.styled(frame, decimals={"mAP": 3}).to_html()
     assert ">62.123<" in three.replace(" ", "") and ">0<" in three.replace(" ", "")  # index kept
     assert frame["mAP"].iloc[0] == 62.123456  # the frame itself is unchanged
+    # the same table gives the same HTML bytes (no random id), another table another id; its
+    # plain-text form (what a saved notebook keeps beside the HTML) is the table, not an address
+    assert repr(tables.styled(frame)) == frame.to_string()
+    assert tables.styled(frame, decimals={"mAP": 3}).to_html() == three
+    other = tables.styled(frame.assign(Queries=[121, 120]), decimals={"mAP": 3}).to_html()
+    assert re.search(r'id="(T_\w+)"', other)[1] != re.search(r'id="(T_\w+)"', three)[1]

@@ -11,6 +11,7 @@ Paired bootstrap confidence intervals come from `msvlad.evaluation.stats.paired_
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from pandas.io.formats.style import Styler
 
 from msvlad import paths
 from msvlad.storage import write_text
@@ -76,6 +78,13 @@ def yes_no(value: Any) -> Any:
     return value
 
 
+class ReportStyler(Styler):
+    """A pandas Styler whose text form is the table (no memory address in a saved notebook)."""
+
+    def __repr__(self) -> str:
+        return self.data.to_string()
+
+
 def styled(
     table: pd.DataFrame,
     *,
@@ -85,7 +94,7 @@ def styled(
 ) -> Any:
     """A table as the HTML reports show it: floats with `decimals` places (columns named in
     `scientific` as 1.00e-04), booleans yes / no, missing values as an en dash, text never cut
-    (a pandas Styler; the frame is unchanged).
+    (a pandas Styler whose HTML id is derived from the content; the frame is unchanged).
 
     decimals: one number for every float column, or {column: decimals} (others get 2).
     """
@@ -96,7 +105,9 @@ def styled(
             return lambda v: MISSING if not np.isfinite(v) else f"{v:.2e}"
         return lambda v: format_cell(yes_no(v), places[column])
 
-    styler = table.style.format({c: cell(c) for c in table.columns})
+    # the HTML id comes from the content, not a random uuid, so a report is the same bytes each run
+    uuid = hashlib.sha1(table.to_csv().encode()).hexdigest()[:10]
+    styler = ReportStyler(table, uuid=uuid).format({c: cell(c) for c in table.columns})
     styler = styler.set_table_styles([{"selector": "td", "props": "white-space: nowrap;"}])
     return styler if index else styler.hide(axis="index")
 
