@@ -262,7 +262,7 @@ def test_trainer_pool_precision_authors_fp32_and_fp16(tiny):
     for precision in ("fp32", "fp16"):
         p = with_overrides(params, miner={"pool_precision": precision})
         trainer = Trainer(p, init, tmp / precision, device=torch.device("cpu"))
-        out[precision] = trainer.describe_pool(pool_idx)
+        out[precision] = trainer.inputs.describe(pool_idx)
         labels = torch.from_numpy(trainer.train_set.labels[pool_idx])
         assert len(trainer.miner.mine(out[precision], labels)) >= 1
     items = [ImageItem(trainer.train_set.paths[i]) for i in pool_idx]
