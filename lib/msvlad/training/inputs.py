@@ -16,7 +16,7 @@ from msvlad.config import Params
 from msvlad.data.images import ImageItem, ImageLoadError, load_batch
 from msvlad.data.trainsets import TrainingSet
 from msvlad.errors import InputError
-from msvlad.evaluation.extract import embed_images
+from msvlad.evaluation.extract import describe_images
 from msvlad.mining.pool import at_pool_precision, pool_autocast_fp16
 from msvlad.nn.model import RetrievalNet
 from msvlad.nn.trunk_cache import FrozenTrunkCache, TrunkStore
@@ -66,7 +66,7 @@ class TrainingInputs:
             bad = np.flatnonzero(~self.trunk.ok[pool_idx])
             failures.update({int(i): "unreadable when the trunk cache was built" for i in bad})
             return at_pool_precision(self.trunk.describe(pool_idx), precision)
-        desc, _ = embed_images(
+        desc, _ = describe_images(
             self.model,
             [ImageItem(self.train_set.paths[i]) for i in pool_idx],
             image_size=self.params.model.image_size,
