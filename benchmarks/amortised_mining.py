@@ -92,7 +92,7 @@ class MeasuredTrainer(Trainer):
         pool_idx = self.pool.sample(r)  # mini-train has no unreadable image
         miner = make_miner(self.params)
         miner.rounds = r
-        desc = self.describe_pool(pool_idx)
+        desc = self.inputs.describe(pool_idx)
         labels = torch.from_numpy(self.train_set.labels[pool_idx]).to(desc.device)
         a, p, n = (pool_idx[t.numpy()].tolist() for t in miner.mine(desc, labels).as_tuple())
         fresh = set(zip(a, p, n, strict=True))

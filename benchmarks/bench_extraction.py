@@ -7,7 +7,7 @@ NetVLAD. The pooling cost is timed separately on the cached feature map and repo
 to the backbone forward (goal of the paper's design: multi-scale NetVLAD < 10% of the backbone).
 Networks are untrained (random weights): speed does not depend on the weight values.
 
-Part 2 (end to end, `msvlad.evaluation.extract.embed_images`): generated JPEGs of mixed aspect
+Part 2 (end to end, `msvlad.evaluation.extract.describe_images`): generated JPEGs of mixed aspect
 ratios
 described with the square policy (batched), the max-side policy with aspect bucketing (batched),
 and max-side at batch size 1 (the peer codes' habit), each with num_workers 0 and 2. Speed is a
@@ -71,7 +71,7 @@ def build_poolings(cfg: ModelConfig, channels: int) -> dict[str, nn.Module]:
 
 
 def _autocast(device: torch.device, amp: bool) -> Any:
-    # the same autocast embed_images uses on CUDA (float16); none on CPU
+    # the same autocast describe_images uses on CUDA (float16); none on CPU
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
@@ -187,9 +187,9 @@ def bench_end_to_end(
     repeats: int,
     warmup: int,
 ) -> list[dict[str, Any]]:
-    """embed_images: square vs max-side (bucketed) policy at each batch size and worker count;
+    """describe_images: square vs max-side (bucketed) policy at each batch size and worker count;
     the baseline is the peer codes' habit, max-side at batch size 1 with the fewest workers."""
-    from msvlad.evaluation.extract import ImageItem, embed_images
+    from msvlad.evaluation.extract import ImageItem, describe_images
     from msvlad.nn.model import build_model
 
     model = (
@@ -202,7 +202,7 @@ def bench_end_to_end(
     ]
 
     def run(policy: str, bs: int, nw: int, subset: list) -> None:
-        embed_images(
+        describe_images(
             model,
             subset,
             image_size=cfg.image_size,
@@ -277,7 +277,10 @@ def figure(record: dict[str, Any]) -> Any:
     if e2e:
         peer = (b, "speed / max_side batch 1 (same run)", "ratio to the peers' habit")
         panels += [
-            (e2e, Panel("batch", "images_per_s", e2e_line, (b, "images / s", "embed_images"), 2)),
+            (
+                e2e,
+                Panel("batch", "images_per_s", e2e_line, (b, "images / s", "describe_images"), 2),
+            ),
             (e2e, Panel("batch", "speedup_vs_peer", e2e_line, peer, 2, reference=1)),
         ]
     fig = common.draw_panels(

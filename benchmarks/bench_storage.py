@@ -1,7 +1,7 @@
 """float16 vs float32 descriptor storage: bytes, and how much retrieval mAP changes.
 
 Storing descriptors in float16 (extract.float16) halves their size; they are cast back to float32
-before search, as `msvlad.evaluation.pipeline.extract_dataset` does. This benchmark measures both
+before search, as `msvlad.evaluation.pipeline.describe_dataset` does. This benchmark measures both
 sides:
 bytes in memory and in an .npz file, and mAP / mP@k (via `msvlad.evaluation.protocol.evaluate`,
 exact flat

@@ -202,12 +202,12 @@ def profile_config(params: Params, device: torch.device, configs: list[StepConfi
 
 
 @torch.no_grad()
-def embed_pool(
+def describe_random_pool(
     model: RetrievalNet, pool: int, size: int, batch: int, device: torch.device
 ) -> torch.Tensor:
-    """Describe `pool` random images in eval mode, batched like embed_images.
+    """Describe `pool` random images in eval mode, batched like describe_images.
 
-    On CUDA the autocast is bf16 where embed_images uses fp16: an untrained network's
+    On CUDA the autocast is bf16 where describe_images uses fp16: an untrained network's
     activations overflow fp16 (NaN descriptors) while pretrained ones do not; both run at the
     same tensor-core rate.
     """
@@ -237,14 +237,16 @@ def bench_rounds(
     step_s = next(r["seconds_per_step"] for r in step_rows if r["config"] == config.label)
     model = prepare_model(params, config, device)
     # warm-up
-    embed_pool(
+    describe_random_pool(
         model, min(4, rounds[0][0]), params.model.image_size, params.extract.batch_size, device
     )
     rows = []
     for pool, triplets in rounds:
         common.synchronize(device)
         t0 = time.perf_counter()
-        desc = embed_pool(model, pool, params.model.image_size, params.extract.batch_size, device)
+        desc = describe_random_pool(
+            model, pool, params.model.image_size, params.extract.batch_size, device
+        )
         common.synchronize(device)
         t1 = time.perf_counter()
         labels = torch.arange(pool, device=desc.device) // m.images_per_class

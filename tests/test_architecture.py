@@ -390,3 +390,61 @@ def test_output_file_names_are_written_only_in_paths() -> None:
             if isinstance(node, ast.Constant) and node.value in names:
                 found.append(f"{module}:{node.lineno}: {node.value!r}")
     assert not found, "use the name from msvlad.paths:\n" + "\n".join(found)
+
+
+MAX_CLASS_LINES, MAX_FUNCTION_LINES = 250, 80
+
+
+def oversized(source: str, name: str, max_class: int, max_function: int) -> list[str]:
+    """`file:name:lines` of every class and function (methods and nested ones included) longer
+    than its limit, counted from its `def`/`class` line to its last line, docstring included."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        limit = {ast.ClassDef: max_class, ast.FunctionDef: max_function}.get(type(node))
+        if isinstance(node, ast.AsyncFunctionDef):
+            limit = max_function
+        if limit is not None:
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit:
+                out.append(f"{name}:{node.name}:{lines}")
+    return out
+
+
+def test_no_class_over_250_lines_and_no_function_over_80() -> None:
+    found = [
+        hit
+        for path in sorted((LIB / "msvlad").rglob("*.py"))
+        for hit in oversized(
+            path.read_text(), str(path.relative_to(ROOT)), MAX_CLASS_LINES, MAX_FUNCTION_LINES
+        )
+    ]
+    assert not found, (
+        f"too long (limits: class {MAX_CLASS_LINES}, function {MAX_FUNCTION_LINES}): {found}"
+    )
+
+
+def test_the_size_check_counts_docstrings_methods_and_nested_functions() -> None:
+    source = """
+class A:
+    \"\"\"Doc.\"\"\"
+
+    def f(self):
+        x = 1
+        y = 2
+        return x + y
+
+
+def g():
+    \"\"\"Doc
+    on two lines.\"\"\"
+
+    def h():
+        x = 1
+        y = 2
+        return x + y
+
+    return h
+"""
+    assert oversized(source, "m.py", 7, 4) == ["m.py:g:10"]  # A: 7 lines, f: 4, g: 10, h: 4
+    assert oversized(source, "m.py", 6, 3) == ["m.py:A:7", "m.py:g:10", "m.py:f:4", "m.py:h:4"]
+    assert oversized(source, "m.py", 7, 10) == []

@@ -253,7 +253,7 @@ def tiny(tmp_path, repo_root):
 
 
 def test_trainer_pool_precision_authors_fp32_and_fp16(tiny):
-    from msvlad.evaluation.extract import embed_images
+    from msvlad.evaluation.extract import describe_images
     from msvlad.training.trainer import Trainer
 
     params, init, tmp = tiny
@@ -262,11 +262,11 @@ def test_trainer_pool_precision_authors_fp32_and_fp16(tiny):
     for precision in ("fp32", "fp16"):
         p = with_overrides(params, miner={"pool_precision": precision})
         trainer = Trainer(p, init, tmp / precision, device=torch.device("cpu"))
-        out[precision] = trainer.describe_pool(pool_idx)
+        out[precision] = trainer.inputs.describe(pool_idx)
         labels = torch.from_numpy(trainer.train_set.labels[pool_idx])
         assert len(trainer.miner.mine(out[precision], labels)) >= 1
     items = [ImageItem(trainer.train_set.paths[i]) for i in pool_idx]
-    plain, _ = embed_images(load_model(init), items, image_size=32, batch_size=8)
+    plain, _ = describe_images(load_model(init), items, image_size=32, batch_size=8)
     torch.testing.assert_close(out["fp32"], plain, rtol=0, atol=0)  # untouched fp32
     torch.testing.assert_close(out["fp16"], LF.l2n(plain.half().float()), rtol=0, atol=0)
 

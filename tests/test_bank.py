@@ -273,5 +273,5 @@ def test_training_forward_descriptors_equal_the_eval_ones(tiny, monkeypatch):
     trainer.train_step(triplets)
     ids = np.unique(triplets.numpy())
     assert len(trainer.bank) == len(ids) and set(trainer.bank.stamps(ids)) == {0}
-    eval_desc = trainer.describe_pool(ids)
+    eval_desc = trainer.inputs.describe(ids)
     torch.testing.assert_close(trainer.bank.get(ids), eval_desc, rtol=0, atol=1e-5)

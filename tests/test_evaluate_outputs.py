@@ -17,7 +17,7 @@ import torch
 from badinputs import World, make_world, snapshot
 from msvlad.cli import main
 from msvlad.data.testsets import load_dataset
-from msvlad.evaluation.extract import extract_descriptors
+from msvlad.evaluation.extract import describe_and_whiten
 from msvlad.evaluation.pipeline import dataset_items
 from msvlad.nn.model import load_model, save_model
 from msvlad.storage import (
@@ -90,7 +90,7 @@ def test_test_time_input_policy_is_applied_and_recorded(world: World, tmp_path: 
     assert json.loads((out / "manifest.json").read_text())["input"] == policy
     model = load_model(world.model)
     queries, db = dataset_items(load_dataset(world.data, "test"))
-    expected, _ = extract_descriptors(
+    expected, _ = describe_and_whiten(
         model, db, image_size=96, scales=[1.0, 0.75], resize="max_side"
     )
     np.testing.assert_allclose(np.load(out / "test" / "features.npz")["db"], expected, atol=1e-6)

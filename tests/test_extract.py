@@ -10,8 +10,8 @@ from PIL import Image
 from msvlad.config import ModelConfig
 from msvlad.evaluation.extract import (
     ImageItem,
-    embed_images,
-    extract_descriptors,
+    describe_and_whiten,
+    describe_images,
     load_resized,
     target_size,
 )
@@ -47,7 +47,7 @@ def test_target_size_policies():
 @pytest.mark.parametrize("policy", ["square", "max_side"])
 def test_batched_equals_one_by_one(model, images, policy):
     items = [ImageItem(p) for p in images]
-    batched, ok = embed_images(model, items, image_size=64, resize=policy, batch_size=4)
+    batched, ok = describe_images(model, items, image_size=64, resize=policy, batch_size=4)
     assert ok.all()
     for i, item in enumerate(items):
         with torch.no_grad():
@@ -67,14 +67,14 @@ def test_query_crop_before_resize(model, images):
 
 def test_multiscale_sum_then_whiten(model, images):
     items = [ImageItem(p) for p in images]
-    a, _ = embed_images(model, items, image_size=64)
-    b, _ = embed_images(model, items, image_size=45)
-    out, failed = extract_descriptors(model, items, image_size=64, scales=[1.0, 0.7], whiten=False)
+    a, _ = describe_images(model, items, image_size=64)
+    b, _ = describe_images(model, items, image_size=45)
+    out, failed = describe_and_whiten(model, items, image_size=64, scales=[1.0, 0.7], whiten=False)
     assert failed == []
     assert np.allclose(out, LF.l2n(a + b).numpy(), atol=1e-6)
     model.whitening = Whitening.fit(torch.randn(40, model.raw_dim), dim=8)
     try:
-        w, _ = extract_descriptors(model, items, image_size=64, scales=[1.0, 0.7])
+        w, _ = describe_and_whiten(model, items, image_size=64, scales=[1.0, 0.7])
         assert w.shape == (5, 8) and w.dtype == np.float32
         assert np.allclose(w, model.whiten(LF.l2n(a + b)).numpy(), atol=1e-5)
     finally:
@@ -90,7 +90,7 @@ def test_broken_image_is_logged_and_skipped(model, images, tmp_path, caplog):
         ImageItem(tmp_path / "missing.jpg"),
         ImageItem(images[1]),
     ]
-    out, failed = extract_descriptors(model, items, image_size=64, resize="max_side")
+    out, failed = describe_and_whiten(model, items, image_size=64, resize="max_side")
     assert failed == [1, 2]
     assert np.all(out[1] == 0) and np.all(out[2] == 0)
     assert np.allclose(np.linalg.norm(out[[0, 3]], axis=1), 1.0, atol=1e-5)

@@ -37,7 +37,7 @@ def test_unreadable_pool_images_are_dropped_and_counted(world, tmp_path, frozen)
     trainer.inputs.cache_trunk(frozen)
     failures: dict[int, str] = {}
     pool = trainer.pool.sample(0)
-    desc = trainer.describe_pool(pool, failures)
+    desc = trainer.inputs.describe(pool, failures)
     names = trainer.train_set.names
     assert sorted(names[pool[i]] for i in failures) == sorted(BAD)  # every bad one, only those
     assert desc.shape[0] == len(pool)

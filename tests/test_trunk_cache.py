@@ -15,7 +15,7 @@ import torch
 from msvlad.config import ModelConfig
 from msvlad.data.images import ImageItem, load_batch
 from msvlad.data.testsets import load_dataset
-from msvlad.evaluation.extract import describe_multiscale, embed_images
+from msvlad.evaluation.extract import describe_images, describe_multiscale
 from msvlad.evaluation.pipeline import dataset_items
 from msvlad.nn import trunk_cache as tc
 from msvlad.nn.model import build_model
@@ -62,8 +62,8 @@ def items(tmp_path):
     return q + db
 
 
-def _embed(model, items, depth, size=48, resize="max_side", batch_size=4, **kw):
-    desc, ok = embed_images(
+def _describe(model, items, depth, size=48, resize="max_side", batch_size=4, **kw):
+    desc, ok = describe_images(
         model,
         items,
         image_size=size,
@@ -104,15 +104,15 @@ def _key(model, items, depth=3, **over):
 def test_cached_descriptors_equal_uncached_bit_for_bit(
     store_env, model, items, monkeypatch, resize
 ):
-    direct, ok = _embed(model, items, 0, resize=resize)
+    direct, ok = _describe(model, items, 0, resize=resize)
     assert ok.all() and not _files(store_env)  # depth 0: no cache
-    first, _ = _embed(model, items, 3, resize=resize)  # computed, stored
+    first, _ = _describe(model, items, 3, resize=resize)  # computed, stored
     assert len(_files(store_env)) == 1
     _forget(monkeypatch)
     for name in ("load_resized", "_ImageSet"):  # a hit reads no image ...
         monkeypatch.setattr(f"msvlad.evaluation.extract.{name}", _must_not_run)
     monkeypatch.setattr(model.backbone, "trunk", _must_not_run)  # ... and runs no frozen stage
-    again, ok2 = _embed(model, items, 3, resize=resize)
+    again, ok2 = _describe(model, items, 3, resize=resize)
     assert torch.equal(first, direct) and torch.equal(again, direct)
     assert ok2.all()
 
@@ -133,8 +133,8 @@ def test_multiscale_descriptors_equal_uncached(store_env, model, items):
 def test_a_shared_backbone_caches_its_whole_trunk_on_the_frozen_entry(
     store_env, model, items, monkeypatch
 ):
-    direct, _ = _embed(model, items, 0)
-    _embed(model, items, 3)  # a trained row: the frozen 3 stages
+    direct, _ = _describe(model, items, 0)
+    _describe(model, items, 3)  # a trained row: the frozen 3 stages
     (frozen,) = _files(store_env)
     # the cluster stage describes other images with the whole (pretrained) network
     job = open_job(model, 3, items[:4], whole=True, **_job_args())
@@ -150,13 +150,13 @@ def test_a_shared_backbone_caches_its_whole_trunk_on_the_frozen_entry(
         model.backbone, "forward_stages", lambda x, a, b=None: calls.append((a, b)) or real(x, a, b)
     )
     monkeypatch.setattr("msvlad.evaluation.extract.load_resized", _must_not_run)
-    whole, _ = _embed(model, items, 3)  # now known as shared: carried on from the frozen entry
+    whole, _ = _describe(model, items, 3)  # now known as shared: carried on from the frozen entry
     assert torch.equal(whole, direct)
     assert (3, model.backbone.num_stages) in calls  # the stages above the frozen entry, once
     assert len(_files(store_env)) == 4 and frozen in _files(store_env)
     calls.clear()
     _forget(monkeypatch)
-    again, _ = _embed(model, items, 3)
+    again, _ = _describe(model, items, 3)
     assert torch.equal(again, direct) and (3, model.backbone.num_stages) not in calls
 
 
@@ -168,9 +168,9 @@ def _job_args(**over):
 def test_a_job_with_an_unreadable_image_is_not_stored(store_env, model, items):
     broken = items[:]
     Path(broken[5].path).write_text("not an image")
-    desc, ok = _embed(model, broken, 3)
+    desc, ok = _describe(model, broken, 3)
     assert not ok[5] and ok.sum() == len(items) - 1 and not _files(store_env)
-    assert torch.equal(desc, _embed(model, broken, 0)[0])
+    assert torch.equal(desc, _describe(model, broken, 0)[0])
 
 
 # ----------------------------------------------------------------------------- what makes a key
@@ -179,7 +179,7 @@ def test_a_job_with_an_unreadable_image_is_not_stored(store_env, model, items):
 def test_a_changed_image_with_the_same_size_and_mtime_misses(store_env, model, items):
     from PIL import Image
 
-    _embed(model, items, 3)
+    _describe(model, items, 3)
     path = Path(items[-1].path)
     st = path.stat()
     # another picture of exactly the same length, the old mtime put back: a stale cache would hit
@@ -193,8 +193,8 @@ def test_a_changed_image_with_the_same_size_and_mtime_misses(store_env, model, i
     path.write_bytes(buf.getvalue() + b"\0" * (st.st_size - buf.tell()))  # after EOI: ignored
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
-    cached, ok = _embed(model, items, 3)
-    assert ok.all() and torch.equal(cached, _embed(model, items, 0)[0])
+    cached, ok = _describe(model, items, 3)
+    assert ok.all() and torch.equal(cached, _describe(model, items, 0)[0])
     assert len(_files(store_env)) == 2  # a new entry: the old one was not used
 
 
@@ -281,15 +281,15 @@ DAMAGE = {
 def test_a_damaged_entry_is_recomputed_with_one_warning(
     store_env, model, items, monkeypatch, caplog, name
 ):
-    direct, _ = _embed(model, items, 0)
-    _embed(model, items, 3)
+    direct, _ = _describe(model, items, 0)
+    _describe(model, items, 3)
     (file,) = _files(store_env)
     good = file.read_bytes()
     damage, says = DAMAGE[name]
     damage(file, store_env)
     _forget(monkeypatch)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        again, _ = _embed(model, items, 3)
+        again, _ = _describe(model, items, 3)
     line = _one_warning(caplog)
     assert str(file) in line and says in line and "recomputed" in line
     assert torch.equal(again, direct)
@@ -300,20 +300,20 @@ def test_a_damaged_entry_is_recomputed_with_one_warning(
 def test_an_entry_of_another_key_is_never_used(store_env, model, items, monkeypatch, caplog, other):
     over = {"resize_filter": "lanczos"} if other == "resize filter" else {}
     depth = 2 if other == "frozen depth" else 3
-    _embed(model, items, depth, **over)  # a valid entry of another key ...
+    _describe(model, items, depth, **over)  # a valid entry of another key ...
     (foreign,) = _files(store_env)
     wanted = TrunkStore(store_env, 2**30).path(_key(model, items))
     shutil.copyfile(foreign, wanted)  # ... copied under this key's name
     _forget(monkeypatch)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        got, _ = _embed(model, items, 3)
+        got, _ = _describe(model, items, 3)
     line = _one_warning(caplog)
     assert str(wanted) in line and "another key" in line
-    assert torch.equal(got, _embed(model, items, 0)[0])
+    assert torch.equal(got, _describe(model, items, 0)[0])
     _forget(monkeypatch)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        _embed(model, items, 3)  # rewritten with its own key: a clean hit
+        _describe(model, items, 3)  # rewritten with its own key: a clean hit
     assert not [r for r in caplog.records if r.name == LOGGER]
 
 
@@ -383,10 +383,10 @@ def test_training_and_whitening_share_one_entry(store_env, model, tmp_path, monk
     _forget(monkeypatch)
     items = [ImageItem(p) for p in paths]
     monkeypatch.setattr("msvlad.evaluation.extract.load_resized", _must_not_run)
-    got, _ = embed_images(model, items, image_size=32, batch_size=4, trunk_depth=3)
+    got, _ = describe_images(model, items, image_size=32, batch_size=4, trunk_depth=3)
     monkeypatch.undo()
     assert len(_files(store_env)) == 1
-    assert torch.equal(got, embed_images(model, items, image_size=32, batch_size=4)[0])
+    assert torch.equal(got, describe_images(model, items, image_size=32, batch_size=4)[0])
 
 
 # ------------------------------------------------------------------------------------ the store
@@ -448,7 +448,7 @@ def test_a_zero_cap_turns_the_store_off(store_env, model, items, monkeypatch):
     monkeypatch.setenv("MSVLAD_CACHE_MAX_GB", "0")
     assert TrunkStore.default() is None
     assert open_job(model, 3, items, **_job_args()) is None
-    _embed(model, items, 3)
+    _describe(model, items, 3)
     assert not store_env.exists()
 
 

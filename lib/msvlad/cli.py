@@ -201,27 +201,32 @@ def _with_backbone(params: Params, backbone: str) -> Params:
 # ----------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (also used for `--help` in the README)."""
-    parser = argparse.ArgumentParser(prog="msvlad", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    """The `info` command."""
     p = sub.add_parser("info", help="Print descriptor dimensions of the configured network.")
     _common(p)
     p.add_argument("--method", help="A key of `methods:` in params.yaml.")
     p.set_defaults(func=cmd_info)
 
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    """The `prepare` command."""
     p = sub.add_parser("prepare", help="Build the mini benchmark or download real datasets.")
     _common(p)
     p.set_defaults(func=cmd_prepare)
 
+
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    """The `cluster` command."""
     p = sub.add_parser("cluster", help="k-means NetVLAD initialisation; writes the initial model.")
     _common(p)
     p.add_argument("--method", help="A key of `methods:` in params.yaml.")
     p.add_argument("--out", required=True, help="Output model file (e.g. runs/msvlad/init.pt).")
     p.set_defaults(func=cmd_cluster)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """The `train` command."""
     p = sub.add_parser("train", help="Train with triplet mining (resumable).")
     _common(p)
     p.add_argument("--method", help="A key of `methods:` in params.yaml.")
@@ -245,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def _add_whiten(sub: argparse._SubParsersAction) -> None:
+    """The `whiten` command."""
     p = sub.add_parser("whiten", help="Learn PCA-whitening on training descriptors.")
     _common(p)
     p.add_argument("--method", help="A key of `methods:` in params.yaml.")
@@ -252,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Output whitened model file.")
     p.set_defaults(func=cmd_whiten)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    """The `evaluate` command."""
     p = sub.add_parser("evaluate", help="Extract, rank and score retrieval test sets.")
     _common(p)
     p.add_argument("--method", help="A key of `methods:` in params.yaml.")
@@ -284,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    """The `report` command."""
     p = sub.add_parser("report", help="Run the report notebooks (papermill) and export HTML.")
     _common(p)
     p.add_argument("--notebook", action="append", help="Notebook name (repeatable; default all).")
@@ -294,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", help="Training runs folder (default runs).")
     p.set_defaults(func=cmd_report)
 
+
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    """The `ablate` command."""
     p = sub.add_parser("ablate", help="Ablation grid: queue DVC experiments, collect results.")
     p.add_argument("--params", default="params.yaml", help="Params file of the DVC repository.")
     p.add_argument("action", choices=["queue", "collect"], help="queue one axis, or collect")
@@ -305,6 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="results/ablations/mini.csv", help="collect: the table (CSV) to write."
     )
     p.set_defaults(func=cmd_ablate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used for `--help` in the README)."""
+    parser = argparse.ArgumentParser(prog="msvlad", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_info,
+        _add_prepare,
+        _add_cluster,
+        _add_train,
+        _add_whiten,
+        _add_evaluate,
+        _add_report,
+        _add_ablate,
+    ):
+        add(sub)
     return parser
 
 

@@ -122,7 +122,7 @@ def _shard() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def embed_images(
+def describe_images(
     model: torch.nn.Module,
     items: Sequence[ImageItem],
     *,
@@ -151,7 +151,7 @@ def embed_images(
     errors: dict[int, str] = {}
     if world > 1:
         mine = np.array_split(np.arange(len(items)), world)[rank]
-        desc, ok, local_errors = _embed_local(
+        desc, ok, local_errors = _describe_local(
             model,
             [items[i] for i in mine],
             image_size,
@@ -172,7 +172,7 @@ def embed_images(
         for g in gathered:
             errors.update(g[2])
     else:
-        desc, ok, errors = _embed_local(
+        desc, ok, errors = _describe_local(
             model, items, image_size, resize, batch_size, device, num_workers, progress, *opts
         )
     if failures is not None:
@@ -180,7 +180,7 @@ def embed_images(
     return desc, ok
 
 
-def _embed_local(
+def _describe_local(
     model: torch.nn.Module,
     items: Sequence[ImageItem],
     image_size: int,
@@ -259,13 +259,13 @@ def describe_multiscale(
 
     Each scale s describes the image at max(MIN_IMAGE_SIZE, round(image_size * s)). An image that
     fails at any scale gets a zero row and its index -> error in the returned dict.
-    `trunk_depth`: leading backbone stages taken from the frozen-trunk cache (`embed_images`).
+    `trunk_depth`: leading backbone stages taken from the frozen-trunk cache (`describe_images`).
     """
     total = torch.zeros(len(items), model.raw_dim)
     failures: dict[int, str] = {}
     for s in scales:
         size = max(MIN_IMAGE_SIZE, round(image_size * s))
-        d, _ = embed_images(
+        d, _ = describe_images(
             model,
             items,
             image_size=size,
@@ -291,7 +291,7 @@ def whiten_descriptors(model: torch.nn.Module, raw: torch.Tensor) -> torch.Tenso
     return model.whiten(raw.to(next(model.parameters()).device)).cpu()
 
 
-def extract_descriptors(
+def describe_and_whiten(
     model: torch.nn.Module,
     items: Sequence[ImageItem],
     *,

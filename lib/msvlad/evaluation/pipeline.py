@@ -87,7 +87,7 @@ def dataset_items(dataset: RetrievalDataset) -> tuple[list[ImageItem], list[Imag
     return queries, db
 
 
-def extract_dataset(
+def describe_dataset(
     model: torch.nn.Module,
     dataset: RetrievalDataset,
     *,
@@ -247,7 +247,7 @@ def validation_map(
     policy = InputPolicy(
         params.model.image_size, params.model.resize, (1.0,), params.train.val_query_scale
     )
-    desc = extract_dataset(
+    desc = describe_dataset(
         model,
         dataset,
         model_cfg=params.model,

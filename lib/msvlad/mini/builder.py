@@ -239,16 +239,11 @@ def build_mini_benchmark(
         ("mini-test", cat.test, cat.test_distractors),
         ("mini-val", cat.val, cat.val_distractors),
     ):
-        if not scenes:
-            continue
-        with atomic_dir(out_root / ds) as tmp:
+        if scenes:
             views = (queries_per_scene, views_per_scene, distractor_views)
-            items, gnd = _build_retrieval(tmp, ds, scenes, distractors, *views, **cfg)
-            blob = pickle.dumps(gnd, protocol=GND_PICKLE_PROTOCOL)
-            (tmp / gnd_name(ds)).write_bytes(blob)
-            digests += _digests(tmp, ds)
-        records[ds] = [_record(it, f"{JPG}/{it.name}.jpg") for it in items]
-        counts[ds] = _retrieval_counts(items, gnd, scenes, distractors)
+            written = _write_retrieval(out_root, ds, scenes, distractors, views, cfg)
+            records[ds], counts[ds], found = written
+            digests += found
     with atomic_dir(out_root / "mini-train") as tmp:
         items = _build_train(tmp, cat.train, train_views_per_class, **cfg)
         digests += _digests(tmp, "mini-train")
@@ -268,6 +263,25 @@ def build_mini_benchmark(
     write_json(out_root / MANIFEST, {**summary, "images": records})
     log.info("mini benchmark in %s: %s", out_root, _brief(counts))
     return summary
+
+
+def _write_retrieval(
+    out_root: Path,
+    ds: str,
+    scenes: Sequence[Group],
+    distractors: Sequence[Group],
+    views: tuple[int, tuple[int, int, int], int],
+    cfg: dict[str, Any],
+) -> tuple[list[dict], dict, list[str]]:
+    """Write one revisitop dataset (images and gnd pickle) atomically: its manifest records,
+    counts and file digests."""
+    with atomic_dir(out_root / ds) as tmp:
+        items, gnd = _build_retrieval(tmp, ds, scenes, distractors, *views, **cfg)
+        blob = pickle.dumps(gnd, protocol=GND_PICKLE_PROTOCOL)
+        (tmp / gnd_name(ds)).write_bytes(blob)
+        digests = _digests(tmp, ds)
+    records = [_record(it, f"{JPG}/{it.name}.jpg") for it in items]
+    return records, _retrieval_counts(items, gnd, scenes, distractors), digests
 
 
 def _check_counts(

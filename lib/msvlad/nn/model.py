@@ -2,7 +2,7 @@
 
 Pipeline of `forward`: images in [0, 1] -> backbone normalisation and conv trunk -> feature map
 (B, C, H, W) -> pooling (multi-scale bag + NetVLAD for the paper's model) -> L2 descriptor (B, D).
-Whitening (`RetrievalNet.whiten`) is applied by `msvlad.evaluation.extract.extract_descriptors`
+Whitening (`RetrievalNet.whiten`) is applied by `msvlad.evaluation.extract.describe_and_whiten`
 after multi-scale aggregation, never inside `forward` (training and mining use the raw
 descriptor, as the paper does).
 """

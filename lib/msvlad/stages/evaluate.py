@@ -39,7 +39,7 @@ from msvlad.evaluation.pipeline import (
     DatasetDescriptors,
     InputPolicy,
     check_failures,
-    extract_dataset,
+    describe_dataset,
     input_policy,
     per_query_frame,
     score,
@@ -228,7 +228,7 @@ def _evaluate_all(
     tables: dict[str, RetrievalMetrics] = {}
     for dataset in datasets:
         t0 = time.time()
-        desc = extract_dataset(
+        desc = describe_dataset(
             model,
             dataset,
             model_cfg=model.config,

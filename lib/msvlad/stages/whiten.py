@@ -59,7 +59,7 @@ def run(params: Params, model: RetrievalNet, out: Path) -> Path:
 
     from msvlad.data.images import ImageItem
     from msvlad.data.trainsets import load_training_set
-    from msvlad.evaluation.extract import embed_images
+    from msvlad.evaluation.extract import describe_images
     from msvlad.nn.model import save_model
     from msvlad.nn.whitening import Whitening
     from msvlad.runtime import resolve_device
@@ -77,7 +77,7 @@ def run(params: Params, model: RetrievalNet, out: Path) -> Path:
     rng = np.random.default_rng(params.base.seed)
     n = min(params.whiten.num_images, len(train_set.paths))
     pick = np.sort(rng.choice(len(train_set.paths), n, replace=False))
-    desc, ok = embed_images(
+    desc, ok = describe_images(
         model,
         [ImageItem(train_set.paths[i]) for i in pick],
         image_size=model.config.image_size,

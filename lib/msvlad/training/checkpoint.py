@@ -17,13 +17,17 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from msvlad.config import Params, params_to_dict
 from msvlad.errors import Interrupted
+
+if TYPE_CHECKING:
+    from msvlad.mining.base import TripletMiner
+    from msvlad.training.bank import DescriptorBank
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +148,43 @@ class RunProgress:
         self.epoch_loss = state["epoch_loss"].tolist()
         self.epoch_triplets = int(state["epoch_triplets"])
         self.epoch_rounds = [(int(r), int(n)) for r, n in state["epoch_rounds"].tolist()]
+
+
+def training_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    miner: TripletMiner,
+    bank: DescriptorBank,
+    progress: RunProgress,
+    params: Params,
+) -> dict[str, Any]:
+    """Everything a resume needs (tensors and plain containers: weights_only loadable)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "miner": miner.state_dict(),
+        "bank": bank.state_dict(),
+        **progress.state_dict(),
+        "rng": rng_state(),
+        "params": params_to_dict(params),
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    miner: TripletMiner,
+    bank: DescriptorBank,
+    progress: RunProgress,
+) -> None:
+    """Restore what `training_state` returned: weights, optimiser, miner, bank, progress, RNGs."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    miner.load_state_dict(state["miner"])
+    bank.load_state_dict(state.get("bank"))  # none before the bank: a full refresh
+    progress.load_state_dict(state)
+    set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
 
 
 FAULT_ENV = "MSVLAD_FAULT"

@@ -15,7 +15,8 @@ import torch
 from msvlad.config import Params
 from msvlad.data.images import ImageItem, ImageLoadError, load_batch
 from msvlad.data.trainsets import TrainingSet
-from msvlad.evaluation.extract import embed_images
+from msvlad.errors import InputError
+from msvlad.evaluation.extract import describe_images
 from msvlad.mining.pool import at_pool_precision, pool_autocast_fp16
 from msvlad.nn.model import RetrievalNet
 from msvlad.nn.trunk_cache import FrozenTrunkCache, TrunkStore
@@ -31,9 +32,11 @@ class TrainingInputs:
     ) -> None:
         self.model, self.train_set, self.params, self.device = model, train_set, params, device
         self.trunk: FrozenTrunkCache | None = None
+        self.failures: dict[int, str] = {}  # the unreadable images of the last `describe`
 
     def cache_trunk(self, stages: int) -> None:
-        """Compute the frozen trunk of every training image once (frozen stages only)."""
+        """Compute the frozen trunk of every training image once (frozen stages only); fewer than
+        two readable images is an input error naming the training set."""
         if stages and self.trunk is None:
             self.trunk = FrozenTrunkCache(
                 self.model,
@@ -45,17 +48,25 @@ class TrainingInputs:
                 resize_filter=self.params.model.resize_filter,
                 store=TrunkStore.default(),
             )
+        ok = None if self.trunk is None else self.trunk.ok
+        if ok is not None and ok.sum() < 2:
+            raise InputError(
+                f"{self.train_set.root}: {len(ok) - int(ok.sum())} of the "
+                f"{len(ok)} training images could not be read"
+            )
 
     def describe(
         self, pool_idx: np.ndarray, failures: dict[int, str] | None = None, progress: str = "pool"
     ) -> torch.Tensor:
-        """Raw descriptors of the pool images; unreadable ones (positions) -> `failures`."""
+        """Raw descriptors of the pool images; unreadable ones (positions) -> `failures`, which
+        `self.failures` keeps until the next call (a round's error names one)."""
         precision, failures = self.params.miner.pool_precision, {} if failures is None else failures
+        self.failures = failures
         if self.trunk is not None:
             bad = np.flatnonzero(~self.trunk.ok[pool_idx])
             failures.update({int(i): "unreadable when the trunk cache was built" for i in bad})
             return at_pool_precision(self.trunk.describe(pool_idx), precision)
-        desc, _ = embed_images(
+        desc, _ = describe_images(
             self.model,
             [ImageItem(self.train_set.paths[i]) for i in pool_idx],
             image_size=self.params.model.image_size,

@@ -323,6 +323,19 @@ def stale_model(model: Any, weights: dict[str, torch.Tensor], step: int) -> str 
     return None
 
 
+def model_needs_writing(final: Path, weights: dict[str, torch.Tensor], step: int) -> bool:
+    """model.pt is missing, unverifiable or not the model of the final checkpoint (logged)."""
+    if not final.is_file():
+        return True
+    try:
+        problem = stale_model(load_torch(final, require_digest=True), weights, step)
+    except (InputError, OSError) as err:
+        problem = " ".join(str(err).split())
+    if problem:
+        log.warning("%s: %s; written again from %s", final, problem, CHECKPOINT)
+    return problem is not None
+
+
 def _copy_run(src: Path, out: Path) -> None:
     """Copy a finished run's files into `out`, each atomically, the checkpoint last (a copy cut
     short is then either resumable from that checkpoint or an unknown folder moved aside)."""

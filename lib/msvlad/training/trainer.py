@@ -24,14 +24,14 @@ import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from msvlad.config import Params, params_to_dict
+from msvlad.config import Params, TrainConfig
 from msvlad.data.testsets import load_dataset
 from msvlad.data.trainsets import TrainingSet, load_training_set
 from msvlad.errors import CheckpointError, InputError
@@ -43,19 +43,19 @@ from msvlad.nn.loss import triplet_loss
 from msvlad.nn.model import RetrievalNet, load_model, save_model
 from msvlad.nn.pooling import optimizer_groups
 from msvlad.paths import CHECKPOINT, MODEL
-from msvlad.runtime import init_distributed, resolve_device, seed_everything
-from msvlad.storage import atomic_path, file_digest, load_torch, torch_bytes
+from msvlad.runtime import Dist, init_distributed, resolve_device, seed_everything
+from msvlad.storage import atomic_path, file_digest, torch_bytes
 from msvlad.training import logs
 from msvlad.training.bank import DescriptorBank, describe_pool
 from msvlad.training.checkpoint import (
     RunProgress,
     StopRequest,
     fault_point,
-    rng_state,
-    set_rng_state,
+    restore_training_state,
+    training_state,
 )
 from msvlad.training.inputs import TrainingInputs
-from msvlad.training.rundir import Restart, locked, open_run, stale_model
+from msvlad.training.rundir import Restart, locked, model_needs_writing, open_run
 from msvlad.training.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,7 @@ class Trainer:
         root = Path(params.data.root)
         self.train_set: TrainingSet = load_training_set(root / params.data.train_set)
         self.val_set = load_dataset(root, params.data.val_set) if params.data.val_set else None
-        self.model: RetrievalNet = load_model(init_model, expect=params.model).to(self.device)
-        if not all(torch.isfinite(t).all() for t in self.model.state_dict().values()):
-            raise CheckpointError(f"{init_model}: holds NaN or inf weights")
-        self.net: torch.nn.Module = self.model
-        if self.dist.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.model, self.net = load_network(init_model, params, self.device, self.dist)
         self.frozen = params.train.frozen_stages
         trainable = self.model.freeze_stages(self.frozen)
         groups = optimizer_groups(self.model, trainable)  # GeM's p at cirtorch's 10x lr
@@ -102,7 +96,6 @@ class Trainer:
         self.total_steps = params.train.epochs * params.train.steps_per_epoch
         self._t0, self._empty_rounds = time.time(), 0
         self._saved_step: int | None = None  # the step of the last checkpoint written or loaded
-        self._failures: dict[int, str] = {}  # the unreadable images of the round being described
 
     @property
     def step(self) -> int:
@@ -110,22 +103,16 @@ class Trainer:
         return self.progress.step
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs (tensors and plain containers: weights_only loadable)."""
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "miner": self.miner.state_dict(),
-            "bank": self.bank.state_dict(),
-            **self.progress.state_dict(),
-            "rng": rng_state(),
-            "params": params_to_dict(self.params),
-        }
+        """Everything a resume needs (`msvlad.training.checkpoint.training_state`)."""
+        parts = (self.model, self.optimizer, self.miner, self.bank, self.progress)
+        return training_state(*parts, self.params)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a checkpoint's weights, optimiser, miner, progress and RNGs (one that does not
         fit this run's network, frozen stages or miner is a `CheckpointError` naming the file)."""
         try:
-            self._load_state_dict(state)
+            parts = (self.model, self.optimizer, self.miner, self.bank, self.progress)
+            restore_training_state(state, *parts)
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as err:
             what = f"no {err}" if isinstance(err, KeyError) else " ".join(str(err).split())[:240]
             raise CheckpointError(
@@ -133,14 +120,6 @@ class Trainer:
                 f"or miner ({what}); move the folder aside with --restart"
             ) from None
         self._saved_step = self.progress.step
-
-    def _load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.miner.load_state_dict(state["miner"])
-        self.bank.load_state_dict(state.get("bank"))  # none before the bank: a full refresh
-        self.progress.load_state_dict(state)
-        set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
 
     def save_checkpoint(self) -> None:
         """Write checkpoint.pt atomically (main rank)."""
@@ -151,21 +130,16 @@ class Trainer:
             log.debug("checkpoint at step %d", self.progress.step)
         self._saved_step = self.progress.step
 
-    def describe_pool(
-        self, pool_idx: np.ndarray, failures: dict[int, str] | None = None
-    ) -> torch.Tensor:
-        """Raw descriptors of the pool images; unreadable ones (positions) -> `failures`."""
-        self._failures = {} if failures is None else failures  # what mine_round reports
-        return self.inputs.describe(pool_idx, self._failures, f"round {self.progress.round}: pool")
-
     def mine_round(self) -> None:
         """Draw the round's pool, describe it (bank, unreadable images dropped), mine, log."""
         p = self.progress
         pool_idx, t0 = self.pool.sample(p.round), time.time()
-        self._failures = {}
-        pool = describe_pool(self.bank, self.describe_pool, pool_idx, p.step, self.device)
+        self.inputs.failures = {}
+        describe = partial(self.inputs.describe, progress=f"round {p.round}: pool")
+        pool = describe_pool(self.bank, describe, pool_idx, p.step, self.device)
         if pool.failed and len(pool.pool_idx) < 2:
-            raise self._unreadable(len(pool_idx), pool.failed)
+            example = next(iter(self.inputs.failures.values()), "")
+            raise unreadable_pool(self.train_set.root, p.round, len(pool_idx), pool.failed, example)
         if not bool(torch.isfinite(pool.desc).all()):
             raise self._diverged(p.step, f"the pool descriptors of round {p.round} are NaN or inf")
         t1 = time.time()
@@ -230,25 +204,7 @@ class Trainer:
 
     def _diverged(self, step: int, cause: str) -> InputError:
         """The error of a run that diverged at `step` (nothing of that step is saved)."""
-        kept = (
-            f"{CHECKPOINT} keeps step {self._saved_step}"
-            if self._saved_step is not None
-            else "no checkpoint was written yet"
-        )
-        lr = lr_at(max(0, step - 1), self.params.train)
-        return InputError(
-            f"{self.out_dir}: training diverged at step {step} ({cause}; lr {lr:.3g}); {kept} "
-            "and no model.pt is written; lower train.lr or train.lr_start and rerun with --restart"
-        )
-
-    def _unreadable(self, drawn: int, failed: int) -> InputError:
-        """The error of a round whose pool has fewer than 2 readable images."""
-        example = next(iter(self._failures.values()), "")
-        return InputError(
-            f"{self.train_set.root}: {failed} of the {drawn} training images drawn for round "
-            f"{self.progress.round} could not be read, too few are left to mine"
-            + (f" (e.g. {example})" if example else "")
-        )
+        return diverged(self.out_dir, step, cause, self._saved_step, self.params.train)
 
     def validate(self) -> float:
         """Validation mAP (Medium for revisited sets) at one scale, raw descriptors."""
@@ -292,12 +248,6 @@ class Trainer:
             stop_at = min(self.total_steps, budget)
             if start < stop_at:  # a finished run needs no cache
                 self.inputs.cache_trunk(self.frozen if self.dist.world == 1 else 0)
-                trunk = self.inputs.trunk
-                if trunk is not None and trunk.ok.sum() < 2:
-                    raise InputError(
-                        f"{self.train_set.root}: {len(trunk.ok) - int(trunk.ok.sum())} of the "
-                        f"{len(trunk.ok)} training images could not be read"
-                    )
             if state is None:
                 self.log_epoch(self.validate())  # epoch 0: the k-means-initialised model
                 fault_point("epoch0")
@@ -317,7 +267,11 @@ class Trainer:
         """Write model.pt once the budget is reached; one summary line."""
         final, p = self.out_dir / MODEL, self.progress
         done = p.step >= self.total_steps
-        if done and self.dist.main and (p.step > start or self._stale(final)):
+        if (
+            done
+            and self.dist.main
+            and (p.step > start or model_needs_writing(final, self.model.state_dict(), p.step))
+        ):
             save_model(self.model, final, step=p.step)
         log.info(
             "train: steps %d -> %d of %d (%d rounds, %.0fs) -> %s",
@@ -325,20 +279,6 @@ class Trainer:
             final if done else self.out_dir / CHECKPOINT,
         )
         return final
-
-    def _stale(self, final: Path) -> bool:
-        """model.pt is missing, unverifiable or not the model of the final checkpoint (logged)."""
-        if not final.is_file():
-            return True
-        try:
-            problem = stale_model(
-                load_torch(final, require_digest=True), self.model.state_dict(), self.step
-            )
-        except (InputError, OSError) as err:
-            problem = " ".join(str(err).split())
-        if problem:
-            log.warning("%s: %s; written again from %s", final, problem, CHECKPOINT)
-        return problem is not None
 
     def _advance(self, bar: tqdm) -> None:
         """Mine a round if this one is used up, else take one step (with epoch and checkpoint)."""
@@ -364,6 +304,47 @@ class Trainer:
             self.log_epoch(self.validate() if validate else float("nan"))
         if p.step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
+
+
+def load_network(
+    init_model: Path, params: Params, device: torch.device, dist: Dist
+) -> tuple[RetrievalNet, torch.nn.Module]:
+    """The model to train (finite weights checked) and the module the steps call (DDP under
+    torchrun, else the model itself)."""
+    model: RetrievalNet = load_model(init_model, expect=params.model).to(device)
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
+        raise CheckpointError(f"{init_model}: holds NaN or inf weights")
+    if dist.world == 1:
+        return model, model
+    ids = [device.index] if device.type == "cuda" else None
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def diverged(
+    out_dir: Path, step: int, cause: str, saved_step: int | None, cfg: TrainConfig
+) -> InputError:
+    """The error of a run that diverged at `step` (nothing of that step is saved)."""
+    kept = (
+        f"{CHECKPOINT} keeps step {saved_step}"
+        if saved_step is not None
+        else "no checkpoint was written yet"
+    )
+    lr = lr_at(max(0, step - 1), cfg)
+    return InputError(
+        f"{out_dir}: training diverged at step {step} ({cause}; lr {lr:.3g}); {kept} "
+        "and no model.pt is written; lower train.lr or train.lr_start and rerun with --restart"
+    )
+
+
+def unreadable_pool(
+    root: Path, round_index: int, drawn: int, failed: int, example: str
+) -> InputError:
+    """The error of a round whose pool has fewer than 2 readable images."""
+    return InputError(
+        f"{root}: {failed} of the {drawn} training images drawn for round "
+        f"{round_index} could not be read, too few are left to mine"
+        + (f" (e.g. {example})" if example else "")
+    )
 
 
 def make_pool(train_set: TrainingSet, params: Params) -> ClassBalancedPool:
