@@ -19,7 +19,7 @@ import torch
 
 from badinputs import World, make_world, snapshot
 from msvlad.cli import main
-from msvlad.storage import load_torch, save_torch
+from msvlad.storage import first_sentence, load_torch, save_torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -286,10 +286,10 @@ def _plain_tensor(w: World) -> None:
 
 CHECKPOINTS: dict[str, tuple[Callable[[World], None], str]] = {
     "64 KiB zeroed inside": (_zero_64k, ""),
-    "truncated": (_truncate, "cannot load checkpoint"),
-    "config no longer fits its weights": (_config_no_longer_fits, "do not fit"),
+    "truncated": (_truncate, "damaged, truncated or not a torch file"),
+    "config no longer fits its weights": (_config_no_longer_fits, "size mismatch for"),
     "config value out of range": (_bad_config_value, "model.num_clusters"),
-    "malicious pickle": (_malicious, "cannot load checkpoint"),
+    "malicious pickle": (_malicious, "refused by torch.load(weights_only=True)"),
     "an image, not a checkpoint": (_not_a_model, "cannot load checkpoint"),
     "a tensor, not a model": (_plain_tensor, "not a msvlad model"),
 }
@@ -303,6 +303,8 @@ def test_bad_checkpoint(case: World, capsys, monkeypatch, name: str) -> None:
     before = snapshot(case.out)
     code, lines = run_cli(_evaluate(case), capsys)
     assert_error(code, lines, "evaluate", "model.pt", named)
+    assert lines[-1].count("model.pt") == 1  # the file named once
+    assert len(lines[-1]) < 400 and not lines[-1].endswith(" )")  # a library's text cut readably
     assert snapshot(case.out) == before
     assert not (case.root / "pwned-by-gnd").exists()
     code, lines = run_cli(
@@ -311,6 +313,16 @@ def test_bad_checkpoint(case: World, capsys, monkeypatch, name: str) -> None:
     )
     assert_error(code, lines, "whiten", "model.pt", named)
     assert not (case.root / "w.pt").exists()
+
+
+def test_first_sentence_keeps_a_readable_reason() -> None:
+    long = "Weights only load failed. In PyTorch 2.6, we changed the default value of weights_only."
+    assert first_sentence(RuntimeError(long)) == "Weights only load failed."
+    shape = "size mismatch for a: shape torch.Size([4, 160]) from checkpoint. size mismatch for b"
+    assert first_sentence(RuntimeError(shape)).endswith("torch.Size([4, 160]) from checkpoint.")
+    cut = first_sentence(ValueError("word " * 100), limit=23)
+    assert cut == "word word word word…"  # cut on a word, marked
+    assert first_sentence(OSError(22, "Invalid argument")) == "[Errno 22] Invalid argument"
 
 
 def test_corrupt_checkpoint_is_named_by_its_checksum(case: World, capsys) -> None:

@@ -289,6 +289,8 @@ def test_damaged_model_of_a_finished_run_is_written_again(world, rows, capsys, c
     with caplog.at_level(logging.WARNING, "msvlad.training.trainer"):
         assert run_cli(_train_argv(world, rows, TRAINED), capsys)[0] == 0
     assert "model.pt" in caplog.text and "written again from checkpoint.pt" in caplog.text
+    warning = next(r.getMessage() for r in caplog.records if "written again" in r.getMessage())
+    assert warning.count("model.pt") == 1 and "truncated" in warning  # named once, reason kept
     assert snapshot(run) == before  # the same bytes as the model the run wrote
 
 

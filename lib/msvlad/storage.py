@@ -20,6 +20,8 @@ import io
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import stat
 import tempfile
@@ -271,6 +273,15 @@ def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     return write_bytes(path, torch_bytes(obj))
 
 
+def first_sentence(err: BaseException, limit: int = 240) -> str:
+    """An exception's message up to its first sentence end, cut on a word at `limit` characters
+    (a library's long explanation stays readable in a one-line error)."""
+    text = " ".join(str(err).split())
+    end = re.search(r"(?<=[.!?])\s", text)
+    text = text[: end.start()] if end else text
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + "…"
+
+
 def load_torch(
     path: str | os.PathLike, map_location: Any = "cpu", *, require_digest: bool = False
 ) -> Any:
@@ -286,10 +297,15 @@ def load_torch(
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        msg = " ".join(str(err).split())[:300]
+    except pickle.UnpicklingError as err:  # what weights_only=True refuses
         raise CheckpointError(
-            f"{path}: cannot load checkpoint ({type(err).__name__}: {msg})"
+            f"{path}: cannot load checkpoint: not tensors and plain containers only, refused by "
+            f"torch.load(weights_only=True) ({first_sentence(err)})"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(
+            f"{path}: cannot load checkpoint, damaged, truncated or not a torch file "
+            f"({type(err).__name__}: {first_sentence(err)})"
         ) from None
     if require_digest and not (isinstance(obj, dict) and DIGEST_KEY in obj):
         raise CheckpointError(

@@ -21,7 +21,7 @@ from msvlad.errors import CheckpointError
 from msvlad.nn.backbones import Backbone, build_backbone
 from msvlad.nn.pooling import build_pooling
 from msvlad.nn.whitening import Whitening
-from msvlad.storage import load_torch, save_torch
+from msvlad.storage import first_sentence, load_torch, save_torch
 
 
 class RetrievalNet(nn.Module):
@@ -152,7 +152,7 @@ def load_model(
             )
         model.load_state_dict(state)
     except (KeyError, ValueError, RuntimeError, AttributeError, TypeError) as err:
-        detail = " ".join(str(err).split())[:240] or type(err).__name__
+        detail = first_sentence(err) or type(err).__name__
         raise CheckpointError(f"{path}: its weights do not fit its config ({detail})") from None
     return model
 

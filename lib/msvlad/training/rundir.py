@@ -330,7 +330,7 @@ def model_needs_writing(final: Path, weights: dict[str, torch.Tensor], step: int
     try:
         problem = stale_model(load_torch(final, require_digest=True), weights, step)
     except (InputError, OSError) as err:
-        problem = " ".join(str(err).split())
+        problem = " ".join(str(err).split()).removeprefix(f"{final}: ")  # named once, below
     if problem:
         log.warning("%s: %s; written again from %s", final, problem, CHECKPOINT)
     return problem is not None
