@@ -414,6 +414,7 @@ def test_shipped_grid_points_are_reproduced(tmp_path, repo_root, axis, value):
     shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
     apply_overrides(tmp_path / "params.yaml", [f"{axis}={ablate.override_text(value)}"])
     env = {**os.environ, "PYTHONPATH": str(repo_root / "lib"), "OMP_NUM_THREADS": "1"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     for cmd in _stage_commands(repo_root, "msvlad"):
         subprocess.run(shlex.split(cmd), cwd=tmp_path, env=env, check=True, capture_output=True)
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -93,6 +94,14 @@ class Dist:
         return self.rank == 0
 
 
+def _leave_process_group() -> None:
+    """Destroy this process's group, if it is still there (registered at exit by torchrun ranks)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed() -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -103,6 +112,9 @@ def init_distributed() -> Dist:
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # leave the group before the interpreter exits: a rank that exits with gloo's threads
+        # still joinable is aborted ("terminate called without an active exception", SIGABRT)
+        atexit.register(_leave_process_group)
     rank = dist.get_rank()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
