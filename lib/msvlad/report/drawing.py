@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image
 
 if TYPE_CHECKING:
@@ -94,3 +95,17 @@ def wrap(text: str, width: int, lines: int = 2) -> str:
 def shorten(text: str, width: int) -> str:
     """`text` cut to `width` characters, an ellipsis marking the cut (labels in tight places)."""
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def relevance_legend(fig: Figure) -> None:
+    """The ranked lists' colour key (query, positive, negative, junk) under the figure."""
+    fig.legend(
+        handles=[
+            Patch(facecolor="white", edgecolor=COLORS[k], linewidth=2, label=k)
+            for k in ("query", "positive", "negative", "junk")
+        ],
+        loc="outside lower center",
+        ncols=4,
+        frameon=False,
+        fontsize=8,
+    )

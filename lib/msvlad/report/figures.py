@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from msvlad import paths
 from msvlad.report import tables
@@ -29,6 +28,7 @@ from msvlad.report.drawing import (
     KIND_COLORS,
     SETUP_COLORS,
     message_figure,
+    relevance_legend,
     rotation_of,
     shorten,
     show_thumbnail,
@@ -171,16 +171,7 @@ def _ranking_figure(
             item = rl.items.iloc[j]
             color = COLORS[item["relevance"]]
             show_thumbnail(axes[r, j + 1], item_image(dataset, item), color, item_caption(item))
-    fig.legend(
-        handles=[
-            Patch(facecolor="white", edgecolor=COLORS[k], linewidth=2, label=k)
-            for k in ("query", "positive", "negative", "junk")
-        ],
-        loc="outside lower center",
-        ncols=4,
-        frameon=False,
-        fontsize=8,
-    )
+    relevance_legend(fig)
     own_note = " · own photos left out (junk)" if any(rl.own_photo for rl in lists) else ""
     head = f"{getattr(dataset, 'name', '')} ({lists[-1].setup}){own_note}".strip()
     fig.suptitle(f"{title} — {head}" if title else head, fontsize=10)

@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from PIL import Image, ImageDraw
 
-from msvlad.report.drawing import COLORS, THUMB, rotation_of, show_thumbnail, wrap
+from msvlad.report.drawing import COLORS, THUMB, relevance_legend, rotation_of, show_thumbnail, wrap
 from msvlad.report.explorers.base import THUMBNAILS, ThumbnailCache, encode_jpeg, png
 from msvlad.report.explorers.ranking import Landmarks, RankedList
 from msvlad.storage import write_bytes, write_text
@@ -140,16 +139,7 @@ def plot_ranked_lists(
                 cell, item_image(dataset, item, cache), COLORS[item.relevance], item_caption(item)
             )
         top += rows[r]
-    fig.legend(
-        handles=[
-            Patch(facecolor="white", edgecolor=COLORS[k], linewidth=2, label=k)
-            for k in ("query", "positive", "negative", "junk")
-        ],
-        loc="outside lower center",
-        ncols=4,
-        frameon=False,
-        fontsize=8,
-    )
+    relevance_legend(fig)
     fig.suptitle(
         f"{title} — {list_title(dataset, lists[0])}" if title else list_title(dataset, lists[0]),
         fontsize=10,
