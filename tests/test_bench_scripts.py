@@ -84,3 +84,17 @@ def test_amortised_summary_compares_each_seed_with_its_full_refresh():
     assert (amortised["final_val_map_min"], amortised["final_val_map_max"]) == (80.0, 81.0)
     assert amortised["overlap_mean"] == pytest.approx(0.5)
     assert amortised["share_mean"] == pytest.approx(0.15)
+
+
+def test_bench_allocator_times_default_then_tuned_on_the_same_inputs(tmp_path):
+    from benchmarks.bench_allocator import main
+
+    argv = ["--workloads", "full-384", "--repeats", "1", "--warmup", "0"]
+    record = main([*argv, "--out", str(tmp_path / "alloc.json")])
+    (row,) = record["rows"]
+    assert (tmp_path / "alloc.png").is_file() and row["workload"] == "full-384"
+    assert row["identical"] is True  # the allocator never changes the numbers
+    t0, t1 = row["default_s"], row["tuned_s"]
+    assert math.isclose(row["ratio_median"], t1["median_s"] / t0["median_s"])
+    assert math.isclose(row["ratio_min"], t1["best_s"] / t0["best_s"])
+    assert row["faults_default"] >= 0 and row["faults_tuned"] >= 0

@@ -28,7 +28,7 @@ from msvlad.config import (
     method_params,
 )
 from msvlad.errors import InputError, Interrupted
-from msvlad.runtime import setup_logging
+from msvlad.runtime import setup_logging, tune_allocator
 
 log = logging.getLogger("msvlad")
 
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one line on stderr and exit 2; a signal stop exits 128 + signal."""
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    tune_allocator()
     try:
         return args.func(args)
     except Interrupted as err:

@@ -82,6 +82,39 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its AVX probing is noise
 
 
+# glibc mallopt parameters (malloc.h): freed memory stays in the heap for the next batch
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_TRIM_THRESHOLD = 2**31 - 1  # an int: the largest value mallopt takes
+_TOP_PAD = 256 << 20
+ALLOCATOR_ENV = "MSVLAD_MALLOC"  # "system": leave the C allocator's defaults alone
+
+
+def tune_allocator() -> bool:
+    """Keep freed tensor memory in the heap (glibc): no page fault storm on every CPU batch.
+
+    By default glibc serves each allocation above a threshold with a fresh mmap and gives it back
+    on free, so every activation map of every batch is new memory the kernel must fault in and
+    zero: a CPU forward pass of a small CNN then spends about as long in the kernel as in the
+    arithmetic (benchmarks/bench_allocator.py). With mmap off and trimming at its maximum, freed
+    blocks are reused; the values computed are the same (allocation never changes arithmetic).
+    Returns whether the settings were applied: False off glibc, or with MSVLAD_MALLOC=system.
+    """
+    if os.environ.get(ALLOCATOR_ENV, "").lower() == "system":
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD))
+    return all(mallopt(param, value) == 1 for param, value in settings)
+
+
 @dataclass
 class Dist:
     """Process-group facts (a single process when not launched by torchrun)."""
