@@ -8,7 +8,7 @@ on PYTHONPATH), and times every stage from DVC's own output, each line stamped a
   time includes DVC hashing and caching its outputs; the time between one stage's lock update and
   the next stage's start (DVC checking what changed, and checking out the outputs of a stage whose
   committed results are already in its cache instead of running it) is "dvc (between stages)";
-- per stage kind (prepare, cluster, train, whiten, evaluate, report): count, total, mean, min, max.
+- per stage kind (prepare, train, evaluate, report): count, total, mean, min, max.
 
 Then it checks that the clone's `git status` and `dvc status` are clean (every hashed output is
 byte-identical to the committed dvc.lock) and times a second `dvc repro`, which must run nothing.
@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# pipeline order; cluster and whiten were stages of their own before a row's train stage ran them
+# (kept to read the records of that time, e.g. results/bench/ttfr_before.json)
 KINDS = ("prepare", "cluster", "train", "whiten", "evaluate", "report")
 START = re.compile(r"Running stage '([^']+)'")
 LOCK = re.compile(r"Updating lock file")

@@ -279,12 +279,9 @@ def test_views_mark_the_default_and_draw_one_panel_per_axis(grid):
 
 
 def _stage_commands(repo: Path, method: str) -> list[str]:
-    """The row's chain as dvc.yaml runs it (cluster, train, whiten, evaluate)."""
+    """The row's chain as dvc.yaml runs it (train: k-means, training, whitening; evaluate)."""
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    return [
-        stages[s]["do"]["cmd"].replace("${key}", method)
-        for s in ("cluster", "train", "whiten", "evaluate")
-    ]
+    return [stages[s]["do"]["cmd"].replace("${key}", method) for s in ("train", "evaluate")]
 
 
 def _tiny_repo(scratch: Path, repo_root: Path) -> Path:
@@ -361,7 +358,7 @@ def test_a_queued_point_reruns_only_its_row_and_is_collected(tmp_path, repo_root
         [*dvc, "queue", "logs", name], cwd=ws, env=env, capture_output=True, text=True
     ).stdout
     ran = re.findall(r"Running stage '([^']+)'", logs)
-    assert ran == ["train@msvlad", "whiten@msvlad", "evaluate@msvlad"], logs[-3000:]
+    assert ran == ["train@msvlad", "evaluate@msvlad"], logs[-3000:]
     assert "Stage 'prepare' didn't change" in logs  # the data root copied in (-C), not rebuilt
     # a second queue call finds the point done and queues nothing
     again = subprocess.run(

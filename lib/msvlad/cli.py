@@ -123,7 +123,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from msvlad.stages import train
 
     params, init, out = _params(args), Path(args.init), Path(args.out)
-    train.run(params, init, out, args.method, args.max_steps, args.restart)
+    whiten = Path(args.whiten) if args.whiten else None
+    opts = {"cluster": args.cluster, "whiten": whiten, "restart": args.restart}
+    train.run_stage(params, init, out, args.method, max_steps=args.max_steps, **opts)
     return 0
 
 
@@ -231,6 +233,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--method", help="A key of `methods:` in params.yaml.")
     p.add_argument("--init", required=True, help="Initial model from `cluster`.")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="First write --init by k-means, as `cluster --out INIT` does.",
+    )
+    p.add_argument(
+        "--whiten",
+        metavar="MODEL",
+        help="Then learn the whitening into MODEL, as `whiten --checkpoint OUT/model.pt` does.",
+    )
     p.add_argument(
         "--out", required=True, help="Run folder: checkpoint.pt, model.pt, log.csv, triplets.csv."
     )

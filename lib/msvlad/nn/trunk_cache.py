@@ -2,7 +2,7 @@
 
 With `train.frozen_stages = s > 0` the first s backbone stages keep their ImageNet weights, so
 their output for an image never changes: training describes its pool and takes its steps from it
-(`FrozenTrunkCache`), and every extraction (validation, whitening, evaluation, the cluster stage's
+(`FrozenTrunkCache`), and every extraction (validation, whitening, evaluation, k-means's
 sample) starts from it (`TrunkJob`), so the results-table rows that share those weights compute it
 once per image and size. The paper profile fine-tunes everything (s = 0, no cache).
 
@@ -509,7 +509,7 @@ def open_job(
     """The cached trunk job of describing `items` (key_args: those of `job_key` but depth).
 
     `frozen`: the leading stages every model of the run keeps at their pretrained weights (0: no
-    cache). A network whose whole backbone is such a shared one (`whole`, the cluster stage's
+    cache). A network whose whole backbone is such a shared one (`whole`, k-means's
     freshly built network; or one whose every stage's weights already key a stored entry: an
     off-the-shelf row) caches its whole trunk, on top of the frozen stages' entry; any other (a
     trained one) caches the frozen stages. None when nothing is cached (no stages, the store off).

@@ -1,11 +1,11 @@
 """`ablate` command: the paper's ablation axes as a DVC experiment grid on one results-table row.
 
 A grid point is one queued experiment, ``dvc exp run --queue -S <key>=<value> evaluate@<row>``:
-DVC reproduces only that row's chain (cluster, train, whiten, evaluate), so a point retrains the
-row alone; ``dvc queue start`` runs the queue. `collect` reads the finished experiments (`dvc exp
-show --json`: each one's params, then its metrics.json, manifest.json and training log at its
-revision) into the tidy table of `msvlad.report.ablations`, which `notebooks/ablations.ipynb`
-draws against each axis with the default marked.
+DVC reproduces only that row's chain (train: k-means, training, whitening; evaluate), so a point
+retrains the row alone; ``dvc queue start`` runs the queue. `collect` reads the finished
+experiments (`dvc exp show --json`: each one's params, then its metrics.json, manifest.json and
+training log at its revision) into the tidy table of `msvlad.report.ablations`, which
+`notebooks/ablations.ipynb` draws against each axis with the default marked.
 
     python -m msvlad ablate queue --axis miner.delta --values 0.02,0.04,0.06
     dvc queue start -j 1                                 # (dvc queue status; dvc queue logs NAME)

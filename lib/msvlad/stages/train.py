@@ -1,4 +1,10 @@
-"""`train` stage: mining rounds and triplet steps (resumable); off-the-shelf rows copy the init."""
+"""`train` stage: k-means init, mining rounds and triplet steps (resumable), whitening.
+
+`run` trains (off-the-shelf rows copy the init); `run_stage` is what the DVC stage of a
+results-table row runs: `cluster`, `train` and `whiten` one after the other in one process, so a
+row pays for start-up (imports, the network build, DVC's bookkeeping of a stage) once, not three
+times. Each step is the same function its own command (`msvlad cluster`, `msvlad whiten`) calls.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +40,9 @@ def run(
         raise InputError(f"--max-steps: {max_steps} must be >= 0")
     check_writable(out)
     if not init.is_file():
-        raise FileNotFoundError(f"{init}: initial model not found (run `msvlad cluster` first)")
+        raise FileNotFoundError(
+            f"{init}: initial model not found (run `msvlad cluster` first, or train with --cluster)"
+        )
     if method and params.methods[method].miner is None:
         from msvlad.training.rundir import off_the_shelf
 
@@ -49,3 +57,32 @@ def run(
     rows = out.parent.parent if method and out.parent.name == method else None
     twins = [rows / m / out.name for m in params.methods if m != method] if rows else []
     return train(params, init, out, max_steps=max_steps, restart=restart, twins=twins)
+
+
+def run_stage(
+    params: Params,
+    init: Path,
+    out: Path,
+    method: str | None = None,
+    *,
+    cluster: bool = False,
+    whiten: Path | None = None,
+    max_steps: int | None = None,
+    restart: str | None = None,
+) -> Path:
+    """`cluster` into `init` (when asked), train into `out`, then `whiten` into `whiten` (if given).
+
+    Returns the last model written: the whitened one, else the run's model.pt. The init is
+    written by k-means every time (seeded: the same bytes for the same params and data), so a
+    finished run whose init digest matches is kept by `restart="if-changed"`.
+    """
+    if cluster:
+        from msvlad.stages import cluster as clustering
+
+        clustering.run(params, init)
+    model = run(params, init, out, method, max_steps, restart)
+    if whiten is None:
+        return model
+    from msvlad.stages import whiten as whitening
+
+    return whitening.run_checkpoint(params, model, whiten)
