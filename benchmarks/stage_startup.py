@@ -1,10 +1,11 @@
 """Fixed cost of a stage process: imports, network build, first image, for two code trees.
 
-Every DVC stage is a new `python -m msvlad <stage>` process, so what a stage pays before its work
-(imports, building the network, the first image) is paid about a hundred times by a full mini
-run. Each probe below runs in a fresh interpreter, for each code tree given by --lib (e.g. the
-code before and after a change), timed round-robin (tree A, tree B, tree A, ...) so both see the
-same machine load; the minimum and median of --repeats runs are kept and the ratio of the medians
+Every DVC stage is a new `python -m msvlad <command>` process, so what a stage pays before its
+work (imports, building the network, the first image) is paid about fifty times by a full mini
+run (a row's train stage runs the cluster, train and whiten commands' work in one process).
+Each probe below runs in a fresh interpreter, for each code tree given by --lib (e.g. the code
+before and after a change), timed round-robin (tree A, tree B, tree A, ...) so both see the same
+machine load; the minimum and median of --repeats runs are kept and the ratio of the medians
 (B / A) is what to read.
 
 Probes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,8 +38,6 @@ PAGES = 8 * 32 * 222 * 222 * 4 // 4096  # the output's 4 KiB pages (12,321)
 
 
 def probe(env_value: str | None) -> dict:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != ALLOCATOR_ENV}
     if env_value is not None:
         env[ALLOCATOR_ENV] = env_value
